@@ -1,0 +1,231 @@
+"""Configuration: read once from TOML into frozen dataclasses.
+
+Every key has a default (the values in ``config.toml``). Unknown sections or keys and values of
+the wrong type raise :class:`ConfigError` naming the key, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_message_bytes: int = 65536
+    max_pending_bytes: int = 1048576
+    close_timeout_seconds: float = 3
+    ping_interval_seconds: float = 20
+    ping_timeout_seconds: float = 20
+    shutdown_timeout_seconds: float = 5
+    demo: bool = False
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    path: str = "pitchey-ws.db"
+    synchronous: str = "FULL"
+    max_batch: int = 512
+    cache_conversations: int = 10000
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    jwt_secret: str = ""
+    algorithms: tuple[str, ...] = ("HS256",)
+    public_key: str = ""
+    require_exp: bool = True
+    leeway_seconds: float = 0
+
+
+@dataclass(frozen=True)
+class PresenceConfig:
+    offline_grace_seconds: float = 2
+
+
+@dataclass(frozen=True)
+class TypingConfig:
+    ttl_seconds: float = 10
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    frames_per_second: float = 30
+    frames_burst: int = 60
+    flood_max_dropped: int = 50
+    flood_window_seconds: float = 10
+    max_connections_per_user: int = 10
+    max_connections: int = 20000
+    max_content_chars: int = 10000
+    max_attachments: int = 10
+    max_attachment_field_chars: int = 2048
+    max_request_id_chars: int = 128
+    max_participants: int = 1000
+    max_title_chars: int = 200
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    page_size: int = 50
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    replay_limit: int = 1000
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    presence: PresenceConfig = field(default_factory=PresenceConfig)
+    typing: TypingConfig = field(default_factory=TypingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+
+    def replace(self, section: str, **changes: Any) -> Config:
+        """Return a copy with some keys of one section changed (used for CLI overrides)."""
+        return dataclasses.replace(
+            self, **{section: dataclasses.replace(getattr(self, section), **changes)}
+        )
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_SYNCHRONOUS = ("FULL", "NORMAL", "EXTRA")
+_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
+
+
+def _coerce(name: str, value: Any, kind: Any) -> Any:
+    """Check one value against its dataclass field type; ints are accepted for floats."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(kind) is tuple:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
+    kind_name = getattr(kind, "__name__", str(kind))
+    raise ConfigError(f"{name}: expected {kind_name}, got {type(value).__name__} {value!r}")
+
+
+def _section(name: str, cls: type[Any], raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key {name}.{key}")
+        values[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**values)
+
+
+def _validate(config: Config) -> None:
+    """Reject values that parse but cannot work, naming the key."""
+    positive = {
+        "server.max_message_bytes": config.server.max_message_bytes,
+        "server.max_pending_bytes": config.server.max_pending_bytes,
+        "server.close_timeout_seconds": config.server.close_timeout_seconds,
+        "server.shutdown_timeout_seconds": config.server.shutdown_timeout_seconds,
+        "database.max_batch": config.database.max_batch,
+        "database.cache_conversations": config.database.cache_conversations,
+        "typing.ttl_seconds": config.typing.ttl_seconds,
+        "limits.frames_per_second": config.limits.frames_per_second,
+        "limits.frames_burst": config.limits.frames_burst,
+        "limits.flood_max_dropped": config.limits.flood_max_dropped,
+        "limits.flood_window_seconds": config.limits.flood_window_seconds,
+        "limits.max_connections_per_user": config.limits.max_connections_per_user,
+        "limits.max_connections": config.limits.max_connections,
+        "limits.max_content_chars": config.limits.max_content_chars,
+        "limits.max_attachment_field_chars": config.limits.max_attachment_field_chars,
+        "limits.max_request_id_chars": config.limits.max_request_id_chars,
+        "limits.max_title_chars": config.limits.max_title_chars,
+        "history.page_size": config.history.page_size,
+        "delivery.replay_limit": config.delivery.replay_limit,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name}: must be positive, got {value}")
+    non_negative = {
+        "server.ping_interval_seconds": config.server.ping_interval_seconds,
+        "server.ping_timeout_seconds": config.server.ping_timeout_seconds,
+        "presence.offline_grace_seconds": config.presence.offline_grace_seconds,
+        "limits.max_attachments": config.limits.max_attachments,
+        "auth.leeway_seconds": config.auth.leeway_seconds,
+    }
+    for name, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{name}: must not be negative, got {value}")
+    if config.limits.max_participants < 2:
+        raise ConfigError("limits.max_participants: must be at least 2")
+    if not 0 <= config.server.port <= 65535:
+        raise ConfigError(f"server.port: out of range: {config.server.port}")
+    if config.server.log_level.upper() not in _LOG_LEVELS:
+        raise ConfigError(f"server.log_level: one of {', '.join(_LOG_LEVELS)}")
+    if config.database.synchronous.upper() not in _SYNCHRONOUS:
+        raise ConfigError(f"database.synchronous: one of {', '.join(_SYNCHRONOUS)}")
+    if not config.auth.algorithms:
+        raise ConfigError("auth.algorithms: at least one algorithm is required")
+    for alg in config.auth.algorithms:
+        if alg not in _ALGORITHMS:
+            raise ConfigError(f"auth.algorithms: {alg!r} is not accepted (one of {_ALGORITHMS})")
+    hmac = [a for a in config.auth.algorithms if a.startswith("HS")]
+    if hmac and len(hmac) != len(config.auth.algorithms):
+        # Mixing HMAC and public-key algorithms invites algorithm confusion.
+        raise ConfigError("auth.algorithms: do not mix HS* with RS*/ES* algorithms")
+    if not hmac and not config.auth.public_key:
+        raise ConfigError("auth.public_key: required for RS*/ES* algorithms")
+
+
+def load(path: Path | None, environ: typing.Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (or use every default when None), apply ``JWT_SECRET``, validate.
+
+    Raises ConfigError for an unreadable file, bad TOML, unknown keys, wrong types or values.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    hints = typing.get_type_hints(Config)
+    sections: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in hints:
+            raise ConfigError(f"unknown config section [{name}]")
+        sections[name] = _section(name, hints[name], value)
+    config = Config(**sections)
+    env = os.environ if environ is None else environ
+    secret = env.get("JWT_SECRET")
+    if secret:
+        config = config.replace("auth", jwt_secret=secret)
+    _validate(config)
+    return config
+

@@ -1,0 +1,349 @@
+"""The hub of live connections: who is connected, presence, and fan-out.
+
+Fan-out never awaits a client: frames are written with ``websockets.broadcast`` (a synchronous
+write into each connection's buffer). A connection whose unsent bytes pass
+``server.max_pending_bytes`` is a slow consumer and is closed with 1013; it loses nothing,
+because what it missed is recorded in the database, not in this process.
+
+Frames carry an optional :data:`Event` tag. When a tagged frame is written to a live
+connection, the hub records the event as delivered (``Marker``), which is what keeps it out of
+the next offline replay. While a connection replays its backlog, live frames for it are held
+back and written after the replay, skipping any message the replay already carried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine, Iterable
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.protocol import State
+
+import store as st
+from limits import FloodGuard, TokenBucket
+from protocol import CLOSE_SLOW, encode, iso_from_epoch, now_iso
+
+log = logging.getLogger("pitchey.hub")
+
+# ("m", message_id, recipient_id): a new_message for a receipt row;
+# ("r", message_id, reader_id): a message_read notice owed to the sender.
+Event = tuple[str, int, int]
+
+
+class Background:
+    """Tasks the daemon owns: kept referenced, failures logged, cancelled at shutdown."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def wait(self, seconds: float) -> None:
+        """Let running tasks finish for up to ``seconds``, then cancel the rest."""
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=seconds)
+        for task in set(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=1)
+
+
+class Marker:
+    """Collects delivery records made during one loop iteration into one write."""
+
+    def __init__(self, store: st.Store) -> None:
+        self.store = store
+        self.write: st.Write | None = None
+
+    def record(self, event: Event) -> None:
+        if self.write is None:
+            self.write = st.Write()
+            asyncio.get_running_loop().call_soon(self._submit)
+        kind, message_id, user_id = event
+        now = now_iso()
+        if kind == "m":
+            st.mark_delivered(self.write, message_id, user_id, now)
+        else:
+            st.mark_read_notified(self.write, message_id, user_id, now)
+
+    def _submit(self) -> None:
+        write, self.write = self.write, None
+        if write is not None:
+            self.store.submit_background(write)
+
+
+class Client:
+    """One authenticated WebSocket connection."""
+
+    def __init__(
+        self, ws: ServerConnection, user_id: int, expires_at: float | None, hub: Hub
+    ) -> None:
+        self.ws = ws
+        self.user_id = user_id
+        self.expires_at = expires_at
+        self.hub = hub
+        self.user: UserState | None = None
+        self.flood = FloodGuard(hub.limits.flood_max_dropped, hub.limits.flood_window_seconds)
+        self.expiry: asyncio.TimerHandle | None = None
+        self.closing = False
+        # Offline replay in progress: live frames wait here (bounded by max_pending_bytes).
+        self.replaying = True
+        self.held: list[tuple[str, Event | None]] = []
+        self.held_bytes = 0
+        self.replayed: set[int] = set()
+        self.frames_out = 0
+
+    @property
+    def is_open(self) -> bool:
+        return not self.closing and self.ws.protocol.state is State.OPEN
+
+    def send(self, text: str, event: Event | None = None) -> bool:
+        """Write one frame now (or hold it during replay). True if written."""
+        if self.replaying:
+            self.held.append((text, event))
+            self.held_bytes += len(text)
+            if self.held_bytes > self.hub.max_pending_bytes:
+                self.close(CLOSE_SLOW, "slow consumer: reconnect and sync")
+            return False
+        if not self.is_open:
+            return False
+        broadcast([self.ws], text)
+        self.frames_out += 1
+        if event is not None:
+            self.hub.marker.record(event)
+        self.check_backlog()
+        return True
+
+    def check_backlog(self) -> None:
+        transport = self.ws.transport
+        if transport is not None and transport.get_write_buffer_size() > self.hub.max_pending_bytes:
+            log.info("user %d: slow consumer, closing", self.user_id)
+            self.hub.metrics_slow_closes += 1
+            self.close(CLOSE_SLOW, "slow consumer: reconnect and sync")
+
+    def close(self, code: int, reason: str) -> None:
+        """Start closing this connection with ``code``; nothing more is written to it."""
+        if self.closing:
+            return
+        self.closing = True
+        self.held.clear()
+        self.held_bytes = 0
+        self.hub.background.spawn(self.ws.close(code, reason), name=f"close-{self.user_id}")
+
+    def end_replay(self) -> None:
+        """Write the frames held during replay, skipping messages the replay carried."""
+        held, self.held, self.held_bytes = self.held, [], 0
+        self.replaying = False
+        for text, event in held:
+            if event is not None and event[0] == "m" and event[1] in self.replayed:
+                continue
+            self.send(text, event)
+        self.replayed.clear()
+
+
+class UserState:
+    """One online user (or one inside the offline grace period) and their connections."""
+
+    def __init__(self, user_id: int, username: str, user_type: str | None, bucket: TokenBucket):
+        self.user_id = user_id
+        self.username = username
+        self.user_type = user_type
+        self.clients: list[Client] = []
+        self.contacts: set[int] = set()
+        self.bucket = bucket
+        self.offline_timer: asyncio.TimerHandle | None = None
+        self.last_seen: str | None = None
+
+
+class Hub:
+    def __init__(
+        self,
+        store: st.Store,
+        limits: Any,
+        max_pending_bytes: int,
+        grace_seconds: float,
+        background: Background,
+    ) -> None:
+        self.store = store
+        self.limits = limits
+        self.max_pending_bytes = max_pending_bytes
+        self.grace_seconds = grace_seconds
+        self.background = background
+        self.marker = Marker(store)
+        self.users: dict[int, UserState] = {}
+        self.connections = 0
+        self.metrics_slow_closes = 0
+        # Called with a user id when the user's last connection closes (typing cleanup).
+        self.on_last_close: list[Any] = []
+
+    # -- registry --------------------------------------------------------------------------
+
+    def count(self, user_id: int) -> int:
+        user = self.users.get(user_id)
+        return len(user.clients) if user else 0
+
+    def clients(self, user_id: int) -> list[Client]:
+        user = self.users.get(user_id)
+        return user.clients if user else []
+
+    def is_online(self, user_id: int) -> bool:
+        """Connected, or inside the offline grace period."""
+        return user_id in self.users
+
+    async def attach(
+        self, client: Client, username: str, user_type: str | None
+    ) -> UserState:
+        """Register a connection; announce user_online to contacts when it is the first."""
+        user = self.users.get(client.user_id)
+        first = user is None
+        if user is None:
+            user = UserState(
+                client.user_id,
+                username,
+                user_type,
+                TokenBucket(self.limits.frames_per_second, self.limits.frames_burst),
+            )
+            self.users[client.user_id] = user
+            user.clients.append(client)
+            self.connections += 1
+            client.user = user
+            try:
+                user.contacts = await self.store.contacts(client.user_id)
+            except BaseException:
+                self.detach(client, announce=False)
+                raise
+        else:
+            user.clients.append(client)
+            self.connections += 1
+            client.user = user
+            user.username = username
+            user.user_type = user_type or user.user_type
+            if user.offline_timer is not None:
+                # Back within the grace period: nobody was told we left.
+                user.offline_timer.cancel()
+                user.offline_timer = None
+                first = False
+        if first:
+            frame = encode(
+                "user_online", userId=user.user_id, username=user.username, timestamp=now_iso()
+            )
+            self.send_to(self.online_contacts(user), frame)
+        return user
+
+    def detach(self, client: Client, announce: bool = True) -> None:
+        """Unregister a connection; after the last one, start the offline grace period."""
+        user = client.user
+        if user is None or client not in user.clients:
+            return
+        user.clients.remove(client)
+        self.connections -= 1
+        if client.expiry is not None:
+            client.expiry.cancel()
+        if user.clients:
+            return
+        user.last_seen = now_iso()
+        for callback in self.on_last_close:
+            callback(user.user_id)
+        if not announce:
+            del self.users[user.user_id]
+            return
+        if self.grace_seconds > 0:
+            user.offline_timer = asyncio.get_running_loop().call_later(
+                self.grace_seconds, self._gone, user
+            )
+        else:
+            self._gone(user)
+
+    def _gone(self, user: UserState) -> None:
+        if user.clients or self.users.get(user.user_id) is not user:
+            return
+        del self.users[user.user_id]
+        last_seen = user.last_seen or now_iso()
+        self.store.submit_background(st.set_last_seen(st.Write(), user.user_id, last_seen))
+        frame = encode(
+            "user_offline", userId=user.user_id, username=user.username, lastSeen=last_seen
+        )
+        self.send_to(self.online_contacts(user), frame)
+
+    def online_contacts(self, user: UserState) -> list[int]:
+        return [uid for uid in user.contacts if uid in self.users]
+
+    def add_contacts(self, members: Iterable[int]) -> None:
+        """A conversation now joins these users: each becomes the others' contact."""
+        ids = set(members)
+        for uid in ids:
+            user = self.users.get(uid)
+            if user is not None:
+                user.contacts |= ids - {uid}
+
+    # -- fan-out ---------------------------------------------------------------------------
+
+    def send_to(
+        self,
+        user_ids: Iterable[int],
+        text: str,
+        events: dict[int, Event] | None = None,
+        skip: Client | None = None,
+    ) -> set[int]:
+        """Write ``text`` to every connection of these users (except ``skip``).
+
+        Returns the users that had at least one open connection. With ``events``, a user's
+        event is recorded as delivered once a frame is written to one of their connections.
+        """
+        reached: set[int] = set()
+        targets = []
+        for uid in user_ids:
+            user = self.users.get(uid)
+            if user is None:
+                continue
+            event = events.get(uid) if events else None
+            live = False
+            for client in user.clients:
+                if client is skip or client.closing:
+                    continue
+                reached.add(uid)
+                if client.replaying:
+                    client.send(text, event)
+                else:
+                    targets.append(client)
+                    live = True
+            if event is not None and live:
+                self.marker.record(event)
+        if targets:
+            broadcast([c.ws for c in targets], text)
+            for client in targets:
+                client.frames_out += 1
+                client.check_backlog()
+        return reached
+
+    def all_clients(self) -> list[Client]:
+        return [c for user in self.users.values() for c in user.clients]
+
+    def pending_bytes(self) -> int:
+        total = 0
+        for client in self.all_clients():
+            transport = client.ws.transport
+            if transport is not None:
+                total += transport.get_write_buffer_size()
+            total += client.held_bytes
+        return total
+
+
+def expiry_delay(expires_at: float) -> float:
+    return max(0.0, expires_at - time.time())
+
+
+def iso_expiry(expires_at: float | None) -> str | None:
+    return iso_from_epoch(expires_at) if expires_at is not None else None

@@ -1,0 +1,375 @@
+"""Wire protocol: parse client frames into typed commands, encode server frames. No I/O.
+
+``parse(text, limits)`` returns one of the command dataclasses below or raises
+:class:`ProtocolError`, whose ``code`` is the wire error code (``invalid_json``,
+``invalid_message``, ``unknown_type``, ...). Encoding is a pure function of its inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, TypeGuard
+
+# Error codes (PROTOCOL.md section 6).
+INVALID_JSON: Final = "invalid_json"
+INVALID_MESSAGE: Final = "invalid_message"
+UNKNOWN_TYPE: Final = "unknown_type"
+FORBIDDEN: Final = "forbidden"
+RATE_LIMITED: Final = "rate_limited"
+INTERNAL: Final = "internal"
+
+# Close codes (PROTOCOL.md section 7).
+CLOSE_NORMAL: Final = 1000
+CLOSE_BINARY: Final = 1003
+CLOSE_POLICY: Final = 1008
+CLOSE_TOO_BIG: Final = 1009
+CLOSE_RESTART: Final = 1012
+CLOSE_SLOW: Final = 1013
+CLOSE_TOKEN_EXPIRED: Final = 4001
+
+# SQLite integers are signed 64-bit; larger ids can never match a row.
+MAX_ID: Final = 2**63 - 1
+
+SEND_MESSAGE_MISSING: Final = "Missing required fields for message"
+
+
+class ProtocolError(Exception):
+    """A frame the server answers with ``error {code, message, requestId?}``."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The input limits the parser enforces (taken from the ``limits`` config section)."""
+
+    max_content_chars: int = 10000
+    max_attachments: int = 10
+    max_attachment_field_chars: int = 2048
+    max_request_id_chars: int = 128
+    max_participants: int = 1000
+    max_title_chars: int = 200
+
+
+@dataclass(frozen=True)
+class Attachment:
+    type: str
+    url: str
+    filename: str
+    size: int
+    mime_type: str | None
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "type": self.type,
+            "url": self.url,
+            "filename": self.filename,
+            "size": self.size,
+        }
+        if self.mime_type is not None:
+            out["mimeType"] = self.mime_type
+        return out
+
+
+@dataclass(frozen=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True)
+class SendMessage:
+    conversation_id: int | None
+    recipient_id: int | None
+    content: str
+    request_id: str | None
+    attachments: tuple[Attachment, ...]
+    message_type: str
+    pitch_id: int | None
+    subject: str | None
+
+
+@dataclass(frozen=True)
+class Typing:
+    conversation_id: int
+    is_typing: bool
+
+
+@dataclass(frozen=True)
+class MarkRead:
+    message_id: int
+
+
+@dataclass(frozen=True)
+class JoinConversation:
+    conversation_id: int
+
+
+@dataclass(frozen=True)
+class GetOnlineUsers:
+    pass
+
+
+@dataclass(frozen=True)
+class CreateConversation:
+    participant_ids: tuple[int, ...]
+    title: str | None
+    request_id: str | None
+    pitch_id: int | None
+
+
+@dataclass(frozen=True)
+class GetMessages:
+    conversation_id: int
+    before_message_id: int | None
+    limit: int | None
+
+
+@dataclass(frozen=True)
+class Sync:
+    since_message_id: int
+
+
+@dataclass(frozen=True)
+class RefreshToken:
+    token: str
+
+
+Command = (
+    Ping
+    | SendMessage
+    | Typing
+    | MarkRead
+    | JoinConversation
+    | GetOnlineUsers
+    | CreateConversation
+    | GetMessages
+    | Sync
+    | RefreshToken
+)
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Fields:
+    """Typed access to one frame's fields; every failure is ``invalid_message``."""
+
+    def __init__(self, frame: dict[str, Any], request_id: str | None, missing: str) -> None:
+        self.frame = frame
+        self.request_id = request_id
+        self.missing = missing
+
+    def fail(self, message: str) -> ProtocolError:
+        return ProtocolError(INVALID_MESSAGE, message, self.request_id)
+
+    def id(self, name: str, *, required: bool = True) -> int | None:
+        value = self.frame.get(name)
+        if value is None:
+            if required:
+                raise self.fail(self.missing if self.missing else f"{name} is required")
+            return None
+        if not _is_int(value):
+            raise self.fail(f"{name} must be an integer")
+        if not 1 <= value <= MAX_ID:
+            raise self.fail(f"{name} must be a positive integer")
+        return int(value)
+
+    def required_id(self, name: str) -> int:
+        value = self.id(name)
+        assert value is not None  # id(required=True) never returns None
+        return value
+
+    def text(self, name: str, max_chars: int, *, required: bool = False) -> str | None:
+        value = self.frame.get(name)
+        if value is None:
+            if required:
+                raise self.fail(self.missing if self.missing else f"{name} is required")
+            return None
+        if not isinstance(value, str):
+            raise self.fail(f"{name} must be a string")
+        if len(value) > max_chars:
+            raise self.fail(f"{name} is longer than {max_chars} characters")
+        return value
+
+
+def _request_id(frame: dict[str, Any], limits: Limits) -> str | None:
+    value = frame.get("requestId")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(INVALID_MESSAGE, "requestId must be a non-empty string")
+    if len(value) > limits.max_request_id_chars:
+        raise ProtocolError(
+            INVALID_MESSAGE, f"requestId is longer than {limits.max_request_id_chars} characters"
+        )
+    return value
+
+
+def _attachments(f: _Fields, limits: Limits) -> tuple[Attachment, ...]:
+    raw = f.frame.get("attachments")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise f.fail("attachments must be a list")
+    if len(raw) > limits.max_attachments:
+        raise f.fail(f"at most {limits.max_attachments} attachments")
+    out = []
+    for item in raw:
+        if not isinstance(item, dict):
+            raise f.fail("each attachment must be an object")
+        a = _Fields(item, f.request_id, "")
+        cap = limits.max_attachment_field_chars
+        kind = a.text("type", cap, required=True)
+        url = a.text("url", cap, required=True)
+        filename = a.text("filename", cap, required=True)
+        mime = a.text("mimeType", cap)
+        size = item.get("size")
+        if not _is_int(size) or not 0 <= size <= MAX_ID:
+            raise f.fail("attachment size must be a non-negative integer")
+        assert kind is not None and url is not None and filename is not None
+        out.append(Attachment(kind, url, filename, int(size), mime))
+    return tuple(out)
+
+
+def _send_message(f: _Fields, limits: Limits) -> SendMessage:
+    conversation_id = f.id("conversationId", required=False)
+    recipient_id = f.id("recipientId", required=False)
+    if conversation_id is None and recipient_id is None:
+        raise f.fail(SEND_MESSAGE_MISSING)
+    content = f.frame.get("content")
+    if not isinstance(content, str) or not content.strip():
+        raise f.fail(SEND_MESSAGE_MISSING)
+    if len(content) > limits.max_content_chars:
+        raise f.fail(f"content is longer than {limits.max_content_chars} characters")
+    message_type = f.text("messageType", 32) or "text"
+    return SendMessage(
+        conversation_id=conversation_id,
+        recipient_id=None if conversation_id is not None else recipient_id,
+        content=content,
+        request_id=f.request_id,
+        attachments=_attachments(f, limits),
+        message_type=message_type,
+        pitch_id=f.id("pitchId", required=False),
+        subject=f.text("subject", limits.max_title_chars),
+    )
+
+
+def _create_conversation(f: _Fields, limits: Limits) -> CreateConversation:
+    raw = f.frame.get("participantIds")
+    if not isinstance(raw, list) or not raw:
+        raise f.fail("participantIds must be a non-empty list of user ids")
+    ids: list[int] = []
+    for value in raw:
+        if not _is_int(value) or not 1 <= value <= MAX_ID:
+            raise f.fail("participantIds must hold positive integer user ids")
+        if value not in ids:
+            ids.append(int(value))
+    if len(ids) > limits.max_participants:
+        raise f.fail(f"at most {limits.max_participants} participants")
+    return CreateConversation(
+        participant_ids=tuple(ids),
+        title=f.text("title", limits.max_title_chars),
+        request_id=f.request_id,
+        pitch_id=f.id("pitchId", required=False),
+    )
+
+
+def _get_messages(f: _Fields) -> GetMessages:
+    limit = f.frame.get("limit")
+    if limit is not None:
+        if not _is_int(limit):
+            raise f.fail("limit must be an integer")
+        if limit < 1:
+            raise f.fail("limit must be at least 1")
+    return GetMessages(
+        conversation_id=f.required_id("conversationId"),
+        before_message_id=f.id("beforeMessageId", required=False),
+        limit=limit,
+    )
+
+
+def _sync(f: _Fields) -> Sync:
+    value = f.frame.get("sinceMessageId")
+    if not _is_int(value) or not 0 <= value <= MAX_ID:
+        raise f.fail("sinceMessageId must be a non-negative integer")
+    return Sync(int(value))
+
+
+def _refresh(f: _Fields) -> RefreshToken:
+    token = f.text("token", 8192, required=True)
+    assert token is not None
+    return RefreshToken(token)
+
+
+def parse(text: str, limits: Limits) -> Command:
+    """Parse one text frame. Raises ProtocolError with the wire code for any bad input."""
+    try:
+        frame = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError(INVALID_JSON, "frame is not valid JSON") from None
+    if not isinstance(frame, dict):
+        raise ProtocolError(INVALID_JSON, "frame must be a JSON object")
+    kind = frame.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError(INVALID_MESSAGE, "type must be a string", None)
+    request_id = _request_id(frame, limits)
+    f = _Fields(frame, request_id, "")
+    if kind == "ping":
+        return Ping()
+    if kind == "send_message":
+        return _send_message(_Fields(frame, request_id, SEND_MESSAGE_MISSING), limits)
+    if kind in ("typing_start", "typing_stop"):
+        return Typing(f.required_id("conversationId"), kind == "typing_start")
+    if kind == "mark_read":
+        return MarkRead(f.required_id("messageId"))
+    if kind == "join_conversation":
+        return JoinConversation(f.required_id("conversationId"))
+    if kind == "get_online_users":
+        return GetOnlineUsers()
+    if kind == "create_conversation":
+        return _create_conversation(f, limits)
+    if kind == "get_messages":
+        return _get_messages(f)
+    if kind == "sync":
+        return _sync(f)
+    if kind == "refresh_token":
+        return _refresh(f)
+    raise ProtocolError(UNKNOWN_TYPE, f"unknown message type: {kind[:64]}", request_id)
+
+
+def now_iso() -> str:
+    """The current time as the wire timestamp format."""
+    return iso(datetime.now(UTC))
+
+
+def iso(moment: datetime) -> str:
+    """``2026-11-25T21:00:00.123Z``: UTC, milliseconds, Z."""
+    stamp = moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+    return f"{stamp}{moment.microsecond // 1000:03d}Z"
+
+
+def iso_from_epoch(seconds: float) -> str:
+    return iso(datetime.fromtimestamp(seconds, UTC))
+
+
+def encode(kind: str, **fields: Any) -> str:
+    """Encode one server frame. A None value is sent as null; leave optional fields out."""
+    return json.dumps({"type": kind, **fields}, separators=(",", ":"), ensure_ascii=False)
+
+
+def error(
+    code: str, message: str, request_id: str | None = None, retry_after_ms: int | None = None
+) -> str:
+    fields: dict[str, Any] = {"code": code, "message": message}
+    if request_id is not None:
+        fields["requestId"] = request_id
+    if retry_after_ms is not None:
+        fields["retryAfterMs"] = retry_after_ms
+    return encode("error", **fields)

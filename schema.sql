@@ -1,0 +1,97 @@
+-- pitchey-ws schema, version 1. Applied idempotently at every start (CREATE ... IF NOT EXISTS).
+-- Later changes are numbered migrations in store.py, keyed on PRAGMA user_version.
+-- Timestamps are ISO-8601 UTC strings with milliseconds and Z, so they sort as text.
+-- Ids are assigned by the single writer (see store.py), so INTEGER PRIMARY KEY without AUTOINCREMENT.
+
+CREATE TABLE IF NOT EXISTS users (
+    id          INTEGER PRIMARY KEY,
+    username    TEXT,
+    user_type   TEXT,
+    last_seen   TEXT,
+    created_at  TEXT NOT NULL,
+    updated_at  TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS conversations (
+    id              INTEGER PRIMARY KEY,
+    pitch_id        INTEGER,
+    created_by_id   INTEGER NOT NULL REFERENCES users(id),
+    title           TEXT,
+    is_group        INTEGER NOT NULL DEFAULT 0,
+    last_message_at TEXT,
+    created_at      TEXT NOT NULL,
+    updated_at      TEXT NOT NULL,
+    request_id      TEXT
+);
+-- create_conversation idempotency: one conversation per (creator, requestId).
+CREATE UNIQUE INDEX IF NOT EXISTS conversations_request
+    ON conversations(created_by_id, request_id) WHERE request_id IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS conversation_participants (
+    conversation_id    INTEGER NOT NULL REFERENCES conversations(id),
+    user_id            INTEGER NOT NULL REFERENCES users(id),
+    is_active          INTEGER NOT NULL DEFAULT 1,
+    joined_at          TEXT NOT NULL,
+    left_at            TEXT,
+    mute_notifications INTEGER NOT NULL DEFAULT 0,
+    UNIQUE(conversation_id, user_id)
+);
+-- "my conversations" and "my contacts" start from the user.
+CREATE INDEX IF NOT EXISTS participants_user
+    ON conversation_participants(user_id, conversation_id);
+
+CREATE TABLE IF NOT EXISTS messages (
+    id                INTEGER PRIMARY KEY,
+    conversation_id   INTEGER NOT NULL REFERENCES conversations(id),
+    sender_id         INTEGER NOT NULL REFERENCES users(id),
+    receiver_id       INTEGER,
+    pitch_id          INTEGER,
+    parent_message_id INTEGER,
+    subject           TEXT,
+    content           TEXT NOT NULL,
+    message_type      TEXT NOT NULL DEFAULT 'text',
+    attachments       TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(attachments)),
+    is_read           INTEGER NOT NULL DEFAULT 0,
+    is_edited         INTEGER NOT NULL DEFAULT 0,
+    is_deleted        INTEGER NOT NULL DEFAULT 0,
+    sent_at           TEXT NOT NULL,
+    read_at           TEXT,
+    edited_at         TEXT,
+    deleted_at        TEXT,
+    request_id        TEXT
+);
+-- History pages walk one conversation by id.
+CREATE INDEX IF NOT EXISTS messages_conversation ON messages(conversation_id, id);
+-- send_message idempotency: one message per (sender, requestId), across restarts.
+CREATE UNIQUE INDEX IF NOT EXISTS messages_request
+    ON messages(sender_id, request_id) WHERE request_id IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS message_read_receipts (
+    message_id       INTEGER NOT NULL REFERENCES messages(id),
+    user_id          INTEGER NOT NULL REFERENCES users(id),
+    delivered_at     TEXT,
+    read_at          TEXT,
+    -- when the sender was told about read_at (message_read); NULL while that notice is owed
+    read_notified_at TEXT,
+    UNIQUE(message_id, user_id)
+);
+-- Offline delivery: what each user has not yet been sent. Partial, so it holds only the backlog.
+CREATE INDEX IF NOT EXISTS receipts_undelivered
+    ON message_read_receipts(user_id, message_id) WHERE delivered_at IS NULL;
+-- Read notices owed to senders.
+CREATE INDEX IF NOT EXISTS receipts_read_unnotified
+    ON message_read_receipts(message_id) WHERE read_at IS NOT NULL AND read_notified_at IS NULL;
+
+CREATE TABLE IF NOT EXISTS typing_indicators (
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id),
+    user_id         INTEGER NOT NULL REFERENCES users(id),
+    is_typing       INTEGER NOT NULL DEFAULT 0,
+    updated_at      TEXT NOT NULL,
+    UNIQUE(conversation_id, user_id)
+);
+
+-- Daemon-owned settings, such as the demo mode's generated secret.
+CREATE TABLE IF NOT EXISTS settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);

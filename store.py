@@ -1,0 +1,565 @@
+"""Persistence in SQLite (WAL) through aiosqlite.
+
+One task, the writer, owns the write connection. Callers hand it writes (lists of statements)
+and await a future; the writer takes everything queued, runs it in one transaction and
+resolves each future after COMMIT (group commit). An acknowledged write is therefore durable.
+Reads use a second connection and never wait behind the writer (WAL); ``flush()`` is for the
+few reads that must see every write queued before them.
+
+Within one batch, statements are grouped by SQL text (one executemany each) in the order the
+SQL first appears, with foreign keys deferred to COMMIT. So a write may rely on rows inserted
+by earlier writes, but not on the order of different UPDATE statements touching one row.
+Message and conversation ids are assigned here, before the commit, so a whole batch needs one
+round trip per distinct statement rather than one per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import aiosqlite
+
+from protocol import now_iso
+
+log = logging.getLogger("pitchey.store")
+
+SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+SCHEMA_VERSION = 1
+# Reads whose result could grow with the data are capped at this many rows.
+MAX_ROWS = 100_000
+
+Params = tuple[Any, ...]
+
+
+@dataclass
+class Write:
+    """Statements that commit together, in one transaction with the rest of their batch."""
+
+    statements: list[tuple[str, Params]] = field(default_factory=list)
+
+    def add(self, sql: str, params: Params) -> Write:
+        self.statements.append((sql, params))
+        return self
+
+
+class MessageRow(NamedTuple):
+    id: int
+    conversation_id: int
+    sender_id: int
+    sender_name: str | None
+    content: str
+    attachments: str  # JSON text
+    message_type: str
+    sent_at: str
+    is_read: bool  # computed for the viewer (see history)
+
+
+class ConversationRow(NamedTuple):
+    id: int
+    title: str | None
+    is_group: bool
+    created_by: int
+    members: frozenset[int]  # active participants
+
+
+class Pending(NamedTuple):
+    """One undelivered durable event for a user, oldest first by ``queued_at``."""
+
+    kind: str  # "new_message" or "message_read"
+    queued_at: str
+    message: MessageRow
+    reader_id: int  # for message_read: who read it
+    reader_name: str | None
+    read_at: str | None
+
+
+class UserRow(NamedTuple):
+    id: int
+    username: str | None
+    user_type: str | None
+    last_seen: str | None
+
+
+class Store:
+    def __init__(
+        self,
+        path: str,
+        synchronous: str = "FULL",
+        max_batch: int = 512,
+        on_commit: Callable[[int, float], None] | None = None,
+    ) -> None:
+        """``on_commit(batch_size, seconds)`` is called after every transaction (metrics)."""
+        self.path = path
+        self.synchronous = synchronous
+        self.max_batch = max_batch
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._queue: asyncio.Queue[tuple[Write, asyncio.Future[None]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.next_message_id = 1
+        self.next_conversation_id = 1
+        self.on_commit = on_commit
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open both connections, apply the schema and migrations, start the writer."""
+        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._writer.execute("PRAGMA journal_mode=WAL")
+        await self._writer.execute(f"PRAGMA synchronous={self.synchronous}")
+        await self._writer.execute("PRAGMA foreign_keys=ON")
+        await self._writer.execute("PRAGMA busy_timeout=5000")
+        await self._migrate(self._writer)
+        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._reader.execute("PRAGMA foreign_keys=ON")
+        await self._reader.execute("PRAGMA busy_timeout=5000")
+        await self._reader.execute("PRAGMA query_only=ON")
+        rows = await self._reader.execute_fetchall(
+            "SELECT (SELECT COALESCE(MAX(id), 0) FROM messages),"
+            " (SELECT COALESCE(MAX(id), 0) FROM conversations)"
+        )
+        (max_message, max_conversation), = rows
+        self.next_message_id = max_message + 1
+        self.next_conversation_id = max_conversation + 1
+        self._task = asyncio.create_task(self._write_loop(), name="store-writer")
+
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
+        (version,), = await db.execute_fetchall("PRAGMA user_version")
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"database {self.path} has schema version {version}, newer than this daemon's"
+                f" {SCHEMA_VERSION}"
+            )
+        await db.executescript(SCHEMA_PATH.read_text())
+        # Future migrations: `if version < 2: ...` each in its own transaction.
+        await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    async def close(self) -> None:
+        """Commit what is queued, checkpoint the WAL and close both connections."""
+        if self._task is not None:
+            await self.flush()
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+        if self._writer is not None:
+            await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            await self._writer.close()
+            self._writer = None
+
+    # -- the writer ------------------------------------------------------------------------
+
+    def submit(self, write: Write) -> asyncio.Future[None]:
+        """Queue a write; the future resolves after its COMMIT (or holds the error)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((write, future))
+        return future
+
+    def submit_background(self, write: Write) -> None:
+        """Queue a write nobody waits for (delivery records, presence); failures are logged."""
+        self.submit(write).add_done_callback(_log_failure)
+
+    async def flush(self) -> None:
+        """Wait until everything queued before this call is committed."""
+        await self.submit(Write())
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    async def _write_loop(self) -> None:
+        assert self._writer is not None
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            started = time.perf_counter()
+            try:
+                await self._commit([w for w, _ in batch])
+            except asyncio.CancelledError:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(RuntimeError("store closed"))
+                raise
+            except Exception:
+                # One bad write must not fail its neighbours: retry each on its own.
+                log.warning("batch of %d writes failed; retrying one by one", len(batch))
+                for write, future in batch:
+                    try:
+                        await self._commit([write])
+                    except Exception as exc:
+                        log.exception("write failed")
+                        if not future.done():
+                            future.set_exception(exc)
+                    else:
+                        if not future.done():
+                            future.set_result(None)
+            else:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+            if self.on_commit is not None:
+                self.on_commit(len(batch), time.perf_counter() - started)
+
+    async def _commit(self, writes: Sequence[Write]) -> None:
+        db = self._writer
+        assert db is not None
+        grouped: dict[str, list[Params]] = {}
+        for write in writes:
+            for sql, params in write.statements:
+                grouped.setdefault(sql, []).append(params)
+        if not grouped:
+            return
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            await db.execute("PRAGMA defer_foreign_keys=ON")
+            for sql, rows in grouped.items():
+                await db.executemany(sql, rows)
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def _fetch(self, sql: str, params: Params = ()) -> list[Any]:
+        assert self._reader is not None, "store is not open"
+        return list(await self._reader.execute_fetchall(sql, params))
+
+    async def healthy(self) -> bool:
+        rows = await self._fetch("SELECT 1")
+        return rows == [(1,)]
+
+    async def setting(self, key: str) -> str | None:
+        rows = await self._fetch("SELECT value FROM settings WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    async def conversation(self, conversation_id: int) -> ConversationRow | None:
+        rows = await self._fetch(
+            "SELECT c.id, c.title, c.is_group, c.created_by_id, p.user_id"
+            " FROM conversations c LEFT JOIN conversation_participants p"
+            "   ON p.conversation_id = c.id AND p.is_active = 1"
+            " WHERE c.id = ? LIMIT ?",
+            (conversation_id, MAX_ROWS),
+        )
+        if not rows:
+            return None
+        cid, title, is_group, created_by, _ = rows[0]
+        members = frozenset(r[4] for r in rows if r[4] is not None)
+        return ConversationRow(cid, title, bool(is_group), created_by, members)
+
+    async def conversation_by_request(self, user_id: int, request_id: str) -> int | None:
+        rows = await self._fetch(
+            "SELECT id FROM conversations WHERE created_by_id = ? AND request_id = ?",
+            (user_id, request_id),
+        )
+        return rows[0][0] if rows else None
+
+    async def find_pair(self, a: int, b: int) -> int | None:
+        """The oldest non-group conversation whose active participants are exactly a and b."""
+        rows = await self._fetch(
+            "SELECT c.id FROM conversation_participants pa"
+            " JOIN conversation_participants pb"
+            "   ON pb.conversation_id = pa.conversation_id AND pb.user_id = ? AND pb.is_active = 1"
+            " JOIN conversations c ON c.id = pa.conversation_id AND c.is_group = 0"
+            " WHERE pa.user_id = ? AND pa.is_active = 1"
+            "   AND (SELECT COUNT(*) FROM conversation_participants px"
+            "        WHERE px.conversation_id = c.id AND px.is_active = 1) = 2"
+            " ORDER BY c.id LIMIT 1",
+            (b, a),
+        )
+        return rows[0][0] if rows else None
+
+    async def message_by_request(self, sender_id: int, request_id: str) -> MessageRow | None:
+        rows = await self._fetch(
+            _MESSAGE_SELECT + " WHERE m.sender_id = ? AND m.request_id = ?",
+            (sender_id, request_id),
+        )
+        return _message(rows[0]) if rows else None
+
+    async def delivered_any(self, message_id: int) -> bool:
+        rows = await self._fetch(
+            "SELECT 1 FROM message_read_receipts WHERE message_id = ? AND delivered_at IS NOT NULL"
+            " LIMIT 1",
+            (message_id,),
+        )
+        return bool(rows)
+
+    async def message_for_read(
+        self, message_id: int, reader_id: int
+    ) -> tuple[MessageRow, str | None] | None:
+        """The message and the reader's read_at (None when unread or no receipt)."""
+        rows = await self._fetch(
+            _MESSAGE_SELECT.replace("m.is_read", "r.read_at")
+            + " LEFT JOIN message_read_receipts r ON r.message_id = m.id AND r.user_id = ?"
+            " WHERE m.id = ?",
+            (reader_id, message_id),
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return _message((*row[:8], False)), row[8]
+
+    async def history(
+        self, conversation_id: int, viewer_id: int, before: int | None, limit: int
+    ) -> tuple[list[MessageRow], bool]:
+        """Up to ``limit`` messages before ``before`` (newest page when None), oldest first."""
+        rows = await self._fetch(
+            _MESSAGE_SELECT.replace(
+                "m.is_read",
+                "CASE WHEN m.sender_id = ? THEN m.is_read ELSE r.read_at IS NOT NULL END",
+            )
+            + " LEFT JOIN message_read_receipts r ON r.message_id = m.id AND r.user_id = ?"
+            " WHERE m.conversation_id = ? AND m.id < ? AND m.is_deleted = 0"
+            " ORDER BY m.id DESC LIMIT ?",
+            (viewer_id, viewer_id, conversation_id, before or 2**63 - 1, limit + 1),
+        )
+        has_more = len(rows) > limit
+        return [_message(r) for r in reversed(rows[:limit])], has_more
+
+    async def since(self, user_id: int, since: int, limit: int) -> tuple[list[MessageRow], bool]:
+        """Messages with id > since in the user's active conversations, oldest first."""
+        rows = await self._fetch(
+            _MESSAGE_SELECT
+            + " JOIN conversation_participants p ON p.conversation_id = m.conversation_id"
+            "   AND p.user_id = ? AND p.is_active = 1"
+            " WHERE m.id > ? AND m.is_deleted = 0 ORDER BY m.id LIMIT ?",
+            (user_id, since, limit + 1),
+        )
+        return [_message(r) for r in rows[:limit]], len(rows) > limit
+
+    async def pending(self, user_id: int, limit: int) -> list[Pending]:
+        """The user's undelivered messages and read notices, oldest first, at most ``limit``."""
+        messages = await self._fetch(
+            _MESSAGE_SELECT + " JOIN message_read_receipts r ON r.message_id = m.id"
+            " WHERE r.user_id = ? AND r.delivered_at IS NULL ORDER BY m.id LIMIT ?",
+            (user_id, limit),
+        )
+        reads = await self._pending_reads(user_id, limit)
+        events = [Pending("new_message", r[7], _message(r), 0, None, None) for r in messages]
+        events.extend(reads)
+        events.sort(key=lambda e: (e.queued_at, e.kind != "new_message", e.message.id))
+        return events[:limit]
+
+    async def _pending_reads(self, user_id: int, limit: int) -> list[Pending]:
+        rows = await self._fetch(
+            "SELECT m.id, m.conversation_id, m.sender_id, NULL, '', '[]', m.message_type,"
+            " m.sent_at, 1, r.user_id, u.username, r.read_at"
+            " FROM message_read_receipts r"
+            " JOIN messages m ON m.id = r.message_id"
+            " LEFT JOIN users u ON u.id = r.user_id"
+            " WHERE r.read_at IS NOT NULL AND r.read_notified_at IS NULL AND m.sender_id = ?"
+            " ORDER BY r.read_at, r.message_id LIMIT ?",
+            (user_id, limit),
+        )
+        return [Pending("message_read", r[11], _message(r[:9]), r[9], r[10], r[11]) for r in rows]
+
+    async def contacts(self, user_id: int) -> set[int]:
+        """Users who share an active conversation with ``user_id`` (not the user)."""
+        rows = await self._fetch(
+            "SELECT DISTINCT b.user_id FROM conversation_participants a"
+            " JOIN conversation_participants b ON b.conversation_id = a.conversation_id"
+            " WHERE a.user_id = ? AND a.is_active = 1 AND b.is_active = 1 AND b.user_id != ?"
+            " LIMIT ?",
+            (user_id, user_id, MAX_ROWS),
+        )
+        return {r[0] for r in rows}
+
+    async def users(self, ids: Iterable[int]) -> dict[int, UserRow]:
+        wanted = list(dict.fromkeys(ids))[:MAX_ROWS]
+        out: dict[int, UserRow] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = await self._fetch(
+                f"SELECT id, username, user_type, last_seen FROM users WHERE id IN ({marks})",
+                tuple(chunk),
+            )
+            out.update((r[0], UserRow(*r)) for r in rows)
+        return out
+
+    # -- writes (each returns a Write for the caller to submit, possibly merged) -----------
+
+    def new_message_id(self) -> int:
+        value = self.next_message_id
+        self.next_message_id += 1
+        return value
+
+    def new_conversation_id(self) -> int:
+        value = self.next_conversation_id
+        self.next_conversation_id += 1
+        return value
+
+
+def _log_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("background write failed", exc_info=future.exception())
+
+
+_MESSAGE_SELECT = (
+    "SELECT m.id, m.conversation_id, m.sender_id, su.username, m.content, m.attachments,"
+    " m.message_type, m.sent_at, m.is_read"
+    " FROM messages m LEFT JOIN users su ON su.id = m.sender_id"
+)
+
+
+def _message(row: Sequence[Any]) -> MessageRow:
+    return MessageRow(
+        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], bool(row[8])
+    )
+
+
+# -- write builders: pure functions from values to statements -------------------------------
+
+UPSERT_USER = (
+    "INSERT INTO users (id, username, user_type, created_at, updated_at) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT(id) DO UPDATE SET"
+    " username = COALESCE(excluded.username, users.username),"
+    " user_type = COALESCE(excluded.user_type, users.user_type),"
+    " updated_at = excluded.updated_at"
+)
+ENSURE_USER = "INSERT OR IGNORE INTO users (id, created_at, updated_at) VALUES (?, ?, ?)"
+
+
+def upsert_user(write: Write, user_id: int, username: str | None, user_type: str | None) -> Write:
+    now = now_iso()
+    return write.add(UPSERT_USER, (user_id, username, user_type, now, now))
+
+
+def ensure_users(write: Write, user_ids: Iterable[int]) -> Write:
+    now = now_iso()
+    for user_id in user_ids:
+        write.add(ENSURE_USER, (user_id, now, now))
+    return write
+
+
+def create_conversation(
+    write: Write,
+    conversation_id: int,
+    created_by: int,
+    members: Sequence[int],
+    title: str | None,
+    is_group: bool,
+    request_id: str | None,
+    pitch_id: int | None,
+    now: str,
+) -> Write:
+    ensure_users(write, members)
+    write.add(
+        "INSERT INTO conversations (id, pitch_id, created_by_id, title, is_group, created_at,"
+        " updated_at, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (conversation_id, pitch_id, created_by, title, int(is_group), now, now, request_id),
+    )
+    for user_id in members:
+        write.add(
+            "INSERT INTO conversation_participants (conversation_id, user_id, joined_at)"
+            " VALUES (?, ?, ?)",
+            (conversation_id, user_id, now),
+        )
+    return write
+
+
+def insert_message(
+    write: Write,
+    message_id: int,
+    conversation_id: int,
+    sender_id: int,
+    receiver_id: int | None,
+    recipients: Iterable[int],
+    content: str,
+    message_type: str,
+    attachments: list[dict[str, Any]],
+    pitch_id: int | None,
+    subject: str | None,
+    request_id: str | None,
+    now: str,
+) -> Write:
+    """The message, one receipt per other participant, and the conversation's last_message_at."""
+    write.add(
+        "INSERT INTO messages (id, conversation_id, sender_id, receiver_id, pitch_id, subject,"
+        " content, message_type, attachments, sent_at, request_id)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            message_id, conversation_id, sender_id, receiver_id, pitch_id, subject, content,
+            message_type, json.dumps(attachments, separators=(",", ":")), now, request_id,
+        ),
+    )
+    for user_id in recipients:
+        write.add(
+            "INSERT INTO message_read_receipts (message_id, user_id) VALUES (?, ?)",
+            (message_id, user_id),
+        )
+    return write.add(
+        "UPDATE conversations SET last_message_at = ?, updated_at = ? WHERE id = ?",
+        (now, now, conversation_id),
+    )
+
+
+def mark_delivered(write: Write, message_id: int, user_id: int, now: str) -> Write:
+    return write.add(
+        "UPDATE message_read_receipts SET delivered_at = ?"
+        " WHERE message_id = ? AND user_id = ? AND delivered_at IS NULL",
+        (now, message_id, user_id),
+    )
+
+
+def mark_read(write: Write, message_id: int, reader_id: int, now: str) -> Write:
+    write.add(
+        "INSERT INTO message_read_receipts (message_id, user_id, delivered_at, read_at)"
+        " VALUES (?, ?, ?, ?) ON CONFLICT(message_id, user_id) DO UPDATE SET"
+        " read_at = excluded.read_at,"
+        " delivered_at = COALESCE(message_read_receipts.delivered_at, excluded.delivered_at)"
+        " WHERE message_read_receipts.read_at IS NULL",
+        (message_id, reader_id, now, now),
+    )
+    return write.add(
+        "UPDATE messages SET is_read = 1, read_at = COALESCE(read_at, ?) WHERE id = ?",
+        (now, message_id),
+    )
+
+
+def mark_read_notified(write: Write, message_id: int, reader_id: int, now: str) -> Write:
+    return write.add(
+        "UPDATE message_read_receipts SET read_notified_at = ?"
+        " WHERE message_id = ? AND user_id = ? AND read_notified_at IS NULL",
+        (now, message_id, reader_id),
+    )
+
+
+def set_typing(write: Write, conversation_id: int, user_id: int, typing: bool, now: str) -> Write:
+    return write.add(
+        "INSERT INTO typing_indicators (conversation_id, user_id, is_typing, updated_at)"
+        " VALUES (?, ?, ?, ?) ON CONFLICT(conversation_id, user_id) DO UPDATE SET"
+        " is_typing = excluded.is_typing, updated_at = excluded.updated_at",
+        (conversation_id, user_id, int(typing), now),
+    )
+
+
+def clear_typing(write: Write) -> Write:
+    return write.add("DELETE FROM typing_indicators WHERE ?", (1,))
+
+
+def set_last_seen(write: Write, user_id: int, last_seen: str) -> Write:
+    return write.add(
+        "UPDATE users SET last_seen = ?, updated_at = ? WHERE id = ?",
+        (last_seen, last_seen, user_id),
+    )
+
+
+def put_setting(write: Write, key: str, value: str) -> Write:
+    return write.add(
+        "INSERT INTO settings (key, value) VALUES (?, ?)"
+        " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )

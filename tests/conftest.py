@@ -1,0 +1,291 @@
+"""Test harness: the real daemon in a subprocess, real WebSocket clients, the real database.
+
+Every wait is on an event (a frame, a health answer, a process exit) bounded by a timeout
+scaled by PITCHEY_TEST_TIMEOUT_SCALE, never a fixed sleep used to synchronise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "test-secret-0123456789abcdef0123456789"
+SCALE = float(os.environ.get("PITCHEY_TEST_TIMEOUT_SCALE", "1"))
+TIMEOUT = 5 * SCALE
+
+_user_ids = itertools.count(1000)
+
+
+def new_user() -> int:
+    """A user id no other test uses, so tests can share one daemon."""
+    return next(_user_ids)
+
+
+def make_token(
+    user_id: int | None,
+    *,
+    username: str | None = None,
+    exp: float | None = 3600,
+    secret: str = SECRET,
+    algorithm: str = "HS256",
+    **claims: Any,
+) -> str:
+    payload: dict[str, Any] = dict(claims)
+    if user_id is not None:
+        payload["userId"] = user_id
+    if username is not None:
+        payload["username"] = username
+    if exp is not None:
+        payload["exp"] = int(time.time() + exp)
+    return jwt.encode(payload, secret, algorithm=algorithm)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+def write_config(path: Path, overrides: dict[str, Any]) -> None:
+    """``overrides`` maps "section.key" to a value."""
+    sections: dict[str, list[str]] = {}
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".", 1)
+        sections.setdefault(section, []).append(f"{key} = {toml_value(value)}")
+    text = "".join(f"[{s}]\n" + "\n".join(lines) + "\n\n" for s, lines in sections.items())
+    path.write_text(text)
+
+
+class Daemon:
+    """One pitchey-ws process on a free port with its own database and config."""
+
+    def __init__(self, tmp: Path, overrides: dict[str, Any] | None = None) -> None:
+        self.tmp = tmp
+        self.db = tmp / "pitchey.db"
+        self.config = tmp / "config.toml"
+        self.log = tmp / "daemon.log"
+        self.port = free_port()
+        defaults = {"presence.offline_grace_seconds": 0, "server.log_level": "DEBUG"}
+        write_config(self.config, {**defaults, **(overrides or {})})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/api/messages/ws"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *extra: str, env: dict[str, str] | None = None) -> None:
+        environ = {**os.environ, "JWT_SECRET": SECRET, **(env or {})}
+        log = open(self.log, "ab")  # noqa: SIM115 - handed to the child, closed on stop
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "pitchey_ws.py"), "serve", "--config", str(self.config),
+             "--host", "127.0.0.1", "--port", str(self.port), "--db", str(self.db), *extra],
+            stdout=log, stderr=log, env=environ, cwd=self.tmp,
+        )
+        log.close()
+        self.wait_healthy()
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + 10 * SCALE
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.log_text()}")
+            try:
+                with urllib.request.urlopen(self.http + "/api/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            # Polling the health endpoint is the readiness event; the interval only paces it.
+            time.sleep(0.02)
+        raise RuntimeError(f"daemon not healthy in time:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout * SCALE)
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Read the daemon's database (WAL lets us read while it runs)."""
+        db = sqlite3.connect(self.db, timeout=5)
+        try:
+            return db.execute(sql, params).fetchall()
+        finally:
+            db.close()
+
+    def get(self, path: str) -> tuple[int, dict[str, str], bytes]:
+        try:
+            with urllib.request.urlopen(self.http + path, timeout=5 * SCALE) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+
+class Client:
+    """A test WebSocket client that reads frames into a buffer and waits for a wanted one."""
+
+    def __init__(self, ws: ClientConnection, user_id: int) -> None:
+        self.ws = ws
+        self.user_id = user_id
+        self.seen: list[dict[str, Any]] = []  # frames read but not yet taken by expect()
+
+    async def send(self, frame: dict[str, Any] | str) -> None:
+        await self.ws.send(frame if isinstance(frame, str) else json.dumps(frame))
+
+    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        if self.seen:
+            return self.seen.pop(0)
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        frame: dict[str, Any] = json.loads(raw)
+        return frame
+
+    async def expect(self, kind: str, timeout: float = TIMEOUT, **match: Any) -> dict[str, Any]:
+        """The first frame of type ``kind`` whose fields equal ``match``; others are kept."""
+        for i, frame in enumerate(self.seen):
+            if frame.get("type") == kind and all(frame.get(k) == v for k, v in match.items()):
+                return self.seen.pop(i)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise TimeoutError(f"no {kind} {match} within {timeout}s; saw {self.seen}")
+            try:
+                raw = await asyncio.wait_for(self.ws.recv(), left)
+            except TimeoutError:
+                raise TimeoutError(f"no {kind} {match} within {timeout}s; saw {self.seen}") from None
+            frame = json.loads(raw)
+            if frame.get("type") == kind and all(frame.get(k) == v for k, v in match.items()):
+                return frame  # type: ignore[no-any-return]
+            self.seen.append(frame)
+
+    async def request(self, frame: dict[str, Any], reply: str, **match: Any) -> dict[str, Any]:
+        await self.send(frame)
+        return await self.expect(reply, **match)
+
+    async def quiet(self, kind: str, within: float = 0.3 * SCALE) -> None:
+        """Assert that no frame of ``kind`` arrives within ``within`` seconds.
+
+        Waiting out a window is the only way to observe absence; it never synchronises.
+        """
+        with contextlib.suppress(TimeoutError):
+            frame = await self.expect(kind, timeout=within)
+            raise AssertionError(f"unexpected {kind}: {frame}")
+
+    async def closed(self, timeout: float = TIMEOUT) -> int | None:
+        """Wait for the server to close the connection; return the close code."""
+        with contextlib.suppress(ConnectionClosed):
+            async with asyncio.timeout(timeout):
+                while True:
+                    await self.ws.recv()
+        return self.ws.close_code
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+class Connector:
+    """Opens authenticated clients against one daemon and closes them after the test."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.clients: list[Client] = []
+
+    async def __call__(
+        self, user_id: int | None = None, *, username: str | None = None,
+        token: str | None = None, wait_connected: bool = True, **kwargs: Any,
+    ) -> Client:
+        uid = user_id if user_id is not None else new_user()
+        tok = token or make_token(uid, username=username or f"user{uid}")
+        ws = await connect(f"{self.daemon.url}?token={tok}", open_timeout=TIMEOUT, **kwargs)
+        client = Client(ws, uid)
+        self.clients.append(client)
+        if wait_connected:
+            await client.expect("connected")
+        return client
+
+    async def close_all(self) -> None:
+        for client in self.clients:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A daemon shared by the tests of one module (tests use distinct user ids)."""
+    d = Daemon(tmp_path_factory.mktemp("daemon"))
+    d.start()
+    yield d
+    if d.proc is not None:
+        d.stop()
+
+
+@pytest.fixture
+def fresh_daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A daemon of this test alone, not started: set overrides, then call start()."""
+    d = Daemon(tmp_path)
+    yield d
+    if d.proc is not None:
+        with contextlib.suppress(Exception):
+            d.stop()
+
+
+@pytest.fixture
+async def connect_to(daemon: Daemon) -> AsyncIterator[Connector]:
+    connector = Connector(daemon)
+    yield connector
+    await connector.close_all()
+
+
+async def conversation(creator: Client, *others: int) -> int:
+    """Create a conversation between creator and others; return its id."""
+    reply = await creator.request(
+        {"type": "create_conversation", "participantIds": list(others)}, "conversation_created"
+    )
+    return int(reply["conversationId"])

@@ -1,0 +1,106 @@
+"""Typing indicators: ephemeral, announced to the other participants' live connections only.
+
+A user typing in a conversation has one entry here and a row in ``typing_indicators``. A
+repeated ``typing_start`` only pushes the deadline back (no broadcast, no write); the state ends
+with ``typing_stop``, a sent message, the deadline passing, or the user's last connection
+closing, and each end announces ``isTyping: false`` exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+import store as st
+from hub import Hub
+from protocol import encode, now_iso
+
+
+class _Typing:
+    __slots__ = ("deadline", "members", "timer")
+
+    def __init__(self, deadline: float, members: frozenset[int], timer: asyncio.TimerHandle):
+        self.deadline = deadline
+        self.members = members
+        self.timer = timer
+
+
+class TypingTracker:
+    def __init__(self, hub: Hub, store: st.Store, ttl_seconds: float) -> None:
+        self.hub = hub
+        self.store = store
+        self.ttl = ttl_seconds
+        self._state: dict[tuple[int, int], _Typing] = {}
+        self._by_user: dict[int, set[int]] = {}
+        self.broadcasts = 0
+
+    def is_noop(self, conversation_id: int, user_id: int, typing: bool) -> bool:
+        """True when the frame would change nothing users see (a coalesced repeat)."""
+        return ((conversation_id, user_id) in self._state) == typing
+
+    def start(self, conversation_id: int, user_id: int, members: frozenset[int]) -> None:
+        loop = asyncio.get_running_loop()
+        key = (conversation_id, user_id)
+        entry = self._state.get(key)
+        deadline = loop.time() + self.ttl
+        if entry is not None:
+            entry.deadline = deadline  # the timer checks it and re-arms itself
+            entry.members = members
+            return
+        timer = loop.call_at(deadline, self._expire, key)
+        self._state[key] = _Typing(deadline, members, timer)
+        self._by_user.setdefault(user_id, set()).add(conversation_id)
+        self._announce(conversation_id, user_id, members, True)
+
+    def stop(self, conversation_id: int, user_id: int) -> None:
+        key = (conversation_id, user_id)
+        entry = self._state.pop(key, None)
+        if entry is None:
+            return
+        entry.timer.cancel()
+        convs = self._by_user.get(user_id)
+        if convs is not None:
+            convs.discard(conversation_id)
+            if not convs:
+                del self._by_user[user_id]
+        self._announce(conversation_id, user_id, entry.members, False)
+
+    def stop_user(self, user_id: int) -> None:
+        for conversation_id in list(self._by_user.get(user_id, ())):
+            self.stop(conversation_id, user_id)
+
+    def cancel_all(self) -> None:
+        """Shutdown: drop timers without announcing (connections are closing anyway)."""
+        for entry in self._state.values():
+            entry.timer.cancel()
+        self._state.clear()
+        self._by_user.clear()
+
+    def _expire(self, key: tuple[int, int]) -> None:
+        entry = self._state.get(key)
+        if entry is None:
+            return
+        loop = asyncio.get_running_loop()
+        if entry.deadline > loop.time():
+            entry.timer = loop.call_at(entry.deadline, self._expire, key)
+            return
+        self.stop(*key)
+
+    def _announce(
+        self, conversation_id: int, user_id: int, members: Iterable[int], typing: bool
+    ) -> None:
+        user = self.hub.users.get(user_id)
+        now = now_iso()
+        frame = encode(
+            "user_typing",
+            userId=user_id,
+            username=user.username if user else f"User {user_id}",
+            conversationId=conversation_id,
+            isTyping=typing,
+            timestamp=now,
+        )
+        self.broadcasts += 1
+        self.hub.send_to([m for m in members if m != user_id], frame)
+        self.store.submit_background(
+            st.set_typing(st.Write(), conversation_id, user_id, typing, now)
+        )
