@@ -29,7 +29,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 ROOT = Path(__file__).resolve().parent.parent
-SECRET = "test-secret-0123456789abcdef0123456789"
+SECRET = "test-secret-" + "0123456789abcdef" * 4
 SCALE = float(os.environ.get("PITCHEY_TEST_TIMEOUT_SCALE", "1"))
 TIMEOUT = 5 * SCALE
 
@@ -151,6 +151,14 @@ class Daemon:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    async def arestart(self) -> None:
+        """restart() off the event loop, so this process's clients can answer the close."""
+        await asyncio.to_thread(self.restart)
+
+    async def astop(self, sig: int = signal.SIGTERM) -> int:
+        """stop() off the event loop, so this process's clients can answer the close."""
+        return await asyncio.to_thread(self.stop, sig)
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Read the daemon's database (WAL lets us read while it runs)."""

@@ -1,0 +1,137 @@
+"""protocol.py without a loop or a socket: parsing and encoding."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import protocol as p  # noqa: E402
+
+LIMITS = p.Limits()
+
+
+def code_of(text: str) -> str:
+    with pytest.raises(p.ProtocolError) as info:
+        p.parse(text, LIMITS)
+    return info.value.code
+
+
+def test_not_json_and_not_object() -> None:
+    """Garbage and non-objects are invalid_json."""
+    assert code_of("{nope") == p.INVALID_JSON
+    assert code_of("[1, 2]") == p.INVALID_JSON
+    assert code_of('"text"') == p.INVALID_JSON
+    assert code_of("[" * 100000) == p.INVALID_JSON
+
+
+def test_type_checks() -> None:
+    """A missing or non-string type is invalid_message; an unknown one unknown_type."""
+    assert code_of("{}") == p.INVALID_MESSAGE
+    assert code_of('{"type": 5}') == p.INVALID_MESSAGE
+    assert code_of('{"type": "teleport"}') == p.UNKNOWN_TYPE
+
+
+def test_send_message_parses() -> None:
+    """A full send_message becomes a SendMessage with attachments."""
+    frame = {
+        "type": "send_message", "conversationId": 3, "recipientId": 9, "content": "hi",
+        "requestId": "r-1", "messageType": "pitch", "pitchId": 7, "subject": "s",
+        "attachments": [{"type": "file", "url": "u", "filename": "f", "size": 3,
+                         "mimeType": "text/plain"}],
+    }
+    cmd = p.parse(json.dumps(frame), LIMITS)
+    assert isinstance(cmd, p.SendMessage)
+    assert cmd.conversation_id == 3 and cmd.recipient_id is None  # conversationId wins
+    assert cmd.request_id == "r-1" and cmd.message_type == "pitch" and cmd.pitch_id == 7
+    assert cmd.attachments[0].to_wire()["mimeType"] == "text/plain"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"type": "send_message", "content": "no target"},
+        {"type": "send_message", "conversationId": 1},
+        {"type": "send_message", "conversationId": 1, "content": ""},
+        {"type": "send_message", "conversationId": 1, "content": "   "},
+        {"type": "send_message", "conversationId": 1, "content": 5},
+    ],
+)
+def test_send_message_missing_fields(frame: dict[str, object]) -> None:
+    """Missing target or content answers the reference's message text."""
+    with pytest.raises(p.ProtocolError) as info:
+        p.parse(json.dumps(frame), LIMITS)
+    assert info.value.code == p.INVALID_MESSAGE
+    assert info.value.message == p.SEND_MESSAGE_MISSING
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"type": "send_message", "conversationId": "1", "content": "x"},
+        {"type": "send_message", "conversationId": True, "content": "x"},
+        {"type": "send_message", "conversationId": 0, "content": "x"},
+        {"type": "send_message", "conversationId": 2**64, "content": "x"},
+        {"type": "send_message", "conversationId": 1.5, "content": "x"},
+        {"type": "send_message", "conversationId": 1, "content": "x" * 10001},
+        {"type": "send_message", "conversationId": 1, "content": "x", "requestId": "r" * 129},
+        {"type": "send_message", "conversationId": 1, "content": "x", "requestId": 5},
+        {"type": "send_message", "conversationId": 1, "content": "x", "attachments": {}},
+        {"type": "send_message", "conversationId": 1, "content": "x", "attachments": [1]},
+        {"type": "send_message", "conversationId": 1, "content": "x",
+         "attachments": [{"type": "f", "url": "u", "filename": "f", "size": -1}]},
+        {"type": "send_message", "conversationId": 1, "content": "x",
+         "attachments": [{"type": "f", "url": "u" * 3000, "filename": "f", "size": 1}]},
+        {"type": "send_message", "conversationId": 1, "content": "x",
+         "attachments": [{"type": "f", "url": "u", "filename": "f", "size": 1}] * 11},
+        {"type": "typing_start"},
+        {"type": "mark_read", "messageId": None},
+        {"type": "join_conversation", "conversationId": []},
+        {"type": "create_conversation", "participantIds": []},
+        {"type": "create_conversation", "participantIds": [1, "2"]},
+        {"type": "create_conversation", "participantIds": list(range(1, 1002))},
+        {"type": "create_conversation", "participantIds": [2], "title": 3},
+        {"type": "get_messages", "conversationId": 1, "limit": 0},
+        {"type": "get_messages", "conversationId": 1, "limit": "5"},
+        {"type": "sync"},
+        {"type": "sync", "sinceMessageId": -1},
+        {"type": "refresh_token"},
+    ],
+)
+def test_invalid_fields(frame: dict[str, object]) -> None:
+    """Each mistyped or out-of-range field is invalid_message."""
+    assert code_of(json.dumps(frame)) == p.INVALID_MESSAGE
+
+
+def test_request_id_travels_with_errors() -> None:
+    """An error for a frame with a valid requestId carries it."""
+    with pytest.raises(p.ProtocolError) as info:
+        p.parse(json.dumps({"type": "send_message", "requestId": "abc"}), LIMITS)
+    assert info.value.request_id == "abc"
+
+
+def test_create_conversation_dedupes() -> None:
+    """Repeated participant ids count once."""
+    cmd = p.parse('{"type":"create_conversation","participantIds":[2,2,3]}', LIMITS)
+    assert isinstance(cmd, p.CreateConversation) and cmd.participant_ids == (2, 3)
+
+
+def test_encode_and_error() -> None:
+    """Frames encode compactly; error leaves out absent optional fields."""
+    assert json.loads(p.encode("pong", userId=1)) == {"type": "pong", "userId": 1}
+    assert json.loads(p.error("forbidden", "no")) == {
+        "type": "error", "code": "forbidden", "message": "no"
+    }
+    frame = json.loads(p.error("rate_limited", "slow", "r", 250))
+    assert frame["requestId"] == "r" and frame["retryAfterMs"] == 250
+
+
+def test_timestamps() -> None:
+    """Timestamps are UTC with milliseconds and Z."""
+    stamp = p.iso_from_epoch(1764104400.1234)
+    assert stamp == "2025-11-25T21:00:00.123Z"
+    assert p.now_iso().endswith("Z") and len(p.now_iso()) == 24
