@@ -207,7 +207,8 @@ class Client:
             try:
                 raw = await asyncio.wait_for(self.ws.recv(), left)
             except TimeoutError:
-                raise TimeoutError(f"no {kind} {match} within {timeout}s; saw {self.seen}") from None
+                message = f"no {kind} {match} within {timeout}s; saw {self.seen}"
+                raise TimeoutError(message) from None
             frame = json.loads(raw)
             if frame.get("type") == kind and all(frame.get(k) == v for k, v in match.items()):
                 return frame  # type: ignore[no-any-return]

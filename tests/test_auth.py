@@ -8,10 +8,9 @@ import time
 
 import jwt
 import pytest
+from conftest import SECRET, TIMEOUT, Connector, Daemon, make_token, new_user
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
-
-from conftest import SECRET, TIMEOUT, Connector, Daemon, make_token, new_user
 
 
 def b64(data: dict[str, object]) -> str:

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import jwt
-
 from conftest import ROOT, SECRET, Connector, Daemon, write_config
 
 SCRIPT = str(ROOT / "pitchey_ws.py")

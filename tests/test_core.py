@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from conftest import Client, Connector, Daemon, conversation, new_user
+from conftest import Client, Connector, Daemon, conversation, new_user, write_config
 
 
 async def send(client: Client, frame: dict) -> dict:
@@ -239,7 +239,8 @@ async def test_non_participant_forbidden_everywhere(connect_to: Connector) -> No
 
 async def test_history_newest_page_and_paging(fresh_daemon: Daemon) -> None:
     """join returns the newest page oldest first; get_messages pages back with hasMore."""
-    fresh_daemon.config.write_text("[history]\npage_size = 5\n[presence]\noffline_grace_seconds = 0\n")
+    write_config(fresh_daemon.config,
+                 {"history.page_size": 5, "presence.offline_grace_seconds": 0})
     fresh_daemon.start()
     connector = Connector(fresh_daemon)
     try:

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import protocol as p  # noqa: E402
+import protocol as p
 
 LIMITS = p.Limits()
 
