@@ -851,6 +851,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     setup_logging(config.server.log_level)
+    if hmac and config.auth.jwt_secret and len(config.auth.jwt_secret.encode()) < 32:
+        log.warning("the JWT secret is shorter than 32 bytes; use a longer random secret")
     if config.server.demo:
         log.warning("demo mode: demo users, demo page and /demo/token are enabled")
     try:
