@@ -277,6 +277,15 @@ class Hub:
         )
         self.send_to(self.online_contacts(user), frame)
 
+    def flush_presence(self) -> None:
+        """Shutdown: store lastSeen for users still inside the grace period, drop timers."""
+        for user in list(self.users.values()):
+            if user.offline_timer is not None:
+                user.offline_timer.cancel()
+                last_seen = user.last_seen or now_iso()
+                self.store.submit_background(st.set_last_seen(st.Write(), user.user_id, last_seen))
+        self.users.clear()
+
     def online_contacts(self, user: UserState) -> list[int]:
         return [uid for uid in user.contacts if uid in self.users]
 

@@ -153,6 +153,7 @@ class App:
             except TimeoutError:
                 log.warning("connections still open after %.1fs; dropping them", timeout)
         self.typing.cancel_all()
+        self.hub.flush_presence()
         await self.background.wait(1)
         await self.store.close()
         log.info("stopped")
