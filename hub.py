@@ -320,7 +320,7 @@ class Hub:
             event = events.get(uid) if events else None
             live = False
             for client in user.clients:
-                if client is skip or client.closing:
+                if client is skip or not client.is_open:
                     continue
                 reached.add(uid)
                 if client.replaying:

@@ -34,6 +34,7 @@ SCALE = float(os.environ.get("PITCHEY_TEST_TIMEOUT_SCALE", "1"))
 TIMEOUT = 5 * SCALE
 
 _user_ids = itertools.count(1000)
+_request_ids = itertools.count(1)
 
 
 def new_user() -> int:
@@ -294,7 +295,10 @@ async def connect_to(daemon: Daemon) -> AsyncIterator[Connector]:
 
 async def conversation(creator: Client, *others: int) -> int:
     """Create a conversation between creator and others; return its id."""
+    request_id = f"conv-{next(_request_ids)}"
     reply = await creator.request(
-        {"type": "create_conversation", "participantIds": list(others)}, "conversation_created"
+        {"type": "create_conversation", "participantIds": list(others), "requestId": request_id},
+        "conversation_created",
+        requestId=request_id,
     )
     return int(reply["conversationId"])
