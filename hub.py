@@ -140,7 +140,17 @@ class Client:
         self.closing = True
         self.held.clear()
         self.held_bytes = 0
-        self.hub.background.spawn(self.ws.close(code, reason), name=f"close-{self.user_id}")
+        self.hub.background.spawn(self._close(code, reason), name=f"close-{self.user_id}")
+
+    async def _close(self, code: int, reason: str) -> None:
+        """The closing handshake, bounded by close_timeout: ``close()`` first waits for the
+        write buffer to drain, which never happens for a peer that stopped reading."""
+        try:
+            await asyncio.wait_for(self.ws.close(code, reason), self.ws.close_timeout)
+        except TimeoutError:
+            log.info("user %d: closing handshake timed out; dropping the connection",
+                     self.user_id)
+            self.ws.transport.abort()
 
     def end_replay(self) -> None:
         """Write the frames held during replay, skipping messages the replay carried."""

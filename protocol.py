@@ -308,6 +308,24 @@ def _refresh(f: _Fields) -> RefreshToken:
     return RefreshToken(token)
 
 
+def _has_lone_surrogate(value: Any) -> bool:
+    """True if any string (key or value) in a decoded JSON value cannot be encoded as UTF-8."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def parse(text: str, limits: Limits) -> Command:
     """Parse one text frame. Raises ProtocolError with the wire code for any bad input."""
     try:
@@ -316,6 +334,10 @@ def parse(text: str, limits: Limits) -> Command:
         raise ProtocolError(INVALID_JSON, "frame is not valid JSON") from None
     if not isinstance(frame, dict):
         raise ProtocolError(INVALID_JSON, "frame must be a JSON object")
+    # A \uD800-style escape decodes to a lone surrogate, which can be neither stored nor sent
+    # back as UTF-8. Only frames with escapes can hold one.
+    if "\\u" in text and _has_lone_surrogate(frame):
+        raise ProtocolError(INVALID_JSON, "frame holds an unpaired surrogate escape")
     kind = frame.get("type")
     if not isinstance(kind, str):
         raise ProtocolError(INVALID_MESSAGE, "type must be a string", None)
