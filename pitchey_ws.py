@@ -408,11 +408,11 @@ class App:
             return
         key = ("message", client.user_id, rid)
         earlier = self.in_flight.get(key)
-        if earlier is not None:
-            # The same request is being stored right now (another tab, or a fast retry).
+        while earlier is not None:
+            # The same request is being handled right now (another tab, or a fast retry):
+            # wait for it, then answer from what it stored (if it stored anything).
             await asyncio.shield(earlier)
-            await self.repeat_message(client, rid)
-            return
+            earlier = self.in_flight.get(key)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.in_flight[key] = future
         try:
