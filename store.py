@@ -343,7 +343,7 @@ class Store:
         """The user's undelivered messages and read notices, oldest first, at most ``limit``."""
         messages = await self._fetch(
             _MESSAGE_SELECT + " JOIN message_read_receipts r ON r.message_id = m.id"
-            " WHERE r.user_id = ? AND r.delivered_at IS NULL ORDER BY m.id LIMIT ?",
+            " WHERE r.user_id = ? AND r.delivered_at IS NULL ORDER BY r.message_id LIMIT ?",
             (user_id, limit),
         )
         reads = await self._pending_reads(user_id, limit)
