@@ -350,10 +350,12 @@ class App:
             wait = user.bucket.take()
             if wait > 0:
                 self.metrics.errors[p.RATE_LIMITED] += 1
-                request_id = getattr(command, "request_id", None) or (error and error.request_id)
+                request_id = command.request_id if command is not None else None
+                if error is not None:
+                    request_id = error.request_id
                 client.send(
                     p.error(p.RATE_LIMITED, "Too many frames; slow down",
-                            request_id or None, math.ceil(wait * 1000))
+                            request_id, math.ceil(wait * 1000))
                 )
                 if client.flood.drop():
                     log.warning("user %d flooding; closing with 1008", client.user_id)
@@ -368,14 +370,15 @@ class App:
         try:
             await self.handlers[type(command)](client, command)
         except p.ProtocolError as exc:
+            if exc.request_id is None:
+                exc.request_id = command.request_id
             self.reply_error(client, exc)
         except ConnectionClosed:
             raise
         except Exception:
             log.exception("handler for %s failed", type(command).__name__)
             self.reply_error(
-                client,
-                p.ProtocolError(p.INTERNAL, "Internal error", getattr(command, "request_id", None)),
+                client, p.ProtocolError(p.INTERNAL, "Internal error", command.request_id)
             )
 
     def reply_error(self, client: Client, exc: p.ProtocolError) -> None:

@@ -77,17 +77,23 @@ class Attachment:
         return out
 
 
+@dataclass(frozen=True, kw_only=True)
+class Frame:
+    """Every command carries the frame's requestId (if any), so any reply can echo it."""
+
+    request_id: str | None = None
+
+
 @dataclass(frozen=True)
-class Ping:
+class Ping(Frame):
     pass
 
 
 @dataclass(frozen=True)
-class SendMessage:
+class SendMessage(Frame):
     conversation_id: int | None
     recipient_id: int | None
     content: str
-    request_id: str | None
     attachments: tuple[Attachment, ...]
     message_type: str
     pitch_id: int | None
@@ -95,48 +101,47 @@ class SendMessage:
 
 
 @dataclass(frozen=True)
-class Typing:
+class Typing(Frame):
     conversation_id: int
     is_typing: bool
 
 
 @dataclass(frozen=True)
-class MarkRead:
+class MarkRead(Frame):
     message_id: int
 
 
 @dataclass(frozen=True)
-class JoinConversation:
+class JoinConversation(Frame):
     conversation_id: int
 
 
 @dataclass(frozen=True)
-class GetOnlineUsers:
+class GetOnlineUsers(Frame):
     pass
 
 
 @dataclass(frozen=True)
-class CreateConversation:
+class CreateConversation(Frame):
     participant_ids: tuple[int, ...]
     title: str | None
-    request_id: str | None
     pitch_id: int | None
 
 
 @dataclass(frozen=True)
-class GetMessages:
+class GetMessages(Frame):
     conversation_id: int
     before_message_id: int | None
     limit: int | None
 
 
 @dataclass(frozen=True)
-class Sync:
+class Sync(Frame):
     since_message_id: int
 
 
 @dataclass(frozen=True)
-class RefreshToken:
+class RefreshToken(Frame):
     token: str
 
 
@@ -289,6 +294,7 @@ def _get_messages(f: _Fields) -> GetMessages:
         if limit < 1:
             raise f.fail("limit must be at least 1")
     return GetMessages(
+        request_id=f.request_id,
         conversation_id=f.required_id("conversationId"),
         before_message_id=f.id("beforeMessageId", required=False),
         limit=limit,
@@ -299,13 +305,13 @@ def _sync(f: _Fields) -> Sync:
     value = f.frame.get("sinceMessageId")
     if not _is_int(value) or not 0 <= value <= MAX_ID:
         raise f.fail("sinceMessageId must be a non-negative integer")
-    return Sync(int(value))
+    return Sync(int(value), request_id=f.request_id)
 
 
 def _refresh(f: _Fields) -> RefreshToken:
     token = f.text("token", 8192, required=True)
     assert token is not None
-    return RefreshToken(token)
+    return RefreshToken(token, request_id=f.request_id)
 
 
 def _has_lone_surrogate(value: Any) -> bool:
@@ -344,17 +350,18 @@ def parse(text: str, limits: Limits) -> Command:
     request_id = _request_id(frame, limits)
     f = _Fields(frame, request_id, "")
     if kind == "ping":
-        return Ping()
+        return Ping(request_id=request_id)
     if kind == "send_message":
         return _send_message(_Fields(frame, request_id, SEND_MESSAGE_MISSING), limits)
     if kind in ("typing_start", "typing_stop"):
-        return Typing(f.required_id("conversationId"), kind == "typing_start")
+        conversation_id = f.required_id("conversationId")
+        return Typing(conversation_id, kind == "typing_start", request_id=request_id)
     if kind == "mark_read":
-        return MarkRead(f.required_id("messageId"))
+        return MarkRead(f.required_id("messageId"), request_id=request_id)
     if kind == "join_conversation":
-        return JoinConversation(f.required_id("conversationId"))
+        return JoinConversation(f.required_id("conversationId"), request_id=request_id)
     if kind == "get_online_users":
-        return GetOnlineUsers()
+        return GetOnlineUsers(request_id=request_id)
     if kind == "create_conversation":
         return _create_conversation(f, limits)
     if kind == "get_messages":

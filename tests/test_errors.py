@@ -55,3 +55,18 @@ async def test_too_big_closes_1009(connect_to: Connector) -> None:
     client = await connect_to()
     await client.send('{"type":"ping","pad":"' + "x" * 70000 + '"}')
     assert await client.closed() == 1009
+
+
+async def test_errors_echo_request_id_for_every_type(connect_to: Connector) -> None:
+    """A refused request of any type echoes its requestId, so clients can pair replies."""
+    client = await connect_to()
+    for frame in (
+        {"type": "join_conversation", "conversationId": 10**12, "requestId": "j1"},
+        {"type": "get_messages", "conversationId": 10**12, "requestId": "g1"},
+        {"type": "typing_start", "conversationId": 10**12, "requestId": "t1"},
+        {"type": "mark_read", "messageId": 10**12, "requestId": "m1"},
+        {"type": "refresh_token", "token": "garbage", "requestId": "r1"},
+        {"type": "no_such_thing", "requestId": "u1"},
+    ):
+        err = await client.request(frame, "error")
+        assert err["requestId"] == frame["requestId"], (frame, err)
