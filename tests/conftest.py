@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -302,3 +303,41 @@ async def conversation(creator: Client, *others: int) -> int:
         requestId=request_id,
     )
     return int(reply["conversationId"])
+
+
+@contextlib.asynccontextmanager
+async def running(tmp: Path, overrides: dict[str, Any]) -> AsyncIterator[Connector]:
+    """A daemon of one test with these config overrides, and a connector bound to it."""
+    daemon = Daemon(tmp, overrides)
+    daemon.start()
+    connect = Connector(daemon)
+    try:
+        yield connect
+    finally:
+        await connect.close_all()
+        if daemon.proc is not None:
+            daemon.stop()
+
+
+async def eventually(check: Any, timeout: float = TIMEOUT) -> Any:
+    """Call ``check`` until it returns something truthy (rows the daemon writes later)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (result := check()):
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.02)  # paces the polling; the condition is what we wait on
+    return result
+
+
+async def eventually_db(daemon: Daemon, sql: str, params: tuple[Any, ...], want: Any) -> None:
+    """Re-read the database until ``sql`` returns ``want`` (background writes commit later)."""
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    rows = daemon.query(sql, params)
+    while rows != want:
+        assert asyncio.get_running_loop().time() < deadline, f"{sql} gave {rows}, want {want}"
+        await asyncio.sleep(0.02)  # paces the polling; the condition is what we wait on
+        rows = daemon.query(sql, params)
+
+
+def now_iso() -> str:
+    """The current time in the wire format, for comparing with server timestamps."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"

@@ -6,11 +6,20 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from conftest import TIMEOUT, Client, Connector, Daemon, conversation, make_token, new_user
+from conftest import (
+    TIMEOUT,
+    Client,
+    Connector,
+    Daemon,
+    conversation,
+    eventually_db,
+    make_token,
+    new_user,
+    running,
+)
 from websockets.client import ClientProtocol
 from websockets.frames import Opcode
 from websockets.http11 import Response
@@ -29,28 +38,6 @@ MESSAGE_TYPES = ("queued_message", "new_message")
 FAST = {"limits.frames_per_second": 100000, "limits.frames_burst": 100000}
 
 
-@contextlib.asynccontextmanager
-async def running(tmp: Path, overrides: dict[str, Any]) -> AsyncIterator[Connector]:
-    """A daemon of one test with these config overrides, and a connector bound to it."""
-    daemon = Daemon(tmp, overrides)
-    daemon.start()
-    connect = Connector(daemon)
-    try:
-        yield connect
-    finally:
-        await connect.close_all()
-        if daemon.proc is not None:
-            daemon.stop()
-
-
-async def eventually_db(daemon: Daemon, sql: str, params: tuple[Any, ...], want: Any) -> None:
-    """Re-read the database until ``sql`` returns ``want`` (delivery marks are written later)."""
-    deadline = asyncio.get_running_loop().time() + TIMEOUT
-    rows = daemon.query(sql, params)
-    while rows != want:
-        assert asyncio.get_running_loop().time() < deadline, f"{sql} gave {rows}, want {want}"
-        await asyncio.sleep(0.02)  # paces the polling; the condition is what we wait on
-        rows = daemon.query(sql, params)
 
 
 async def send_many(client: Client, cid: int, count: int, tag: str = "m") -> list[dict[str, Any]]:

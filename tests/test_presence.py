@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from conftest import SCALE, TIMEOUT, Client, Connector, Daemon, conversation, make_token, new_user
+from conftest import (
+    SCALE,
+    TIMEOUT,
+    Client,
+    Connector,
+    Daemon,
+    conversation,
+    eventually_db,
+    make_token,
+    new_user,
+    now_iso,
+    running,
+)
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 GRACE = 1.0  # presence.offline_grace_seconds for the grace-period tests
 PRESENCE_FIELDS = {"userId", "username", "userType", "isOnline", "lastSeen"}
 
-
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 async def online_users(client: Client) -> list[dict[str, Any]]:
@@ -28,28 +34,6 @@ async def online_users(client: Client) -> list[dict[str, Any]]:
     return users
 
 
-@contextlib.asynccontextmanager
-async def running(tmp: Path, overrides: dict[str, Any]) -> AsyncIterator[Connector]:
-    """A daemon of one test with these config overrides, and a connector bound to it."""
-    daemon = Daemon(tmp, overrides)
-    daemon.start()
-    connect = Connector(daemon)
-    try:
-        yield connect
-    finally:
-        await connect.close_all()
-        if daemon.proc is not None:
-            daemon.stop()
-
-
-async def eventually_db(daemon: Daemon, sql: str, params: tuple[Any, ...], want: Any) -> None:
-    """Re-read the database until ``sql`` returns ``want`` (background writes commit later)."""
-    deadline = asyncio.get_running_loop().time() + TIMEOUT
-    rows = daemon.query(sql, params)
-    while rows != want:
-        assert asyncio.get_running_loop().time() < deadline, f"{sql} gave {rows}, want {want}"
-        await asyncio.sleep(0.02)  # paces the polling; the condition is what we wait on
-        rows = daemon.query(sql, params)
 
 
 async def test_second_tab_announces_nothing(connect_to: Connector) -> None:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import re
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from conftest import TIMEOUT, Client, Connector, Daemon, conversation, new_user
+from conftest import (
+    Client,
+    Connector,
+    Daemon,
+    conversation,
+    eventually,
+    new_user,
+    now_iso,
+    running,
+)
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 RECEIPT = (
@@ -18,31 +23,7 @@ RECEIPT = (
 )
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
-
-@contextlib.asynccontextmanager
-async def running(tmp: Path, overrides: dict[str, Any]) -> AsyncIterator[Connector]:
-    """A daemon of one test with these config overrides, and a connector bound to it."""
-    daemon = Daemon(tmp, overrides)
-    daemon.start()
-    connect = Connector(daemon)
-    try:
-        yield connect
-    finally:
-        await connect.close_all()
-        if daemon.proc is not None:
-            daemon.stop()
-
-
-async def eventually(check: Any, timeout: float = TIMEOUT) -> Any:
-    """Call ``check`` until it returns something truthy (database rows written later)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (result := check()):
-        assert asyncio.get_running_loop().time() < deadline, "condition never held"
-        await asyncio.sleep(0.02)  # paces the polling; the condition is what we wait on
-    return result
 
 
 async def send(client: Client, cid: int, content: str = "hello") -> int:

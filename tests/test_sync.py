@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from conftest import Client, Connector, Daemon, conversation
+from conftest import Client, Connector, conversation, running
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 MESSAGE_FIELDS = ("messageId", "conversationId", "senderId", "senderName", "content",
                   "attachments", "messageType", "timestamp")
 
-
-@contextlib.asynccontextmanager
-async def running(tmp: Path, overrides: dict[str, Any]) -> AsyncIterator[Connector]:
-    """A daemon of one test with these config overrides, and a connector bound to it."""
-    daemon = Daemon(tmp, overrides)
-    daemon.start()
-    connect = Connector(daemon)
-    try:
-        yield connect
-    finally:
-        await connect.close_all()
-        if daemon.proc is not None:
-            daemon.stop()
 
 
 async def send(client: Client, cid: int, content: str) -> dict[str, Any]:

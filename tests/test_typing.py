@@ -3,41 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-from conftest import SCALE, TIMEOUT, Client, Connector, Daemon, conversation, new_user
+from conftest import (
+    SCALE,
+    TIMEOUT,
+    Client,
+    Connector,
+    Daemon,
+    conversation,
+    eventually_db,
+    new_user,
+    running,
+)
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 TTL = 0.6  # typing.ttl_seconds for the expiry tests
 TYPING_ROWS = "SELECT is_typing FROM typing_indicators WHERE conversation_id = ? AND user_id = ?"
 
 
-@contextlib.asynccontextmanager
-async def running(tmp: Path, overrides: dict[str, Any]) -> AsyncIterator[Connector]:
-    """A daemon of one test with these config overrides, and a connector bound to it."""
-    daemon = Daemon(tmp, overrides)
-    daemon.start()
-    connect = Connector(daemon)
-    try:
-        yield connect
-    finally:
-        await connect.close_all()
-        if daemon.proc is not None:
-            daemon.stop()
-
-
-async def eventually_db(daemon: Daemon, sql: str, params: tuple[Any, ...], want: Any) -> None:
-    """Re-read the database until ``sql`` returns ``want`` (typing rows are written later)."""
-    deadline = asyncio.get_running_loop().time() + TIMEOUT
-    rows = daemon.query(sql, params)
-    while rows != want:
-        assert asyncio.get_running_loop().time() < deadline, f"{sql} gave {rows}, want {want}"
-        await asyncio.sleep(0.02)  # paces the polling; the condition is what we wait on
-        rows = daemon.query(sql, params)
 
 
 async def typing(client: Client, conversation_id: int, on: bool = True) -> None:
