@@ -39,6 +39,8 @@ class DatabaseConfig:
     synchronous: str = "FULL"
     max_batch: int = 512
     cache_conversations: int = 10000
+    cache_request_ids: int = 100000
+    cache_users: int = 100000
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,8 @@ def _validate(config: Config) -> None:
         "server.shutdown_timeout_seconds": config.server.shutdown_timeout_seconds,
         "database.max_batch": config.database.max_batch,
         "database.cache_conversations": config.database.cache_conversations,
+        "database.cache_request_ids": config.database.cache_request_ids,
+        "database.cache_users": config.database.cache_users,
         "typing.ttl_seconds": config.typing.ttl_seconds,
         "limits.frames_per_second": config.limits.frames_per_second,
         "limits.frames_burst": config.limits.frames_burst,

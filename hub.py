@@ -61,27 +61,57 @@ class Background:
 
 
 class Marker:
-    """Collects delivery records made during one loop iteration into one write."""
+    """Collects the delivery records of one loop iteration into one write.
+
+    ``settled(user)`` waits until the user's records queued so far are committed, which is
+    what a replay needs before it reads the backlog.
+    """
 
     def __init__(self, store: st.Store) -> None:
         self.store = store
-        self.write: st.Write | None = None
+        self.pending: dict[tuple[str, int], list[int]] = {}
+        self.users: set[int] = set()
+        # user id -> the commit carrying that user's latest delivery records
+        self.in_flight: dict[int, asyncio.Future[None]] = {}
 
     def record(self, event: Event) -> None:
-        if self.write is None:
-            self.write = st.Write()
+        if not self.pending:
             asyncio.get_running_loop().call_soon(self._submit)
         kind, message_id, user_id = event
-        now = now_iso()
-        if kind == "m":
-            st.mark_delivered(self.write, message_id, user_id, now)
-        else:
-            st.mark_read_notified(self.write, message_id, user_id, now)
+        self.pending.setdefault((kind, message_id), []).append(user_id)
+        self.users.add(user_id)
 
     def _submit(self) -> None:
-        write, self.write = self.write, None
-        if write is not None:
-            self.store.submit_background(write)
+        pending, self.pending = self.pending, {}
+        users, self.users = self.users, set()
+        if not pending:
+            return
+        now = now_iso()
+        write = st.Write()
+        for (kind, message_id), user_ids in pending.items():
+            if kind == "m":
+                st.mark_delivered(write, message_id, user_ids, now)
+            else:
+                for user_id in user_ids:
+                    st.mark_read_notified(write, message_id, user_id, now)
+        future = self.store.submit(write)
+        for user_id in users:
+            self.in_flight[user_id] = future
+        future.add_done_callback(lambda f: self._done(f, users))
+
+    def _done(self, future: asyncio.Future[None], users: set[int]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.error("delivery records not stored", exc_info=future.exception())
+        for user_id in users:
+            if self.in_flight.get(user_id) is future:
+                del self.in_flight[user_id]
+
+    async def settled(self, user_id: int) -> None:
+        if self.pending and user_id in self.users:
+            self._submit()
+        future = self.in_flight.get(user_id)
+        if future is not None:
+            await asyncio.wait([future])
 
 
 class Client:

@@ -21,6 +21,7 @@ import signal
 import sqlite3
 import sys
 import weakref
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,11 @@ class App:
         )
         # (sender, requestId) of sends and creations under way: a retry waits for the first.
         self.in_flight: dict[tuple[str, int, str], asyncio.Future[Any]] = {}
+        # (sender, requestId) -> messageId of messages this process stored, newest last: a
+        # retry is answered without asking the database (the unique index is the backstop).
+        self.recent_requests: OrderedDict[tuple[int, str], int] = OrderedDict()
+        # user id -> (username, userType) as last seen, newest last.
+        self.profiles: OrderedDict[int, tuple[str | None, str | None]] = OrderedDict()
         self.reads_in_flight: set[tuple[int, int]] = set()
         self.handshaking = 0
         self.closing = False
@@ -275,25 +281,33 @@ class App:
             )
 
     async def profile(self, identity: Identity) -> tuple[str, str | None]:
-        """The user's display name and type: from the token, else the users table."""
-        write = st.Write()
-        if identity.username is not None or identity.user_type is not None:
-            st.upsert_user(write, identity.user_id, identity.username, identity.user_type)
-        else:
-            st.ensure_users(write, [identity.user_id])
-        self.store.submit_background(write)
-        username, user_type = identity.username, identity.user_type
-        if username is None or user_type is None:
-            online = self.hub.users.get(identity.user_id)
-            if online is not None:
-                username = username or online.username
-                user_type = user_type or online.user_type
+        """The user's display name and type: from the token, else as last known.
+
+        Known profiles are kept in memory (bounded), so the database is read only for a user
+        this process has not seen whose token lacks a claim, and written only on a change.
+        """
+        uid = identity.user_id
+        known = self.profiles.get(uid)
+        stored = known is not None
+        if known is None and (identity.username is None or identity.user_type is None):
+            row = (await self.store.users([uid])).get(uid)
+            if row is not None:
+                known, stored = (row.username, row.user_type), True
+        if known is None:
+            known = (None, None)
+        current = (identity.username or known[0], identity.user_type or known[1])
+        if current != known or not stored:
+            write = st.Write()
+            if current == (None, None):
+                st.ensure_users(write, [uid])
             else:
-                row = (await self.store.users([identity.user_id])).get(identity.user_id)
-                if row is not None:
-                    username = username or row.username
-                    user_type = user_type or row.user_type
-        return username or display_name(identity.user_id, None), user_type
+                st.upsert_user(write, uid, current[0], current[1])
+            self.store.submit_background(write)
+        self.profiles[uid] = current
+        self.profiles.move_to_end(uid)
+        if len(self.profiles) > self.config.database.cache_users:
+            self.profiles.popitem(last=False)
+        return current[0] or display_name(uid, None), current[1]
 
     def arm_expiry(self, client: Client) -> None:
         if client.expiry is not None:
@@ -309,9 +323,9 @@ class App:
 
     async def replay(self, client: Client) -> None:
         """Send the user's undelivered durable events, oldest first, bounded."""
-        # Marks queued before now must be visible, or an event delivered a moment ago to
-        # another tab would be replayed here too.
-        await self.store.flush()
+        # This user's delivery records queued before now must be visible, or an event
+        # delivered a moment ago to another tab would be replayed here too.
+        await self.hub.marker.settled(client.user_id)
         events = await self.store.pending(client.user_id, self.config.delivery.replay_limit)
         for event in events:
             if event.kind == "new_message":
@@ -419,15 +433,32 @@ class App:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.in_flight[key] = future
         try:
-            if not await self.repeat_message(client, rid):
+            known = self.recent_requests.get((client.user_id, rid))
+            if known is not None:
+                await self.repeat_message(client, rid, known)
+                return
+            try:
                 await self.send_message(client, cmd)
+            except sqlite3.IntegrityError:
+                # Stored before this process remembered it (e.g. before a restart): the
+                # unique (sender, requestId) index refused the copy.
+                if not await self.repeat_message(client, rid):
+                    raise
         finally:
             del self.in_flight[key]
             future.set_result(None)
 
-    async def repeat_message(self, client: Client, rid: str) -> bool:
+    def remember_request(self, user_id: int, rid: str, message_id: int) -> None:
+        self.recent_requests[(user_id, rid)] = message_id
+        if len(self.recent_requests) > self.config.database.cache_request_ids:
+            self.recent_requests.popitem(last=False)
+
+    async def repeat_message(self, client: Client, rid: str, message_id: int | None = None) -> bool:
         """Answer a repeated requestId with the original message; False if there is none."""
-        row = await self.store.message_by_request(client.user_id, rid)
+        if message_id is not None:
+            row = await self.store.message(message_id)
+        else:
+            row = await self.store.message_by_request(client.user_id, rid)
         if row is None:
             return False
         delivered = await self.store.delivered_any(row.id)
@@ -459,6 +490,8 @@ class App:
         )
         await self.store.submit(write)
         self.metrics.messages_stored += 1
+        if cmd.request_id is not None:
+            self.remember_request(sender, cmd.request_id, message_id)
         user = client.user
         assert user is not None
         fields = {

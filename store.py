@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -194,10 +195,15 @@ class Store:
                 raise
             except Exception:
                 # One bad write must not fail its neighbours: retry each on its own.
-                log.warning("batch of %d writes failed; retrying one by one", len(batch))
+                log.debug("batch of %d writes failed; retrying one by one", len(batch))
                 for write, future in batch:
                     try:
                         await self._commit([write])
+                    except sqlite3.IntegrityError as exc:
+                        # Expected for a repeated requestId; the caller decides what it means.
+                        log.debug("write refused by a constraint: %s", exc)
+                        if not future.done():
+                            future.set_exception(exc)
                     except Exception as exc:
                         log.exception("write failed")
                         if not future.done():
@@ -286,6 +292,10 @@ class Store:
             _MESSAGE_SELECT + " WHERE m.sender_id = ? AND m.request_id = ?",
             (sender_id, request_id),
         )
+        return _message(rows[0]) if rows else None
+
+    async def message(self, message_id: int) -> MessageRow | None:
+        rows = await self._fetch(_MESSAGE_SELECT + " WHERE m.id = ?", (message_id,))
         return _message(rows[0]) if rows else None
 
     async def delivered_any(self, message_id: int) -> bool:
@@ -506,11 +516,19 @@ def insert_message(
     )
 
 
-def mark_delivered(write: Write, message_id: int, user_id: int, now: str) -> Write:
+def mark_delivered(write: Write, message_id: int, user_ids: Sequence[int], now: str) -> Write:
+    """One statement for every recipient of one message (a group fan-out marks 1,000 rows)."""
+    if len(user_ids) == 1:
+        return write.add(
+            "UPDATE message_read_receipts SET delivered_at = ?"
+            " WHERE message_id = ? AND user_id = ? AND delivered_at IS NULL",
+            (now, message_id, user_ids[0]),
+        )
     return write.add(
         "UPDATE message_read_receipts SET delivered_at = ?"
-        " WHERE message_id = ? AND user_id = ? AND delivered_at IS NULL",
-        (now, message_id, user_id),
+        " WHERE message_id = ? AND delivered_at IS NULL"
+        " AND user_id IN (SELECT value FROM json_each(?))",
+        (now, message_id, json.dumps(list(user_ids))),
     )
 
 

@@ -8,7 +8,7 @@ import time
 
 import jwt
 import pytest
-from conftest import SECRET, TIMEOUT, Connector, Daemon, make_token, new_user
+from conftest import SECRET, TIMEOUT, Connector, Daemon, eventually_db, make_token, new_user
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -102,8 +102,9 @@ async def test_profile_cached_in_users_table(daemon: Daemon, connect_to: Connect
     second = await connect_to(uid, token=make_token(uid), wait_connected=False)
     hello = await second.expect("connected")
     assert hello["username"] == "Ada"
-    rows = daemon.query("SELECT username, user_type FROM users WHERE id = ?", (uid,))
-    assert rows == [("Ada", "investor")]
+    await eventually_db(
+        daemon, "SELECT username, user_type FROM users WHERE id = ?", (uid,), [("Ada", "investor")]
+    )
 
 
 def test_unknown_path_is_404(daemon: Daemon) -> None:
