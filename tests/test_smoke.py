@@ -19,3 +19,28 @@ async def test_ping(connect_to: Connector) -> None:
     c = await connect_to()
     pong = await c.request({"type": "ping"}, "pong")
     assert pong["userId"] == c.user_id
+
+
+async def test_metrics(daemon: Daemon, connect_to: Connector) -> None:
+    """GET /metrics is Prometheus text with connections, frames, errors and commit figures."""
+    client = await connect_to()
+    await client.request({"type": "ping"}, "pong")
+    await client.request({"type": "nope"}, "error")
+    status, headers, body = daemon.get("/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    text = body.decode()
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert float(lines["pitchey_connections"]) >= 1
+    assert float(lines['pitchey_frames_in_total{type="Ping"}']) >= 1
+    assert float(lines['pitchey_errors_total{code="unknown_type"}']) >= 1
+    assert float(lines['pitchey_commit_seconds_bucket{le="+Inf"}']) >= 1
+    for name in ("pitchey_users_online", "pitchey_pending_outgoing_bytes",
+                 "pitchey_messages_stored_total", "pitchey_commit_batch_size_count"):
+        assert name in lines
+
+
+def test_client_library_served(daemon: Daemon) -> None:
+    """The JS client is served in every mode, as JavaScript."""
+    status, headers, body = daemon.get("/client/pitchey-ws.js")
+    assert status == 200 and headers["Content-Type"].startswith("text/javascript")
+    assert b"export class PitcheyClient" in body
