@@ -29,6 +29,7 @@ class ServerConfig:
     ping_interval_seconds: float = 20
     ping_timeout_seconds: float = 20
     shutdown_timeout_seconds: float = 5
+    backlog: int = 4096
     demo: bool = False
     log_level: str = "INFO"
 
@@ -153,6 +154,7 @@ def _validate(config: Config) -> None:
         "server.max_pending_bytes": config.server.max_pending_bytes,
         "server.close_timeout_seconds": config.server.close_timeout_seconds,
         "server.shutdown_timeout_seconds": config.server.shutdown_timeout_seconds,
+        "server.backlog": config.server.backlog,
         "database.max_batch": config.database.max_batch,
         "database.cache_conversations": config.database.cache_conversations,
         "database.cache_request_ids": config.database.cache_request_ids,

@@ -141,6 +141,7 @@ class App:
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
             close_timeout=self.config.server.close_timeout_seconds,
+            backlog=self.config.server.backlog,
             logger=logging.getLogger("pitchey.websockets"),
         )
         for sock in self.server.sockets:
