@@ -26,8 +26,10 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+# Not part of `make test`: ~10 minutes, loads both cores. BENCH_ARGS=--quick for a smoke run.
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

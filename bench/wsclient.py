@@ -1,0 +1,243 @@
+"""A minimal WebSocket client for the load driver: an asyncio Protocol over raw frames.
+
+Why not the websockets client: the driver gets one core of a two-core machine, the server the
+other, and the driver must stay well below its core while it reads up to ~10^5 frames/s, or the
+figure measures the driver. So this client does only what the benchmark needs:
+
+* the opening handshake (RFC 6455 section 4.1), checking ``Sec-WebSocket-Accept``;
+* unfragmented text frames in both directions (the servers under test never fragment the small
+  frames they send), ping -> pong, close -> close;
+* client frames are masked with the all-zero key. That is valid framing: the server still runs
+  its unmasking over every payload, so it saves the server nothing; it only spares the driver a
+  per-byte XOR. Payloads are handed to a callback as ``bytes``, unparsed: roles look at the
+  ``{"type":"..."`` prefix (both servers put ``type`` first) and parse JSON only where they need
+  a value.
+
+Not a general-purpose client: no extensions, no fragmentation, no UTF-8 validation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import os
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+ZERO_MASK = b"\x00\x00\x00\x00"
+MAX_HEAD = 65536
+
+CONNECTED = b'{"type":"connected"'
+
+
+class HandshakeError(Exception):
+    """The server refused the upgrade (``status`` is its HTTP status) or broke the protocol."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"{status} {detail}")
+        self.status = status
+
+
+def frame(payload: bytes, opcode: int = 1) -> bytes:
+    """One final client frame (masked with the zero key) carrying ``payload``."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x80 | opcode, 0x80 | n)) + ZERO_MASK + payload
+    if n < 65536:
+        return bytes((0x80 | opcode, 0xFE)) + struct.pack("!H", n) + ZERO_MASK + payload
+    return bytes((0x80 | opcode, 0xFF)) + struct.pack("!Q", n) + ZERO_MASK + payload
+
+
+class Conn(asyncio.Protocol):
+    """One client connection. ``opened`` resolves when the server's first frame (``connected``)
+    arrives; after that every text frame goes to ``handler(payload)``.
+
+    Until a role sets ``handler``, frames are queued in ``inbox`` for :meth:`expect`.
+    """
+
+    def __init__(self, host: str, port: int, path: str) -> None:
+        loop = asyncio.get_running_loop()
+        self.key = base64.b64encode(os.urandom(16))
+        self.accept = base64.b64encode(hashlib.sha1(self.key + GUID).digest())
+        self.request = (
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {self.key.decode()}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        self.opened: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.upgraded = False
+        self.handler: Callable[[bytes], None] = self._queue
+        self.inbox: deque[bytes] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self.close_code: int | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        transport.write(self.request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(
+                HandshakeError(0, f"connection lost before connected: {exc or 'EOF'}")
+            )
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._wake()
+
+    def data_received(self, data: bytes) -> None:
+        if self.buf:
+            data = self.buf + data
+        if not self.upgraded:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                if len(data) > MAX_HEAD:
+                    self._fail(0, "response head too long")
+                self.buf = data
+                return
+            head, data = data[:end], data[end + 4 :]
+            if not head.startswith(b"HTTP/1.1 101"):
+                status = int(head[9:12]) if head[9:12].isdigit() else 0
+                self._fail(status, head.split(b"\r\n", 1)[0].decode("latin-1") + " " +
+                           data[:200].decode("utf-8", "replace"))
+                return
+            if _header(head, b"sec-websocket-accept") != self.accept:
+                self._fail(101, "bad Sec-WebSocket-Accept")
+                return
+            self.upgraded = True
+        pos, n = 0, len(data)
+        while n - pos >= 2:
+            length = data[pos + 1] & 0x7F
+            if length < 126:
+                start = pos + 2
+            elif length == 126:
+                if n - pos < 4:
+                    break
+                length = (data[pos + 2] << 8) | data[pos + 3]
+                start = pos + 4
+            else:
+                if n - pos < 10:
+                    break
+                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                start = pos + 10
+            end = start + length
+            if end > n:
+                break
+            opcode = data[pos] & 0x0F
+            pos = end
+            if opcode == 1:
+                if self.opened.done():
+                    self.handler(data[start:end])
+                else:
+                    self._first(data[start:end])
+            elif opcode == 9:
+                self.write(frame(data[start:end], 0xA))
+            elif opcode == 8:
+                payload = data[start:end]
+                self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                if self.transport is not None and not self.transport.is_closing():
+                    self.transport.write(frame(payload[:2], 0x8))
+                    self.transport.close()
+                return
+        self.buf = data[pos:] if pos < n else b""
+
+    # -- use -------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def send(self, payload: bytes) -> None:
+        """Send one text frame."""
+        self.write(frame(payload))
+
+    async def expect(self, prefix: bytes, limit: float) -> bytes:
+        """The next queued frame starting with ``prefix`` (others are dropped)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while True:
+            while self.inbox:
+                payload = self.inbox.popleft()
+                if payload.startswith(prefix):
+                    return payload
+            if self.closed.done():
+                raise ConnectionError(f"closed (code {self.close_code}) waiting for {prefix!r}")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"no frame starting {prefix!r} within {limit}s")
+            self._waiter = loop.create_future()
+            try:
+                await asyncio.wait_for(self._waiter, remaining)
+            except TimeoutError:
+                pass
+            finally:
+                self._waiter = None
+
+    def abort(self) -> None:
+        """Drop the connection with a TCP reset: no close handshake, no TIME_WAIT left behind
+        (thousands of connections are opened per run)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _first(self, payload: bytes) -> None:
+        if payload.startswith(CONNECTED):
+            self.opened.set_result(None)
+        else:
+            text = payload[:200].decode("utf-8", "replace")
+            self._fail(101, f"first frame is not connected: {text}")
+
+    def _queue(self, payload: bytes) -> None:
+        self.inbox.append(payload)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _fail(self, status: int, detail: str) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(HandshakeError(status, detail))
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _header(head: bytes, name: bytes) -> bytes | None:
+    """The value of header ``name`` (lower case) in a response head, or None."""
+    for line in head.split(b"\r\n")[1:]:
+        key, sep, value = line.partition(b":")
+        if sep and key.strip().lower() == name:
+            return value.strip()
+    return None
+
+
+async def connect(host: str, port: int, path: str, limit: float) -> Conn:
+    """Open, upgrade, and wait for the server's ``connected`` frame."""
+    loop = asyncio.get_running_loop()
+    conn = Conn(host, port, path)
+
+    async def run() -> None:
+        await loop.create_connection(lambda: conn, host, port)
+        await conn.opened
+
+    try:
+        await asyncio.wait_for(run(), limit)
+    except BaseException:
+        conn.abort()
+        raise
+    return conn
