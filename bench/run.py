@@ -71,6 +71,7 @@ class Target:
     flags: tuple[str, ...] = ()  # for bench/serve_variant.py or bench/relay.py
     scenarios: tuple[str, ...] | None = None  # None: every scenario asked for
     request_ids: bool = True  # the driver's send_message frames carry a requestId
+    synchronous: str | None = None  # overrides --synchronous for this target
     about: str = ""
 
 
@@ -79,8 +80,9 @@ TARGETS = {
     "relay": Target("relay", about="reference (a): bench/relay.py, websockets, no persistence"),
     "daemon+uvloop": Target("daemon", ("--uvloop",), about="daemon on uvloop"),
     "daemon+orjson": Target("daemon", ("--orjson",), about="daemon, protocol JSON by orjson"),
-    "daemon+onehop": Target("daemon", ("--onehop",), scenarios=("one_to_one", "latency", "fanout"),
-                            about="prototype: one writer-thread call per group commit"),
+    "daemon+normal": Target("daemon", synchronous="NORMAL",
+                            scenarios=("one_to_one", "latency", "fanout"),
+                            about="daemon, database.synchronous = NORMAL (no fsync per commit)"),
     # Diagnostics for the profile discussion; not in the default run.
     "daemon+uvloop+orjson": Target("daemon", ("--uvloop", "--orjson"), about="both"),
     "relay+uvloop": Target("relay", ("--uvloop",), about="reference relay on uvloop"),
@@ -89,7 +91,7 @@ TARGETS = {
     "daemon-norid": Target("daemon", request_ids=False,
                            about="driver sends no requestId"),
 }
-DEFAULT_TARGETS = ["daemon", "relay", "daemon+uvloop", "daemon+orjson", "daemon+onehop"]
+DEFAULT_TARGETS = ["daemon", "relay", "daemon+uvloop", "daemon+orjson", "daemon+normal"]
 SCENARIOS = ["storm", "one_to_one", "latency", "fanout"]
 
 
@@ -247,8 +249,8 @@ class Server:
         if kind == "relay":
             argv = [py, str(HERE / "relay.py"), "--host", HOST, "--port", str(self.port), *flags]
         else:
-            config = work / "bench-config.toml"
-            bench_config(config, settings.synchronous)
+            config = work / f"{label}-config.toml"
+            bench_config(config, spec.synchronous or settings.synchronous)
             serve = ["serve", "--config", str(config), "--host", HOST, "--port",
                      str(self.port), "--db", str(self.db)]
             if flags:

@@ -1,6 +1,6 @@
 """Run the daemon unchanged but for optional speed-ups, so the benchmark can measure them.
 
-    python bench/serve_variant.py [--uvloop] [--orjson] [--onehop] [--setwise]
+    python bench/serve_variant.py [--uvloop] [--orjson] [--setwise]
         [--switchinterval=S] serve --config F ...
 
 ``--uvloop``: the daemon's ``asyncio.run`` runs on a uvloop event loop (uvloop 0.23 has no
@@ -9,9 +9,6 @@
 replaced by orjson behind the same two calls. This is a measurement shim, not a drop-in: orjson
 refuses integers beyond 64 bits and lone surrogates that ``json`` accepts, so adopting it would
 need those cases mapped to the same protocol errors first.
-``--onehop``: a prototype of a proposed store.py change, measured here before anyone adopts it:
-the group-commit transaction (BEGIN, every executemany, COMMIT) runs as ONE call on the writer
-thread instead of one event-loop round trip per statement. Same statements, same transaction.
 ``--setwise``: a prototype of a proposed store.py change: each message's receipt rows are
 inserted by ONE statement over a JSON array of the recipients (``json_each``) instead of one
 ``executemany`` row per recipient. Same rows, same transaction. (The daemon already marks
@@ -46,32 +43,6 @@ class OrjsonCodec:
         return self._orjson.dumps(obj).decode()
 
 
-async def _commit_one_hop(self: Any, writes: Any) -> None:
-    """store.Store._commit, but the whole transaction is one call on the writer thread."""
-    db = self._writer
-    assert db is not None
-    grouped: dict[str, list[Any]] = {}
-    for write in writes:
-        for sql, params in write.statements:
-            grouped.setdefault(sql, []).append(params)
-    if not grouped:
-        return
-
-    def transaction() -> None:
-        conn = db._conn  # the sqlite3 connection, used only on aiosqlite's own thread
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.execute("PRAGMA defer_foreign_keys=ON")
-            for sql, rows in grouped.items():
-                conn.executemany(sql, rows)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-
-    await db._execute(transaction)
-
-
 RECEIPTS_SETWISE = (
     "INSERT INTO message_read_receipts (message_id, user_id) SELECT ?, value FROM json_each(?)"
 )
@@ -103,9 +74,8 @@ def main(argv: list[str]) -> int:
     use_uvloop = "--uvloop" in argv
     use_orjson = "--orjson" in argv
     switch = [float(a.split("=", 1)[1]) for a in argv if a.startswith("--switchinterval=")]
-    use_onehop = "--onehop" in argv
     use_setwise = "--setwise" in argv
-    rest = [a for a in argv if a not in ("--uvloop", "--orjson", "--onehop", "--setwise")
+    rest = [a for a in argv if a not in ("--uvloop", "--orjson", "--setwise")
             and not a.startswith("--switchinterval=")]
     if switch:
         sys.setswitchinterval(switch[0])
@@ -114,10 +84,6 @@ def main(argv: list[str]) -> int:
 
     if use_orjson:
         protocol.json = OrjsonCodec()  # type: ignore[assignment]
-    if use_onehop:
-        import store
-
-        store.Store._commit = _commit_one_hop  # type: ignore[method-assign]
     if use_setwise:
         _install_setwise()
     if use_uvloop:
