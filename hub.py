@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Coroutine, Iterable
 from typing import Any
 
@@ -227,6 +228,20 @@ class Hub:
         self.metrics_slow_closes = 0
         # Called with a user id when the user's last connection closes (typing cleanup).
         self.on_last_close: list[Any] = []
+        # Rate-limit buckets of users who went offline lately, newest last, so that
+        # reconnecting does not refill a flooding user's bucket.
+        self.recent_buckets: OrderedDict[int, TokenBucket] = OrderedDict()
+
+    def _bucket(self, user_id: int) -> TokenBucket:
+        bucket = self.recent_buckets.pop(user_id, None)
+        if bucket is None:
+            bucket = TokenBucket(self.limits.frames_per_second, self.limits.frames_burst)
+        return bucket
+
+    def _keep_bucket(self, user: UserState) -> None:
+        self.recent_buckets[user.user_id] = user.bucket
+        if len(self.recent_buckets) > self.limits.max_connections:
+            self.recent_buckets.popitem(last=False)
 
     # -- registry --------------------------------------------------------------------------
 
@@ -253,7 +268,7 @@ class Hub:
                 client.user_id,
                 username,
                 user_type,
-                TokenBucket(self.limits.frames_per_second, self.limits.frames_burst),
+                self._bucket(client.user_id),
             )
             self.users[client.user_id] = user
             user.clients.append(client)
@@ -298,6 +313,7 @@ class Hub:
             callback(user.user_id)
         if not announce:
             del self.users[user.user_id]
+            self._keep_bucket(user)
             return
         if self.grace_seconds > 0:
             user.offline_timer = asyncio.get_running_loop().call_later(
@@ -310,6 +326,7 @@ class Hub:
         if user.clients or self.users.get(user.user_id) is not user:
             return
         del self.users[user.user_id]
+        self._keep_bucket(user)
         last_seen = user.last_seen or now_iso()
         self.store.submit_background(st.set_last_seen(st.Write(), user.user_id, last_seen))
         frame = encode(

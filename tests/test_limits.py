@@ -373,3 +373,17 @@ async def test_get_messages_limit_capped_at_page_size(connect_to: Connector) -> 
     assert reply["hasMore"] is True
     # The newest page, oldest first.
     assert [m["content"] for m in reply["messages"]] == [f"h{i}" for i in range(3, total)]
+
+
+async def test_reconnect_does_not_refill_bucket(connect_tight: Connector) -> None:
+    """Going offline and reconnecting keeps the user's drained token bucket."""
+    a = await connect_tight()
+    b = await connect_tight()
+    await conversation(b, a.user_id)
+    for _ in range(6):
+        await a.request({"type": "ping"}, "pong")
+    await expect_error(a, {"type": "ping"}, "rate_limited")
+    await a.close()
+    await b.expect("user_offline", userId=a.user_id)  # the daemon has let go of the user
+    again = await connect_tight(a.user_id)
+    await expect_error(again, {"type": "ping"}, "rate_limited")
