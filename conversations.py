@@ -21,16 +21,12 @@ class Conversations:
         self._pairs: OrderedDict[tuple[int, int], int] = OrderedDict()
         # Pair lookups or creations under way, so two first messages share one conversation.
         self.pair_locks: dict[tuple[int, int], asyncio.Lock] = {}
-        self.hits = 0
-        self.misses = 0
 
     async def get(self, conversation_id: int) -> st.ConversationRow | None:
         row = self._rows.get(conversation_id)
         if row is not None:
-            self.hits += 1
             self._rows.move_to_end(conversation_id)
             return row
-        self.misses += 1
         row = await self.store.conversation(conversation_id)
         if row is not None:
             self.put(row)
@@ -43,25 +39,29 @@ class Conversations:
             return None
         return row
 
+    def cached_member(self, conversation_id: int, user_id: int) -> bool:
+        """Known from memory alone that ``user_id`` is an active participant."""
+        row = self._rows.get(conversation_id)
+        return row is not None and user_id in row.members
+
     def put(self, row: st.ConversationRow) -> None:
         self._rows[row.id] = row
         self._rows.move_to_end(row.id)
         while len(self._rows) > self.capacity:
             self._rows.popitem(last=False)
-        if not row.is_group and len(row.members) == 2:
-            a, b = sorted(row.members)
-            self._pairs.setdefault((a, b), row.id)
-            while len(self._pairs) > self.capacity:
-                self._pairs.popitem(last=False)
 
     async def find_pair(self, a: int, b: int) -> int | None:
         key = (min(a, b), max(a, b))
         found = self._pairs.get(key)
         if found is not None:
             return found
+        # Only the database knows which two-member conversation is the oldest, so pairs are
+        # cached from its answer, never from a conversation that happens to be loaded.
         found = await self.store.find_pair(a, b)
         if found is not None:
             self._pairs[key] = found
+            while len(self._pairs) > self.capacity:
+                self._pairs.popitem(last=False)
         return found
 
     def pair_lock(self, a: int, b: int) -> asyncio.Lock:

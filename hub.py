@@ -2,8 +2,10 @@
 
 Fan-out never awaits a client: frames are written with ``websockets.broadcast`` (a synchronous
 write into each connection's buffer). A connection whose unsent bytes pass
-``server.max_pending_bytes`` is a slow consumer and is closed with 1013; it loses nothing,
-because what it missed is recorded in the database, not in this process.
+``server.max_pending_bytes`` is a slow consumer and is closed with 1013. Frames already in
+its buffer were recorded as delivered: the messages among them come back through ``sync``
+(and anything sent after the close is replayed on reconnect); read notices among them are
+lost, as with any frame written just before a connection dies (see docs/protocol.md).
 
 Frames carry an optional :data:`Event` tag. When a tagged frame is written to a live
 connection, the hub records the event as delivered (``Marker``), which is what keeps it out of
@@ -133,8 +135,7 @@ class Client:
         self.replaying = True
         self.held: list[tuple[str, Event | None]] = []
         self.held_bytes = 0
-        self.replayed: set[int] = set()
-        self.frames_out = 0
+        self.replayed: set[Event] = set()
 
     @property
     def is_open(self) -> bool:
@@ -142,16 +143,19 @@ class Client:
 
     def send(self, text: str, event: Event | None = None) -> bool:
         """Write one frame now (or hold it during replay). True if written."""
+        if self.closing:
+            return False
         if self.replaying:
             self.held.append((text, event))
             self.held_bytes += len(text)
             if self.held_bytes > self.hub.max_pending_bytes:
+                log.info("user %d: slow consumer during replay, closing", self.user_id)
+                self.hub.metrics_slow_closes += 1
                 self.close(CLOSE_SLOW, "slow consumer: reconnect and sync")
             return False
         if not self.is_open:
             return False
         broadcast([self.ws], text)
-        self.frames_out += 1
         if event is not None:
             self.hub.marker.record(event)
         self.check_backlog()
@@ -188,7 +192,7 @@ class Client:
         held, self.held, self.held_bytes = self.held, [], 0
         self.replaying = False
         for text, event in held:
-            if event is not None and event[0] == "m" and event[1] in self.replayed:
+            if event is not None and event in self.replayed:
                 continue
             self.send(text, event)
         self.replayed.clear()
@@ -248,14 +252,6 @@ class Hub:
     def count(self, user_id: int) -> int:
         user = self.users.get(user_id)
         return len(user.clients) if user else 0
-
-    def clients(self, user_id: int) -> list[Client]:
-        user = self.users.get(user_id)
-        return user.clients if user else []
-
-    def is_online(self, user_id: int) -> bool:
-        """Connected, or inside the offline grace period."""
-        return user_id in self.users
 
     async def attach(
         self, client: Client, username: str, user_type: str | None
@@ -390,7 +386,6 @@ class Hub:
         if targets:
             broadcast([c.ws for c in targets], text)
             for client in targets:
-                client.frames_out += 1
                 client.check_backlog()
         return reached
 

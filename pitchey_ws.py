@@ -37,7 +37,7 @@ import protocol as p
 import store as st
 from auth import AuthError, Identity, Verifier
 from conversations import Conversations
-from hub import Background, Client, Hub, expiry_delay, iso_expiry
+from hub import Background, Client, Event, Hub, expiry_delay, iso_expiry
 from metrics import Metrics
 from typing_indicators import TypingTracker
 
@@ -246,17 +246,21 @@ class App:
             await ws.close(p.CLOSE_POLICY, "not authenticated")
             return
         user_id = identity.user_id
-        if self.hub.count(user_id) >= self.config.limits.max_connections_per_user:
-            # Lost a race with another handshake for the same user.
-            await ws.close(p.CLOSE_SLOW, "too many connections")
-            return
-        client = Client(ws, user_id, identity.expires_at, self.hub)
         self.handshaking += 1
         try:
             username, user_type = await self.profile(identity)
-            await self.hub.attach(client, username, user_type)
         finally:
             self.handshaking -= 1
+        # Checked again here, with no await before attach() registers the connection: several
+        # handshakes may have passed the check in authenticate() at once.
+        if (
+            self.hub.count(user_id) >= self.config.limits.max_connections_per_user
+            or self.hub.connections >= self.config.limits.max_connections
+        ):
+            await ws.close(p.CLOSE_SLOW, "too many connections; try again later")
+            return
+        client = Client(ws, user_id, identity.expires_at, self.hub)
+        await self.hub.attach(client, username, user_type)
         log.info("user %d connected (%d open)", user_id, self.hub.connections)
         try:
             self.arm_expiry(client)
@@ -336,8 +340,9 @@ class App:
                     message_fields(event.message, delivered=True),
                 )
                 await client.ws.send(frame)
-                client.replayed.add(event.message.id)
-                self.hub.marker.record(("m", event.message.id, client.user_id))
+                delivered: Event = ("m", event.message.id, client.user_id)
+                client.replayed.add(delivered)
+                self.hub.marker.record(delivered)
             else:
                 frame = queued(
                     "message_read",
@@ -346,7 +351,9 @@ class App:
                                 event.read_at or event.queued_at),
                 )
                 await client.ws.send(frame)
-                self.hub.marker.record(("r", event.message.id, event.reader_id))
+                notified: Event = ("r", event.message.id, event.reader_id)
+                client.replayed.add(notified)
+                self.hub.marker.record(notified)
             self.metrics.frames_out["queued_message"] += 1
 
     async def dispatch(self, client: Client, text: str) -> None:
@@ -358,8 +365,12 @@ class App:
             error: p.ProtocolError | None = None
         except p.ProtocolError as exc:
             command, error = None, exc
-        free = isinstance(command, p.Typing) and self.typing.is_noop(
-            command.conversation_id, client.user_id, command.is_typing
+        # A typing frame that changes nothing is free, but only when membership is known
+        # without a database read (otherwise random ids would be free reads).
+        free = (
+            isinstance(command, p.Typing)
+            and self.typing.is_noop(command.conversation_id, client.user_id, command.is_typing)
+            and self.conversations.cached_member(command.conversation_id, client.user_id)
         )
         if not free:
             wait = user.bucket.take()
@@ -522,12 +533,16 @@ class App:
         found = await self.conversations.find_pair(a, b)
         if found is None:
             lock = self.conversations.pair_lock(a, b)
-            async with lock:
-                found = await self.conversations.find_pair(a, b)
-                if found is None:
-                    created = await self.create(a, [a, b], None, None, None)
-                    found = created.id
-            self.conversations.release_pair_lock(a, b, lock)
+            try:
+                async with lock:
+                    found = await self.conversations.find_pair(a, b)
+                    if found is None:
+                        await self.create(a, [a, b], None, None, None)
+                        found = await self.conversations.find_pair(a, b)
+            finally:
+                self.conversations.release_pair_lock(a, b, lock)
+            if found is None:
+                raise p.ProtocolError(p.INTERNAL, "conversation vanished")
         conversation = await self.conversations.get(found)
         if conversation is None or a not in conversation.members:
             raise p.ProtocolError(p.INTERNAL, "conversation vanished")
@@ -573,19 +588,19 @@ class App:
             row = await self.create(me, members, cmd.title, None, cmd.pitch_id)
         else:
             key = ("conversation", me, rid)
-            earlier = self.in_flight.get(key)
-            if earlier is not None:
-                await asyncio.shield(earlier)
-            existing = await self.store.conversation_by_request(me, rid)
-            if existing is not None:
-                again = await self.conversations.get(existing)
-                assert again is not None
-                self.reply(client, "conversation_created", **conversation_fields(again),
-                           requestId=rid)
-                return
+            while (earlier := self.in_flight.get(key)) is not None:
+                await asyncio.shield(earlier)  # the same request from another tab, or a retry
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self.in_flight[key] = future
             try:
+                existing = await self.store.conversation_by_request(me, rid)
+                if existing is not None:
+                    again = await self.conversations.get(existing)
+                    if again is None:
+                        raise p.ProtocolError(p.INTERNAL, "conversation vanished", rid)
+                    self.reply(client, "conversation_created", **conversation_fields(again),
+                               requestId=rid)
+                    return
                 row = await self.create(me, members, cmd.title, rid, cmd.pitch_id)
             finally:
                 del self.in_flight[key]
@@ -606,18 +621,21 @@ class App:
 
     async def on_mark_read(self, client: Client, cmd: p.MarkRead) -> None:
         reader = client.user_id
-        found = await self.store.message_for_read(cmd.message_id, reader)
-        forbidden = p.ProtocolError(p.FORBIDDEN, "Not a participant of this conversation")
-        if found is None:
-            raise forbidden
-        message, read_at = found
-        if await self.conversations.member_of(message.conversation_id, reader) is None:
-            raise forbidden
-        key = (message.id, reader)
-        if message.sender_id == reader or read_at is not None or key in self.reads_in_flight:
-            return  # already read, or your own message: nothing changes, nobody is told
+        key = (cmd.message_id, reader)
+        if key in self.reads_in_flight:
+            return  # another tab of this user is marking it right now; it tells the sender
+        # Claimed before the first await, so two tabs cannot both see it unread.
         self.reads_in_flight.add(key)
         try:
+            found = await self.store.message_for_read(cmd.message_id, reader)
+            forbidden = p.ProtocolError(p.FORBIDDEN, "Not a participant of this conversation")
+            if found is None:
+                raise forbidden
+            message, read_at = found
+            if await self.conversations.member_of(message.conversation_id, reader) is None:
+                raise forbidden
+            if message.sender_id == reader or read_at is not None:
+                return  # already read, or your own message: nothing changes, nobody is told
             now = p.now_iso()
             await self.store.submit(st.mark_read(st.Write(), message.id, reader, now))
         finally:

@@ -272,14 +272,13 @@ def _create_conversation(f: _Fields, limits: Limits) -> CreateConversation:
     raw = f.frame.get("participantIds")
     if not isinstance(raw, list) or not raw:
         raise f.fail("participantIds must be a non-empty list of user ids")
-    ids: list[int] = []
+    ids: dict[int, None] = {}  # ordered and de-duplicated in linear time
     for value in raw:
         if not _is_int(value) or not 1 <= value <= MAX_ID:
             raise f.fail("participantIds must hold positive integer user ids")
-        if value not in ids:
-            ids.append(int(value))
-    if len(ids) > limits.max_participants:
-        raise f.fail(f"at most {limits.max_participants} participants")
+        ids[int(value)] = None
+        if len(ids) > limits.max_participants:
+            raise f.fail(f"at most {limits.max_participants} participants")
     return CreateConversation(
         participant_ids=tuple(ids),
         title=f.text("title", limits.max_title_chars),
@@ -346,10 +345,10 @@ def parse(text: str, limits: Limits) -> Command:
     # back as UTF-8. Only frames with escapes can hold one.
     if "\\u" in text and _has_lone_surrogate(frame):
         raise ProtocolError(INVALID_JSON, "frame holds an unpaired surrogate escape")
+    request_id = _request_id(frame, limits)
     kind = frame.get("type")
     if not isinstance(kind, str):
-        raise ProtocolError(INVALID_MESSAGE, "type must be a string", None)
-    request_id = _request_id(frame, limits)
+        raise ProtocolError(INVALID_MESSAGE, "type must be a string", request_id)
     f = _Fields(frame, request_id, "")
     if kind == "ping":
         return Ping(request_id=request_id)

@@ -32,7 +32,6 @@ class TypingTracker:
         self.ttl = ttl_seconds
         self._state: dict[tuple[int, int], _Typing] = {}
         self._by_user: dict[int, set[int]] = {}
-        self.broadcasts = 0
 
     def is_noop(self, conversation_id: int, user_id: int, typing: bool) -> bool:
         """True when the frame would change nothing users see (a coalesced repeat)."""
@@ -99,7 +98,6 @@ class TypingTracker:
             isTyping=typing,
             timestamp=now,
         )
-        self.broadcasts += 1
         self.hub.send_to([m for m in members if m != user_id], frame)
         self.store.submit_background(
             st.set_typing(st.Write(), conversation_id, user_id, typing, now)

@@ -294,3 +294,19 @@ async def test_history_is_read(connect_to: Connector) -> None:
                                "conversation_joined")
     flags_b = {m["id"]: m["isRead"] for m in joined_b["messages"]}
     assert flags_b == {mine["messageId"]: True, theirs["messageId"]: False}
+
+
+async def test_create_conversation_concurrent_same_request(
+    daemon: Daemon, connect_to: Connector
+) -> None:
+    """The same create_conversation requestId from two tabs at once makes one conversation."""
+    a = await connect_to()
+    a2 = await connect_to(a.user_id)
+    frame = {"type": "create_conversation", "participantIds": [new_user()], "requestId": "twice"}
+    await asyncio.gather(a.send(frame), a2.send(frame))
+    one = await a.expect("conversation_created", requestId="twice")
+    two = await a2.expect("conversation_created", requestId="twice")
+    assert one["conversationId"] == two["conversationId"]
+    assert daemon.query(
+        "SELECT COUNT(*) FROM conversations WHERE created_by_id = ?", (a.user_id,)
+    ) == [(1,)]

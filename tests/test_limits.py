@@ -387,3 +387,11 @@ async def test_reconnect_does_not_refill_bucket(connect_tight: Connector) -> Non
     await b.expect("user_offline", userId=a.user_id)  # the daemon has let go of the user
     again = await connect_tight(a.user_id)
     await expect_error(again, {"type": "ping"}, "rate_limited")
+
+
+async def test_typing_for_unknown_conversations_is_not_free(connect_tight: Connector) -> None:
+    """typing_stop for conversations the daemon would have to look up costs tokens."""
+    a = await connect_tight()
+    for i in range(6):
+        await expect_error(a, {"type": "typing_stop", "conversationId": 10**9 + i}, "forbidden")
+    await expect_error(a, {"type": "typing_stop", "conversationId": 10**9 + 6}, "rate_limited")
