@@ -420,14 +420,11 @@ class App:
     async def on_ping(self, client: Client, _: p.Ping) -> None:
         self.reply(client, "pong", timestamp=p.now_iso(), userId=client.user_id)
 
-    async def member_of(
-        self, conversation_id: int, user_id: int, request_id: str | None = None
-    ) -> st.ConversationRow:
+    async def member_of(self, conversation_id: int, user_id: int) -> st.ConversationRow:
+        """The conversation, or ``forbidden`` (dispatch adds the frame's requestId)."""
         row = await self.conversations.member_of(conversation_id, user_id)
         if row is None:
-            raise p.ProtocolError(
-                p.FORBIDDEN, "Not a participant of this conversation", request_id
-            )
+            raise p.ProtocolError(p.FORBIDDEN, "Not a participant of this conversation")
         return row
 
     async def on_send_message(self, client: Client, cmd: p.SendMessage) -> None:
@@ -482,13 +479,11 @@ class App:
     async def send_message(self, client: Client, cmd: p.SendMessage) -> None:
         sender = client.user_id
         if cmd.conversation_id is not None:
-            conversation = await self.member_of(cmd.conversation_id, sender, cmd.request_id)
+            conversation = await self.member_of(cmd.conversation_id, sender)
         else:
             assert cmd.recipient_id is not None
             if cmd.recipient_id == sender:
-                raise p.ProtocolError(
-                    p.INVALID_MESSAGE, "recipientId must be another user", cmd.request_id
-                )
+                raise p.ProtocolError(p.INVALID_MESSAGE, "recipientId must be another user")
             conversation = await self.direct_conversation(sender, cmd.recipient_id)
         members = conversation.members
         recipients = [m for m in members if m != sender]
@@ -573,15 +568,12 @@ class App:
         others = [uid for uid in cmd.participant_ids if uid != me]
         if not others:
             raise p.ProtocolError(
-                p.INVALID_MESSAGE, "participantIds must name at least one other user",
-                cmd.request_id,
+                p.INVALID_MESSAGE, "participantIds must name at least one other user"
             )
         members = [me, *others]
         if len(members) > self.config.limits.max_participants:
             raise p.ProtocolError(
-                p.INVALID_MESSAGE,
-                f"at most {self.config.limits.max_participants} participants",
-                cmd.request_id,
+                p.INVALID_MESSAGE, f"at most {self.config.limits.max_participants} participants"
             )
         rid = cmd.request_id
         if rid is None:
@@ -597,7 +589,7 @@ class App:
                 if existing is not None:
                     again = await self.conversations.get(existing)
                     if again is None:
-                        raise p.ProtocolError(p.INTERNAL, "conversation vanished", rid)
+                        raise p.ProtocolError(p.INTERNAL, "conversation vanished")
                     self.reply(client, "conversation_created", **conversation_fields(again),
                                requestId=rid)
                     return
