@@ -341,3 +341,32 @@ async def eventually_db(daemon: Daemon, sql: str, params: tuple[Any, ...], want:
 def now_iso() -> str:
     """The current time in the wire format, for comparing with server timestamps."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+async def replay_then_sync(
+    client: Client, skip: Any = lambda frame: False
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """The queued_message frames replayed on connect, then the ids of a sync from 0 to the end.
+
+    The replay is written before the server reads any frame, so everything before the pong of
+    a ping is replay. Frames for which ``skip(frame)`` is true are passed over; any other frame
+    must be a queued_message.
+    """
+    await client.send({"type": "ping"})
+    replayed: list[dict[str, Any]] = []
+    while (frame := await client.recv())["type"] != "pong":
+        if not skip(frame):
+            assert frame["type"] == "queued_message", frame
+            replayed.append(frame)
+    synced: list[int] = []
+    since = 0
+    while True:
+        await client.send({"type": "sync", "sinceMessageId": since})
+        while (frame := await client.recv())["type"] != "sync_complete":
+            if not skip(frame):
+                assert frame["type"] == "queued_message", frame
+                synced.append(frame["messageId"])
+        if not frame["hasMore"]:
+            return replayed, synced
+        assert frame["lastMessageId"] > since
+        since = frame["lastMessageId"]

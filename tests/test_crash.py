@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conftest import TIMEOUT, Client, Connector, Daemon, conversation, new_user
+from conftest import TIMEOUT, Client, Connector, Daemon, conversation, new_user, replay_then_sync
 from websockets.exceptions import ConnectionClosed
 
 WINDOW = 8  # sends in flight per client
@@ -74,29 +74,9 @@ async def chat(s: Sender, acks: list[int], enough: asyncio.Event) -> None:
 
 async def collect_after_restart(client: Client) -> tuple[list[int], list[int]]:
     """Replay after connecting, then sync from 0 to the end: (replayed ids, synced ids)."""
-    # The replay is written before the server reads any frame, so everything before the pong
-    # is replay.
-    await client.send({"type": "ping"})
-    replayed: list[int] = []
-    while (frame := await client.recv())["type"] != "pong":
-        if frame["type"] in PRESENCE:
-            continue
-        assert frame["type"] == "queued_message", frame
-        assert frame["originalType"] == "new_message", frame
-        replayed.append(frame["messageId"])
-    synced: list[int] = []
-    since = 0
-    while True:
-        await client.send({"type": "sync", "sinceMessageId": since})
-        while (frame := await client.recv())["type"] != "sync_complete":
-            if frame["type"] in PRESENCE:
-                continue
-            assert frame["type"] == "queued_message", frame
-            synced.append(frame["messageId"])
-        if not frame["hasMore"]:
-            return replayed, synced
-        assert frame["lastMessageId"] > since
-        since = frame["lastMessageId"]
+    replayed, synced = await replay_then_sync(client, lambda f: f["type"] in PRESENCE)
+    assert all(f["originalType"] == "new_message" for f in replayed), replayed
+    return [f["messageId"] for f in replayed], synced
 
 
 def half_stored(d: Daemon) -> list[tuple[Any, ...]]:

@@ -19,7 +19,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import SCALE, TIMEOUT, Client, Connector, Daemon, conversation, make_token, new_user
+from conftest import (
+    SCALE,
+    TIMEOUT,
+    Client,
+    Connector,
+    Daemon,
+    conversation,
+    make_token,
+    new_user,
+    replay_then_sync,
+)
 
 MAX_PENDING = 65536
 CONTENT = "z" * 9_000  # large-ish (under max_content_chars): a few frames fill the allowance
@@ -146,21 +156,8 @@ async def round_trip(sender: Client, receiver: Client, conv: int, tag: str) -> t
 
 async def collect_after_reconnect(client: Client) -> tuple[list[int], list[int]]:
     """(ids replayed on connect, ids from sync 0 to the end)."""
-    await client.send({"type": "ping"})
-    replayed = []
-    while (frame := await client.recv())["type"] != "pong":
-        if frame["type"] == "queued_message":
-            replayed.append(frame["messageId"])
-    synced: list[int] = []
-    since = 0
-    while True:
-        await client.send({"type": "sync", "sinceMessageId": since})
-        while (frame := await client.recv())["type"] != "sync_complete":
-            if frame["type"] == "queued_message":
-                synced.append(frame["messageId"])
-        if not frame["hasMore"]:
-            return replayed, synced
-        since = frame["lastMessageId"]
+    replayed, synced = await replay_then_sync(client, lambda f: f["type"] != "queued_message")
+    return [f["messageId"] for f in replayed], synced
 
 
 async def test_stalled_reader_closed_1013_others_unaffected(tmp_path: Path) -> None:
