@@ -10,7 +10,7 @@ Scenarios (docs/benchmarks.md gives the exact definitions):
 4. ``storm``: the same 5,000 JWT handshakes opened as fast as the driver can; failures, rate.
 5. ``latency``: open loop at half the daemon's scenario-1 maximum; send -> receive, p50/p99.
 
-Targets: the daemon (plain, and with uvloop / orjson variants via ``bench/serve_variant.py``),
+Targets: the daemon (plain, and on uvloop / without orjson via ``bench/serve_variant.py``),
 the bare relay ``bench/relay.py``; plus ``bench/sqlite_ref.py`` for the storage limit. The server
 is pinned to core 0, the driver (this process) to core 1; a scenario whose driver used more than
 90% of its core is marked VOID (it measured the driver). Every process started here is stopped
@@ -79,19 +79,19 @@ TARGETS = {
     "daemon": Target("daemon", about="pitchey_ws.py as shipped"),
     "relay": Target("relay", about="reference (a): bench/relay.py, websockets, no persistence"),
     "daemon+uvloop": Target("daemon", ("--uvloop",), about="daemon on uvloop"),
-    "daemon+orjson": Target("daemon", ("--orjson",), about="daemon, protocol JSON by orjson"),
+    "daemon+stdjson": Target("daemon", ("--stdjson",),
+                             about="daemon without orjson: protocol JSON by the standard library"),
     "daemon+normal": Target("daemon", synchronous="NORMAL",
                             scenarios=("one_to_one", "latency", "fanout"),
                             about="daemon, database.synchronous = NORMAL (no fsync per commit)"),
     # Diagnostics for the profile discussion; not in the default run.
-    "daemon+uvloop+orjson": Target("daemon", ("--uvloop", "--orjson"), about="both"),
     "relay+uvloop": Target("relay", ("--uvloop",), about="reference relay on uvloop"),
     "daemon+switch": Target("daemon", ("--switchinterval=0.0005",),
                             about="GIL switch interval 0.5 ms instead of 5 ms"),
     "daemon-norid": Target("daemon", request_ids=False,
                            about="driver sends no requestId"),
 }
-DEFAULT_TARGETS = ["daemon", "relay", "daemon+uvloop", "daemon+orjson", "daemon+normal"]
+DEFAULT_TARGETS = ["daemon", "relay", "daemon+uvloop", "daemon+stdjson", "daemon+normal"]
 SCENARIOS = ["storm", "one_to_one", "latency", "fanout"]
 
 
@@ -158,6 +158,21 @@ class Proc:
             return 0.0
         fields = stat.rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def thread_cpu(self) -> dict[str, float]:
+        """CPU seconds so far split four ways: the main thread's user and system time, and
+        the other threads' (the daemon's SQLite writer and reader) user and system time."""
+        out = dict.fromkeys(("main_user", "main_sys", "others_user", "others_sys"), 0.0)
+        tick = os.sysconf("SC_CLK_TCK")
+        for task in Path(f"/proc/{self.pid}/task").glob("*"):
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            who = "main" if task.name == str(self.pid) else "others"
+            out[f"{who}_user"] += int(fields[11]) / tick
+            out[f"{who}_sys"] += int(fields[12]) / tick
+        return out
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -362,12 +377,13 @@ class Window:
             self.raw = OUT / f"profile-{self.server.target}-{self.name}.raw"
             self.spy = Proc("py-spy", [spy, "record", "--pid", str(self.server.proc.pid),
                                        "--duration", str(max(1, round(self.planned))),
-                                       "--rate", "250", "--nonblocking", "--format", "raw",
+                                       "--rate", "250", "--nonblocking", "--gil", "--format", "raw",
                                        "--output", str(self.raw)],
                             OUT / f"profile-{self.name}.log", DRIVER_CORE)
         self.t0 = time.perf_counter()
         self.c0 = time.process_time()
         self.s0 = self.server.proc.cpu_seconds()
+        self.th0 = self.server.proc.thread_cpu()
         self.k0 = core_ticks()
 
     def stop(self) -> dict[str, Any]:
@@ -381,6 +397,8 @@ class Window:
             "driver_cpu": round(driver, 3),
             "server_cpu": round(server, 3),
             "server_cpu_s": round(server * wall, 4),
+            "server_threads_s": {k: round(v - self.th0.get(k, 0.0), 3)
+                                 for k, v in self.server.proc.thread_cpu().items()},
         }
         # What else ran on the two cores meanwhile (other processes, the hypervisor's steal):
         # a figure taken while the cores were shared is marked noisy.
@@ -435,12 +453,17 @@ def summarize_profile(raw: Path, top: int = 30) -> str:
         own[frames[-1]] += n
         for f in set(frames):
             incl[f] += n
-    lines = [f"{total} samples (non-idle threads, all threads of the server)", "",
+    lines = [f"{total} samples of whichever server thread held the GIL (py-spy --gil): Python"
+             " CPU only; SQLite and system calls run without the GIL and are not seen", "",
              "self %  function"]
     lines += [f"{100 * c / total:6.1f}  {f}" for f, c in own.most_common(top)]
     lines += ["", "incl %  function"]
     lines += [f"{100 * c / total:6.1f}  {f}" for f, c in incl.most_common(top)]
     return "\n".join(lines) + "\n"
+
+
+def threads_text(split: dict[str, float | None]) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in split.items())
 
 
 def per_op(window: dict[str, Any], ops: int) -> float | None:
@@ -681,6 +704,9 @@ async def one_to_one(server: Server, pairs: Pairs, s: Settings) -> dict[str, Any
         "messages_per_s": round((a1 - a0) / wall, 1),
         "deliveries_per_s": round((r1 - r0) / wall, 1),
         "server_cpu_us_per_message": per_op(result, a1 - a0),
+        "server_threads_us_per_message": {
+            k: round(1e6 * v / (a1 - a0), 1) if a1 > a0 else None
+            for k, v in result["server_threads_s"].items()},
         "errors": sum(x.errors for x in senders),
         "first_error": next((x.first_error.decode() for x in senders if x.first_error), None),
         "drained": drained and delivered_all,
@@ -934,7 +960,8 @@ async def bench_target(target: str, scenarios: list[str], s: Settings,
                     res["one_to_one"] = await one_to_one(server, pairs, s)
                     o = res["one_to_one"]
                     log(f"  1:1: {o['messages_per_s']} msg/s, "
-                        f"{o['server_cpu_us_per_message']} us server CPU/msg, "
+                        f"{o['server_cpu_us_per_message']} us server CPU/msg "
+                        f"({threads_text(o['server_threads_us_per_message'])}), "
                         f"commits {o['commits']}{flags(o)}")
                 if "latency" in scenarios:
                     rate = latency_rate

@@ -1,14 +1,12 @@
 """Run the daemon unchanged but for optional speed-ups, so the benchmark can measure them.
 
-    python bench/serve_variant.py [--uvloop] [--orjson] [--setwise]
+    python bench/serve_variant.py [--uvloop] [--stdjson] [--setwise]
         [--switchinterval=S] serve --config F ...
 
 ``--uvloop``: the daemon's ``asyncio.run`` runs on a uvloop event loop (uvloop 0.23 has no
 ``install()``; ``uvloop.run`` is the supported entry point).
-``--orjson``: ``protocol``'s JSON codec (``parse`` and ``encode``, the per-frame hot path) is
-replaced by orjson behind the same two calls. This is a measurement shim, not a drop-in: orjson
-refuses integers beyond 64 bits and lone surrogates that ``json`` accepts, so adopting it would
-need those cases mapped to the same protocol errors first.
+``--stdjson``: ``protocol``'s JSON codec is the standard library's, as on a machine without
+orjson (the daemon uses orjson when it is installed, which ``requirements.txt`` makes the case).
 ``--setwise``: a prototype of a proposed store.py change: each message's receipt rows are
 inserted by ONE statement over a JSON array of the recipients (``json_each``) instead of one
 ``executemany`` row per recipient. Same rows, same transaction. (The daemon already marks
@@ -25,22 +23,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class OrjsonCodec:
-    """The subset of the ``json`` module that ``protocol`` calls."""
-
-    def __init__(self) -> None:
-        import orjson
-
-        self._orjson = orjson
-
-    def loads(self, text: str | bytes) -> Any:
-        return self._orjson.loads(text)
-
-    def dumps(self, obj: Any, **_: Any) -> str:
-        # protocol.encode asks for separators=(",", ":") and ensure_ascii=False: orjson's only form.
-        return self._orjson.dumps(obj).decode()
 
 
 RECEIPTS_SETWISE = (
@@ -72,18 +54,18 @@ def _install_setwise() -> None:
 
 def main(argv: list[str]) -> int:
     use_uvloop = "--uvloop" in argv
-    use_orjson = "--orjson" in argv
+    use_stdjson = "--stdjson" in argv
     switch = [float(a.split("=", 1)[1]) for a in argv if a.startswith("--switchinterval=")]
     use_setwise = "--setwise" in argv
-    rest = [a for a in argv if a not in ("--uvloop", "--orjson", "--setwise")
+    rest = [a for a in argv if a not in ("--uvloop", "--stdjson", "--setwise")
             and not a.startswith("--switchinterval=")]
     if switch:
         sys.setswitchinterval(switch[0])
     sys.path.insert(0, str(ROOT))
     import protocol
 
-    if use_orjson:
-        protocol.json = OrjsonCodec()  # type: ignore[assignment]
+    if use_stdjson:
+        protocol.loads, protocol.dumps = protocol.std_loads, protocol.std_dumps
     if use_setwise:
         _install_setwise()
     if use_uvloop:

@@ -270,6 +270,57 @@ def test_parse_results_are_utf8_encodable(value: Any) -> None:
         text.encode("utf-8")  # raises UnicodeEncodeError on an unpaired surrogate
 
 
+# -- orjson and the standard library agree -------------------------------------------------
+
+needs_orjson = pytest.mark.skipif(protocol.orjson is None, reason="orjson is not installed")
+
+
+def outcome_with(codec: Any, text: str) -> Any:
+    """parse() with protocol's JSON codec set to ``codec``, as a comparable value."""
+    saved = protocol.loads
+    protocol.loads = codec
+    try:
+        result = outcome(text)
+    finally:
+        protocol.loads = saved
+    if isinstance(result, protocol.ProtocolError):
+        return (result.code, result.message, result.request_id)
+    return result
+
+
+@needs_orjson
+@FUZZ
+@given(st.one_of(json_values.map(json.dumps), typed_frames().map(json.dumps), st.text(chars)))
+@example('{"type": "send_message", "conversationId": NaN, "content": "x"}')
+@example('{"type": "sync", "sinceMessageId": ' + str(2**64) + "}")
+@example('{"type": "send_message", "conversationId": 1, "content": "\\ud800"}')
+@example("[" * 5000 + "]" * 5000)
+@example('{"type": "ping", "requestId": "a", "requestId": "b"}')
+def test_codecs_parse_alike(text: str) -> None:
+    """Every frame gets the same command or the same error from orjson as from json."""
+    assert outcome_with(protocol.fast_loads, text) == outcome_with(protocol.std_loads, text)
+
+
+# Server frames hold no floats (NaN and infinities are where orjson and json differ).
+wire_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), ints, strings),
+    lambda children: st.lists(children, max_size=5)
+    | st.dictionaries(strings, children, max_size=5),
+    max_leaves=25,
+)
+
+
+@needs_orjson
+@FUZZ
+@given(wire_values)
+@example({"content": "caf\u00e9 \U0001f3ac \u2028 \x00\x1f\x7f \"q\" \\ </script>"})
+@example({"name": "\ud800"})
+@example({"id": 2**64})
+def test_codecs_encode_alike(value: Any) -> None:
+    """Every server frame is the same text from orjson as from json (compact, UTF-8)."""
+    assert protocol.fast_dumps(value) == protocol.std_dumps(value)
+
+
 # -- a live socket -------------------------------------------------------------------------
 
 FRAME_TYPES = {"pong", "online_users", "conversation_joined", "messages", "sync_complete",
