@@ -22,10 +22,16 @@ class Conversations:
         # Pair lookups or creations under way, so two first messages share one conversation.
         self.pair_locks: dict[tuple[int, int], asyncio.Lock] = {}
 
-    async def get(self, conversation_id: int) -> st.ConversationRow | None:
+    def cached(self, conversation_id: int) -> st.ConversationRow | None:
+        """The conversation if it is in memory (no await: the send path's usual case)."""
         row = self._rows.get(conversation_id)
         if row is not None:
             self._rows.move_to_end(conversation_id)
+        return row
+
+    async def get(self, conversation_id: int) -> st.ConversationRow | None:
+        row = self.cached(conversation_id)
+        if row is not None:
             return row
         row = await self.store.conversation(conversation_id)
         if row is not None:

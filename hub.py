@@ -34,6 +34,8 @@ log = logging.getLogger("pitchey.hub")
 # ("m", message_id, recipient_id): a new_message for a receipt row;
 # ("r", message_id, reader_id): a message_read notice owed to the sender.
 Event = tuple[str, int, int]
+# An Event whose last member may be None: "the user the frame is written to".
+EventTemplate = tuple[str, int, int | None]
 
 
 class Background:
@@ -356,33 +358,37 @@ class Hub:
         self,
         user_ids: Iterable[int],
         text: str,
-        events: dict[int, Event] | None = None,
+        event: EventTemplate | None = None,
         skip: Client | None = None,
     ) -> set[int]:
         """Write ``text`` to every connection of these users (except ``skip``).
 
-        Returns the users that had at least one open connection. With ``events``, a user's
-        event is recorded as delivered once a frame is written to one of their connections.
+        Returns the users that had at least one open connection. With ``event`` = (kind, id,
+        who), each user reached gets (kind, id, who) recorded as delivered, or (kind, id, that
+        user) when ``who`` is None: a new_message is one event per recipient.
         """
         reached: set[int] = set()
         targets = []
+        users = self.users
         for uid in user_ids:
-            user = self.users.get(uid)
+            user = users.get(uid)
             if user is None:
                 continue
-            event = events.get(uid) if events else None
+            tagged: Event | None = None
+            if event is not None:
+                tagged = (event[0], event[1], uid if event[2] is None else event[2])
             live = False
             for client in user.clients:
                 if client is skip or not client.is_open:
                     continue
                 reached.add(uid)
                 if client.replaying:
-                    client.send(text, event)
+                    client.send(text, tagged)
                 else:
                     targets.append(client)
                     live = True
-            if event is not None and live:
-                self.marker.record(event)
+            if tagged is not None and live:
+                self.marker.record(tagged)
         if targets:
             broadcast([c.ws for c in targets], text)
             for client in targets:

@@ -55,6 +55,26 @@ DEMO_STATIC = {
 Handler = Callable[[Client, Any], Awaitable[None]]
 
 
+class InFlight:
+    """Requests being handled, by key: a repeat of one waits until the first is done."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[tuple[str, int, str], list[asyncio.Future[None]]] = {}
+
+    async def claim(self, key: tuple[str, int, str]) -> None:
+        """Return once the caller holds ``key``; the caller must ``release`` it."""
+        while (waiting := self._waiting.get(key)) is not None:
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            waiting.append(turn)
+            await turn
+        self._waiting[key] = []
+
+    def release(self, key: tuple[str, int, str]) -> None:
+        for turn in self._waiting.pop(key):
+            if not turn.done():
+                turn.set_result(None)
+
+
 class App:
     """The daemon: one config, one store, one hub. ``run()`` serves until stopped."""
 
@@ -90,8 +110,9 @@ class App:
         self.identities: weakref.WeakKeyDictionary[ServerConnection, Identity] = (
             weakref.WeakKeyDictionary()
         )
-        # (sender, requestId) of sends and creations under way: a retry waits for the first.
-        self.in_flight: dict[tuple[str, int, str], asyncio.Future[Any]] = {}
+        # (kind, sender, requestId) of sends and creations under way: a retry waits for the
+        # first.
+        self.in_flight = InFlight()
         # (sender, requestId) -> messageId of messages this process stored, newest last: a
         # retry is answered without asking the database (the unique index is the backstop).
         self.recent_requests: OrderedDict[tuple[int, str], int] = OrderedDict()
@@ -433,14 +454,9 @@ class App:
             await self.send_message(client, cmd)
             return
         key = ("message", client.user_id, rid)
-        earlier = self.in_flight.get(key)
-        while earlier is not None:
-            # The same request is being handled right now (another tab, or a fast retry):
-            # wait for it, then answer from what it stored (if it stored anything).
-            await asyncio.shield(earlier)
-            earlier = self.in_flight.get(key)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.in_flight[key] = future
+        # The same request may be under way right now (another tab, or a fast retry): wait
+        # for it, then answer from what it stored (if it stored anything).
+        await self.in_flight.claim(key)
         try:
             known = self.recent_requests.get((client.user_id, rid))
             if known is not None:
@@ -454,8 +470,7 @@ class App:
                 if not await self.repeat_message(client, rid):
                     raise
         finally:
-            del self.in_flight[key]
-            future.set_result(None)
+            self.in_flight.release(key)
 
     def remember_request(self, user_id: int, rid: str, message_id: int) -> None:
         self.recent_requests[(user_id, rid)] = message_id
@@ -477,9 +492,15 @@ class App:
         return True
 
     async def send_message(self, client: Client, cmd: p.SendMessage) -> None:
+        """Store, then fan out and acknowledge (PROTOCOL.md 4.1). This is the hot path: the
+        conversation usually comes from memory, and the only await is the group commit."""
         sender = client.user_id
         if cmd.conversation_id is not None:
-            conversation = await self.member_of(cmd.conversation_id, sender)
+            conversation = self.conversations.cached(cmd.conversation_id)
+            if conversation is None:
+                conversation = await self.conversations.get(cmd.conversation_id)
+            if conversation is None or sender not in conversation.members:
+                raise p.ProtocolError(p.FORBIDDEN, "Not a participant of this conversation")
         else:
             assert cmd.recipient_id is not None
             if cmd.recipient_id == sender:
@@ -490,7 +511,7 @@ class App:
         receiver = recipients[0] if not conversation.is_group and len(recipients) == 1 else None
         now = p.now_iso()
         message_id = self.store.new_message_id()
-        attachments = [a.to_wire() for a in cmd.attachments]
+        attachments = [a.to_wire() for a in cmd.attachments] if cmd.attachments else []
         write = st.insert_message(
             st.Write(), message_id, conversation.id, sender, receiver, recipients, cmd.content,
             cmd.message_type, attachments, cmd.pitch_id, cmd.subject, cmd.request_id, now,
@@ -511,16 +532,13 @@ class App:
             "messageType": cmd.message_type,
             "timestamp": now,
         }
-        events = {uid: ("m", message_id, uid) for uid in recipients}
         frame = p.encode("new_message", **fields, delivered=True)
-        reached = self.hub.send_to(members, frame, events, skip=client)
+        reached = self.hub.send_to(members, frame, ("m", message_id, None), skip=client)
         self.metrics.frames_out["new_message"] += len(reached)
-        delivered = any(uid in reached for uid in recipients)
+        fields["delivered"] = len(reached) > (sender in reached)  # a recipient was reached
         if cmd.request_id is not None:
-            self.reply(client, "message_sent", **fields, delivered=delivered,
-                       requestId=cmd.request_id)
-        else:
-            self.reply(client, "message_sent", **fields, delivered=delivered)
+            fields["requestId"] = cmd.request_id
+        self.reply(client, "message_sent", **fields)
         self.typing.stop(conversation.id, sender)
 
     async def direct_conversation(self, a: int, b: int) -> st.ConversationRow:
@@ -580,10 +598,7 @@ class App:
             row = await self.create(me, members, cmd.title, None, cmd.pitch_id)
         else:
             key = ("conversation", me, rid)
-            while (earlier := self.in_flight.get(key)) is not None:
-                await asyncio.shield(earlier)  # the same request from another tab, or a retry
-            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self.in_flight[key] = future
+            await self.in_flight.claim(key)  # the same request from another tab, or a retry
             try:
                 existing = await self.store.conversation_by_request(me, rid)
                 if existing is not None:
@@ -595,8 +610,7 @@ class App:
                     return
                 row = await self.create(me, members, cmd.title, rid, cmd.pitch_id)
             finally:
-                del self.in_flight[key]
-                future.set_result(None)
+                self.in_flight.release(key)
         fields = conversation_fields(row)
         if rid is not None:
             self.reply(client, "conversation_created", **fields, requestId=rid)
@@ -635,9 +649,7 @@ class App:
         user = client.user
         assert user is not None
         frame = p.encode("message_read", **read_fields(message, reader, user.username, now))
-        reached = self.hub.send_to(
-            [message.sender_id], frame, {message.sender_id: ("r", message.id, reader)}
-        )
+        reached = self.hub.send_to([message.sender_id], frame, ("r", message.id, reader))
         if reached:
             self.metrics.frames_out["message_read"] += 1
 

@@ -22,19 +22,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
+import queue
 import sqlite3
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import aiosqlite
 
-from protocol import now_iso
+from protocol import dumps, now_iso
 
 log = logging.getLogger("pitchey.store")
 
@@ -108,9 +109,14 @@ class Store:
         self.synchronous = synchronous
         self.max_batch = max_batch
         self._writer: sqlite3.Connection | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pitchey-writer")
+        # The writer thread's jobs: (function, arguments, future), or None to stop.
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=_writer_thread, args=(self._jobs,),
+                                        name="pitchey-writer", daemon=True)
         self._reader: aiosqlite.Connection | None = None
-        self._queue: asyncio.Queue[tuple[Write, asyncio.Future[None]]] = asyncio.Queue()
+        # Writes waiting for the writer, and the future it sleeps on while there are none.
+        self._queue: deque[tuple[Write, asyncio.Future[None]]] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self.next_message_id = 1
         self.next_conversation_id = 1
@@ -136,7 +142,11 @@ class Store:
 
     async def _on_writer(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on the writer thread (the only thread that uses ``_writer``)."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        if not self._thread.is_alive():
+            self._thread.start()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._jobs.put((fn, args, future))
+        return await future
 
     def _open_writer(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -176,7 +186,9 @@ class Store:
         if self._writer is not None:
             await self._on_writer(self._close_writer, self._writer)
             self._writer = None
-        self._thread.shutdown(wait=True)
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()  # its last job, the close, is done: it is exiting
 
     @staticmethod
     def _close_writer(db: sqlite3.Connection) -> None:
@@ -188,7 +200,12 @@ class Store:
     def submit(self, write: Write) -> asyncio.Future[None]:
         """Queue a write; the future resolves after its COMMIT (or holds the error)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((write, future))
+        self._queue.append((write, future))
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            if not wakeup.done():
+                wakeup.set_result(None)
         return future
 
     def submit_background(self, write: Write) -> None:
@@ -201,14 +218,17 @@ class Store:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     async def _write_loop(self) -> None:
         assert self._writer is not None
+        queue = self._queue
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            if not queue:
+                self._wakeup = asyncio.get_running_loop().create_future()
+                await self._wakeup
+                continue
+            batch = [queue.popleft() for _ in range(min(len(queue), self.max_batch))]
             started = time.perf_counter()
             try:
                 await self._commit([w for w, _ in batch])
@@ -427,6 +447,32 @@ class Store:
         return value
 
 
+_Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
+
+
+def _writer_thread(jobs: queue.SimpleQueue[_Job | None]) -> None:
+    """Run jobs in order; each result or exception goes back to its future on its loop.
+    A plain thread and queue rather than an executor: one hand-off per batch, no extra
+    futures (the same shape as aiosqlite's worker)."""
+    while (job := jobs.get()) is not None:
+        fn, args, future = job
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting task, which decides
+            future.get_loop().call_soon_threadsafe(_settle, future, None, exc)
+        else:
+            future.get_loop().call_soon_threadsafe(_settle, future, result, None)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():  # the awaiting task was cancelled
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
 def _transaction(db: sqlite3.Connection, grouped: dict[str, list[Params]]) -> None:
     """One transaction on the writer thread: all of a batch's statements, or none of them."""
     db.execute("BEGIN IMMEDIATE")
@@ -530,7 +576,7 @@ def insert_message(
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             message_id, conversation_id, sender_id, receiver_id, pitch_id, subject, content,
-            message_type, json.dumps(attachments, separators=(",", ":")), now, request_id,
+            message_type, dumps(attachments) if attachments else "[]", now, request_id,
         ),
     )
     for user_id in recipients:
@@ -556,7 +602,7 @@ def mark_delivered(write: Write, message_id: int, user_ids: Sequence[int], now: 
         "UPDATE message_read_receipts SET delivered_at = ?"
         " WHERE message_id = ? AND delivered_at IS NULL"
         " AND user_id IN (SELECT value FROM json_each(?))",
-        (now, message_id, json.dumps(list(user_ids))),
+        (now, message_id, dumps(list(user_ids))),
     )
 
 
