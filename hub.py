@@ -79,12 +79,20 @@ class Marker:
         # user id -> the commit carrying that user's latest delivery records
         self.in_flight: dict[int, asyncio.Future[None]] = {}
 
-    def record(self, event: Event) -> None:
+    def record(self, event: Event, recipient: int) -> None:
+        """``event`` was written to a connection of ``recipient``."""
         if not self.pending:
             asyncio.get_running_loop().call_soon(self._submit)
-        kind, message_id, user_id = event
-        self.pending.setdefault((kind, message_id), []).append(user_id)
-        self.users.add(user_id)
+        kind, message_id, who = event
+        self.pending.setdefault((kind, message_id), []).append(who)
+        self.users.add(recipient)
+
+    def record_messages(self, message_id: int, recipients: list[int]) -> None:
+        """One new_message was written to a connection of each of ``recipients``."""
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self._submit)
+        self.pending.setdefault(("m", message_id), []).extend(recipients)
+        self.users.update(recipients)
 
     def _submit(self) -> None:
         pending, self.pending = self.pending, {}
@@ -159,7 +167,7 @@ class Client:
             return False
         broadcast([self.ws], text)
         if event is not None:
-            self.hub.marker.record(event)
+            self.hub.marker.record(event, self.user_id)
         self.check_backlog()
         return True
 
@@ -368,31 +376,39 @@ class Hub:
         user) when ``who`` is None: a new_message is one event per recipient.
         """
         reached: set[int] = set()
-        targets = []
+        targets: list[Client] = []
+        live: list[int] = []  # users with a connection written to now (not held in a replay)
         users = self.users
         for uid in user_ids:
             user = users.get(uid)
             if user is None:
                 continue
-            tagged: Event | None = None
-            if event is not None:
-                tagged = (event[0], event[1], uid if event[2] is None else event[2])
-            live = False
+            written = False
             for client in user.clients:
                 if client is skip or not client.is_open:
                     continue
                 reached.add(uid)
                 if client.replaying:
+                    tagged = None
+                    if event is not None:
+                        tagged = (event[0], event[1], uid if event[2] is None else event[2])
                     client.send(text, tagged)
                 else:
                     targets.append(client)
-                    live = True
-            if tagged is not None and live:
-                self.marker.record(tagged)
+                    written = True
+            if written:
+                live.append(uid)
         if targets:
             broadcast([c.ws for c in targets], text)
             for client in targets:
                 client.check_backlog()
+        if event is not None and live:
+            kind, event_id, who = event
+            if kind == "m" and who is None:
+                self.marker.record_messages(event_id, live)
+            else:
+                for uid in live:
+                    self.marker.record((kind, event_id, uid if who is None else who), uid)
         return reached
 
     def all_clients(self) -> list[Client]:

@@ -363,7 +363,7 @@ class App:
                 await client.ws.send(frame)
                 delivered: Event = ("m", event.message.id, client.user_id)
                 client.replayed.add(delivered)
-                self.hub.marker.record(delivered)
+                self.hub.marker.record(delivered, client.user_id)
             else:
                 frame = queued(
                     "message_read",
@@ -374,7 +374,7 @@ class App:
                 await client.ws.send(frame)
                 notified: Event = ("r", event.message.id, event.reader_id)
                 client.replayed.add(notified)
-                self.hub.marker.record(notified)
+                self.hub.marker.record(notified, client.user_id)
             self.metrics.frames_out["queued_message"] += 1
 
     async def dispatch(self, client: Client, text: str) -> None:
@@ -706,7 +706,7 @@ class App:
             frame = queued("new_message", row.sent_at, message_fields(row, delivered=True))
             await client.ws.send(frame)
             if row.sender_id != client.user_id:
-                self.hub.marker.record(("m", row.id, client.user_id))
+                self.hub.marker.record(("m", row.id, client.user_id), client.user_id)
         self.metrics.frames_out["queued_message"] += len(rows)
         last = rows[-1].id if rows else cmd.since_message_id
         self.reply(client, "sync_complete", lastMessageId=last, hasMore=has_more)
