@@ -585,7 +585,7 @@ def insert_message(
     conversation_id: int,
     sender_id: int,
     receiver_id: int | None,
-    recipients: Iterable[int],
+    recipients: Sequence[int],
     content: str,
     message_type: str,
     attachments: list[dict[str, Any]],
@@ -604,10 +604,17 @@ def insert_message(
             message_type, dumps(attachments) if attachments else "[]", now, request_id,
         ),
     )
-    for user_id in recipients:
+    if len(recipients) == 1:
         write.add(
             "INSERT INTO message_read_receipts (message_id, user_id) VALUES (?, ?)",
-            (message_id, user_id),
+            (message_id, recipients[0]),
+        )
+    elif recipients:
+        # A group's receipts in one statement: one row to bind instead of one per member.
+        write.add(
+            "INSERT INTO message_read_receipts (message_id, user_id)"
+            " SELECT ?, value FROM json_each(?)",
+            (message_id, dumps(list(recipients))),
         )
     return write.add(
         "UPDATE conversations SET last_message_at = ?, updated_at = ? WHERE id = ?",

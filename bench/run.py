@@ -893,6 +893,9 @@ async def fanout(server: Server, size: int, base: int, s: Settings) -> dict[str,
         "deliveries_per_s": round((d1 - d0) / wall, 1),
         "messages_per_s": round((a1 - a0) / wall, 1),
         "server_cpu_us_per_delivery": per_op(result, d1 - d0),
+        "server_threads_us_per_delivery": {
+            k: round(1e6 * v / (d1 - d0), 1) if d1 > d0 else None
+            for k, v in result["server_threads_s"].items()},
         "errors": sum(x.errors for x in senders),
         "drained": drained,
         "connections_dropped": dropped,
@@ -909,7 +912,7 @@ def sqlite_reference(s: Settings) -> list[dict[str, Any]]:
     work = OUT / "work"
     work.mkdir(parents=True, exist_ok=True)
     cases = [(b, 1, mode) for mode in ("minimal", "daemon") for b in s.sqlite_batches]
-    cases += [(b, 99, mode) for mode in ("daemon", "setwise") for b in s.sqlite_batches if b > 1]
+    cases += [(b, 99, mode) for mode in ("daemon", "per-row") for b in s.sqlite_batches if b > 1]
     for batch, recipients, mode in cases:
         db = work / "sqlite-ref.db"
         for suffix in ("", "-wal", "-shm"):
@@ -994,7 +997,9 @@ async def bench_target(target: str, scenarios: list[str], s: Settings,
                 r = await fanout(server, size, 200_001 + 2000 * i, s)
                 res["fanout"][str(size)] = r
                 log(f"  fan-out {size}: {r['deliveries_per_s']} deliveries/s, "
-                    f"{r['server_cpu_us_per_delivery']} us server CPU/delivery{flags(r)}")
+                    f"{r['server_cpu_us_per_delivery']} us server CPU/delivery "
+                    f"({threads_text(r['server_threads_us_per_delivery'])}), "
+                    f"commits {r['commits']}{flags(r)}")
                 await asyncio.sleep(0.5)  # let the server finish closing the last group
     return res
 

@@ -1,17 +1,18 @@
 """Reference (b) for the benchmark: the storage limit, with no network and no event loop.
 
 One process, one ``sqlite3`` connection, the daemon's ``schema.sql`` and write PRAGMAs (WAL, the
-given ``synchronous``, foreign keys on and deferred), inserting messages in batched transactions
-(``executemany`` per statement, one COMMIT per batch) for a fixed time. Two modes:
+given ``synchronous``, foreign keys on, checked statement by statement as in the daemon: parent
+rows first), inserting messages in batched transactions (``executemany`` per statement, one
+COMMIT per batch) for a fixed time. Three modes:
 
 * ``minimal``: per message, the message row and one receipt row per recipient;
-* ``daemon``: the statements the daemon runs per message (as of commit 1334113): also
-  ``conversations.last_message_at``, and every receipt's ``delivered_at``, set by one UPDATE per
-  message over a JSON array of recipients (a single-row UPDATE for one recipient), committed
-  with the next batch as the daemon's delivery marks ride in the next group commit;
-* ``setwise``: as ``daemon``, but each message's receipt rows are inserted by one statement over
-  a JSON array of recipients (``json_each``) instead of one ``executemany`` row per recipient:
-  the storage side of ``bench/serve_variant.py --setwise``.
+* ``daemon``: the statements the daemon runs per message: also ``conversations.last_message_at``,
+  a group's receipt rows inserted by one statement over a JSON array of the recipients
+  (``json_each``), and every receipt's ``delivered_at``, set by one UPDATE per message over the
+  same array (a single-row INSERT and UPDATE for one recipient), committed with the next batch as
+  the daemon's delivery marks ride in the next group commit;
+* ``per-row``: as ``daemon``, but a group's receipts are inserted one ``executemany`` row per
+  recipient (what the daemon did before it inserted them set-wise).
 
 Prints one JSON object. ``python bench/sqlite_ref.py --db X --batch 64 --seconds 3``
 """
@@ -85,11 +86,10 @@ def run(db_path: str, synchronous: str, batch: int, seconds: float, recipients: 
         ids = range(next_id, next_id + batch)
         next_id += batch
         db.execute("BEGIN IMMEDIATE")
-        db.execute("PRAGMA defer_foreign_keys=ON")
         db.executemany(INSERT_MESSAGE, [
             (i, 1, sender, receiver, None, None, content, "text", "[]", now, f"r{i}") for i in ids
         ])
-        if mode == "setwise":
+        if mode == "daemon" and len(others) > 1:
             db.executemany(INSERT_RECEIPTS_SETWISE, [(i, users) for i in ids])
         else:
             db.executemany(INSERT_RECEIPT, [(i, u) for i in ids for u in others])
@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=3)
     parser.add_argument("--recipients", type=int, default=1)
-    parser.add_argument("--mode", choices=("minimal", "daemon", "setwise"), default="minimal")
+    parser.add_argument("--mode", choices=("minimal", "daemon", "per-row"), default="minimal")
     parser.add_argument("--content-chars", type=int, default=64)
     args = parser.parse_args()
     print(json.dumps(run(args.db, args.synchronous.upper(), args.batch, args.seconds,
