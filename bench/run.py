@@ -1403,6 +1403,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              " daemon's 1:1 maximum measured in the same run)")
     parser.add_argument("--no-docs", action="store_true",
                         help="do not touch docs/ (a --quick run never does)")
+    parser.add_argument("--pairs", type=int, help="sender/receiver pairs in scenarios 1 and 5"
+                        " (default 50)")
     parser.add_argument("--storm-connections", type=int, help="override the storm size")
     parser.add_argument("--storm-concurrency", type=int, help="handshakes in flight at once")
     parser.add_argument("--results", default=str(RESULTS), help="where to write the JSON")
@@ -1433,6 +1435,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {CHART}" + (f"; updated {DOC}" if write_doc(results) else ""))
         return 0
     s = Settings.make(args.quick, args.synchronous)
+    if args.pairs:
+        s.pairs = args.pairs
     if args.storm_connections:
         s.storm_connections = args.storm_connections
     if args.storm_concurrency:
