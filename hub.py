@@ -373,16 +373,19 @@ class Hub:
 
         Returns the users that had at least one open connection. With ``event`` = (kind, id,
         who), each user reached gets (kind, id, who) recorded as delivered, or (kind, id, that
-        user) when ``who`` is None: a new_message is one event per recipient.
+        user) when ``who`` is None: a new_message is one event per recipient. The user of
+        ``skip`` (the sender, whose other tabs get an echo) gets no event.
         """
         reached: set[int] = set()
         targets: list[Client] = []
-        live: list[int] = []  # users with a connection written to now (not held in a replay)
+        live: list[int] = []  # tagged users written to now (not held back by a replay)
         users = self.users
+        origin = skip.user_id if skip is not None else None
         for uid in user_ids:
             user = users.get(uid)
             if user is None:
                 continue
+            tag = event is not None and uid != origin
             written = False
             for client in user.clients:
                 if client is skip or not client.is_open:
@@ -390,13 +393,14 @@ class Hub:
                 reached.add(uid)
                 if client.replaying:
                     tagged = None
-                    if event is not None:
+                    if tag:
+                        assert event is not None
                         tagged = (event[0], event[1], uid if event[2] is None else event[2])
                     client.send(text, tagged)
                 else:
                     targets.append(client)
                     written = True
-            if written:
+            if written and tag:
                 live.append(uid)
         if targets:
             broadcast([c.ws for c in targets], text)
