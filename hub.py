@@ -128,7 +128,10 @@ class Marker:
 
 
 class Client:
-    """One authenticated WebSocket connection."""
+    """One authenticated WebSocket connection (slotted: thousands may sit idle)."""
+
+    __slots__ = ("closing", "expires_at", "expiry", "flood", "held", "held_bytes", "hub",
+                 "replaying", "user", "user_id", "ws")
 
     def __init__(
         self, ws: ServerConnection, user_id: int, expires_at: float | None, hub: Hub
@@ -145,7 +148,6 @@ class Client:
         self.replaying = True
         self.held: list[tuple[str, Event | None]] = []
         self.held_bytes = 0
-        self.replayed: set[Event] = set()
 
     @property
     def is_open(self) -> bool:
@@ -197,19 +199,21 @@ class Client:
                      self.user_id)
             self.ws.transport.abort()
 
-    def end_replay(self) -> None:
-        """Write the frames held during replay, skipping messages the replay carried."""
+    def end_replay(self, carried: set[Event]) -> None:
+        """Write the frames held during replay, skipping the events the replay ``carried``."""
         held, self.held, self.held_bytes = self.held, [], 0
         self.replaying = False
         for text, event in held:
-            if event is not None and event in self.replayed:
+            if event is not None and event in carried:
                 continue
             self.send(text, event)
-        self.replayed.clear()
 
 
 class UserState:
     """One online user (or one inside the offline grace period) and their connections."""
+
+    __slots__ = ("bucket", "clients", "contacts", "last_seen", "offline_timer", "user_id",
+                 "user_type", "username")
 
     def __init__(self, user_id: int, username: str, user_type: str | None, bucket: TokenBucket):
         self.user_id = user_id

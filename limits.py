@@ -10,6 +10,8 @@ from collections.abc import Callable
 class TokenBucket:
     """``rate`` tokens a second up to ``burst``; each accepted frame takes one."""
 
+    __slots__ = ("burst", "clock", "rate", "stamp", "tokens")
+
     def __init__(
         self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
     ) -> None:
@@ -33,19 +35,25 @@ class TokenBucket:
 class FloodGuard:
     """Counts frames dropped on one connection; ``drop()`` says when it is time to disconnect."""
 
+    __slots__ = ("clock", "max_dropped", "stamps", "window")
+
     def __init__(
         self, max_dropped: int, window: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.max_dropped = max_dropped
         self.window = window
         self.clock = clock
-        # Bounded: once it holds more than max_dropped stamps the connection is closed.
-        self.stamps: deque[float] = deque(maxlen=max_dropped + 1)
+        # Bounded: once it holds more than max_dropped stamps the connection is closed. Made
+        # at the first drop: a deque costs ~700 bytes, and most connections never drop one.
+        self.stamps: deque[float] | None = None
 
     def drop(self) -> bool:
         """Record one dropped frame; True when more than max_dropped fell within the window."""
         now = self.clock()
-        self.stamps.append(now)
-        while self.stamps and self.stamps[0] < now - self.window:
-            self.stamps.popleft()
-        return len(self.stamps) > self.max_dropped
+        if self.stamps is None:
+            self.stamps = deque(maxlen=self.max_dropped + 1)
+        stamps = self.stamps
+        stamps.append(now)
+        while stamps and stamps[0] < now - self.window:
+            stamps.popleft()
+        return len(stamps) > self.max_dropped

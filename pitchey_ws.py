@@ -288,8 +288,7 @@ class App:
             await ws.send(
                 p.encode("connected", userId=user_id, username=username, timestamp=p.now_iso())
             )
-            await self.replay(client)
-            client.end_replay()
+            client.end_replay(await self.replay(client))
             async for frame in ws:
                 if isinstance(frame, bytes):
                     await ws.close(p.CLOSE_BINARY, "binary frames are not accepted")
@@ -347,8 +346,9 @@ class App:
                 "token expired",
             )
 
-    async def replay(self, client: Client) -> None:
-        """Send the user's undelivered durable events, oldest first, bounded."""
+    async def replay(self, client: Client) -> set[Event]:
+        """Send the user's undelivered durable events, oldest first, bounded; return them."""
+        carried: set[Event] = set()
         # This user's delivery records queued before now must be visible, or an event
         # delivered a moment ago to another tab would be replayed here too.
         await self.hub.marker.settled(client.user_id)
@@ -362,7 +362,7 @@ class App:
                 )
                 await client.ws.send(frame)
                 delivered: Event = ("m", event.message.id, client.user_id)
-                client.replayed.add(delivered)
+                carried.add(delivered)
                 self.hub.marker.record(delivered, client.user_id)
             else:
                 frame = queued(
@@ -373,9 +373,10 @@ class App:
                 )
                 await client.ws.send(frame)
                 notified: Event = ("r", event.message.id, event.reader_id)
-                client.replayed.add(notified)
+                carried.add(notified)
                 self.hub.marker.record(notified, client.user_id)
             self.metrics.frames_out["queued_message"] += 1
+        return carried
 
     async def dispatch(self, client: Client, text: str) -> None:
         """Decode, rate-limit, look up, call; protocol errors become error frames."""
