@@ -334,7 +334,8 @@ async def commit_stats(server: Server) -> dict[str, float] | None:
     for line in body.decode().splitlines():
         for name in ("pitchey_commit_batch_size_sum", "pitchey_commit_batch_size_count",
                      "pitchey_commit_seconds_sum", "pitchey_commit_seconds_count",
-                     "pitchey_messages_stored_total"):
+                     "pitchey_messages_stored_total", 'pitchey_commit_seconds_bucket{le="0.005"}',
+                     'pitchey_commit_seconds_bucket{le="0.01"}'):
             if line.startswith(name + " "):
                 out[name] = float(line.split()[1])
     return out
@@ -349,8 +350,13 @@ def commit_delta(before: dict[str, float] | None, after: dict[str, float] | None
         return None
     size = after["pitchey_commit_batch_size_sum"] - before["pitchey_commit_batch_size_sum"]
     secs = after["pitchey_commit_seconds_sum"] - before["pitchey_commit_seconds_sum"]
-    return {"commits": n, "mean_batch": round(size / n, 1),
-            "mean_commit_ms": round(1000 * secs / n, 3)}
+    out = {"commits": n, "mean_batch": round(size / n, 1),
+           "mean_commit_ms": round(1000 * secs / n, 3)}
+    for ms, bucket in (("5", 'pitchey_commit_seconds_bucket{le="0.005"}'),
+                       ("10", 'pitchey_commit_seconds_bucket{le="0.01"}')):
+        if bucket in before and bucket in after:
+            out[f"over_{ms}ms"] = n - (after[bucket] - before[bucket])
+    return out
 
 
 # -- measurement window ---------------------------------------------------------------------
