@@ -477,6 +477,12 @@ def per_op(window: dict[str, Any], ops: int) -> float | None:
     return round(1e6 * window["server_cpu_s"] / ops, 1) if ops else None
 
 
+def per_op_threads(window: dict[str, Any], ops: int) -> dict[str, float | None]:
+    """``per_op`` split by thread and user/system time (see ``Proc.thread_cpu``)."""
+    return {k: round(1e6 * v / ops, 1) if ops > 0 else None
+            for k, v in window["server_threads_s"].items()}
+
+
 def verdict(result: dict[str, Any]) -> dict[str, Any]:
     result["void"] = result.get("driver_cpu", 0) > VOID_CPU
     return result
@@ -710,9 +716,7 @@ async def one_to_one(server: Server, pairs: Pairs, s: Settings) -> dict[str, Any
         "messages_per_s": round((a1 - a0) / wall, 1),
         "deliveries_per_s": round((r1 - r0) / wall, 1),
         "server_cpu_us_per_message": per_op(result, a1 - a0),
-        "server_threads_us_per_message": {
-            k: round(1e6 * v / (a1 - a0), 1) if a1 > a0 else None
-            for k, v in result["server_threads_s"].items()},
+        "server_threads_us_per_message": per_op_threads(result, a1 - a0),
         "errors": sum(x.errors for x in senders),
         "first_error": next((x.first_error.decode() for x in senders if x.first_error), None),
         "drained": drained and delivered_all,
@@ -795,9 +799,7 @@ async def latency(server: Server, pairs: Pairs, rate: float, s: Settings) -> dic
         "send_lag_p99_ms": round(1000 * pct(lag, 0.99), 3),
         "commits": commit_delta(m0, m1),
         "server_cpu_us_per_message": per_op(result, measured),
-        "server_threads_us_per_message": {
-            k: round(1e6 * v / measured, 1) if measured else None
-            for k, v in result["server_threads_s"].items()},
+        "server_threads_us_per_message": per_op_threads(result, measured),
     })
     return verdict(result)
 
@@ -899,9 +901,7 @@ async def fanout(server: Server, size: int, base: int, s: Settings) -> dict[str,
         "deliveries_per_s": round((d1 - d0) / wall, 1),
         "messages_per_s": round((a1 - a0) / wall, 1),
         "server_cpu_us_per_delivery": per_op(result, d1 - d0),
-        "server_threads_us_per_delivery": {
-            k: round(1e6 * v / (d1 - d0), 1) if d1 > d0 else None
-            for k, v in result["server_threads_s"].items()},
+        "server_threads_us_per_delivery": per_op_threads(result, d1 - d0),
         "errors": sum(x.errors for x in senders),
         "drained": drained,
         "connections_dropped": dropped,
