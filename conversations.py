@@ -7,29 +7,28 @@ dropped past ``capacity``.
 
 from __future__ import annotations
 
-import asyncio
 from collections import OrderedDict
 
-import store as st
+from rows import ConversationRow
+from store import Store
 
 
 class Conversations:
-    def __init__(self, store: st.Store, capacity: int) -> None:
+    def __init__(self, store: Store, capacity: int) -> None:
         self.store = store
         self.capacity = capacity
-        self._rows: OrderedDict[int, st.ConversationRow] = OrderedDict()
+        self._rows: OrderedDict[int, ConversationRow] = OrderedDict()
+        # (low, high) user pair -> their direct conversation's id
         self._pairs: OrderedDict[tuple[int, int], int] = OrderedDict()
-        # Pair lookups or creations under way, so two first messages share one conversation.
-        self.pair_locks: dict[tuple[int, int], asyncio.Lock] = {}
 
-    def cached(self, conversation_id: int) -> st.ConversationRow | None:
+    def cached(self, conversation_id: int) -> ConversationRow | None:
         """The conversation if it is in memory (no await: the send path's usual case)."""
         row = self._rows.get(conversation_id)
         if row is not None:
             self._rows.move_to_end(conversation_id)
         return row
 
-    async def get(self, conversation_id: int) -> st.ConversationRow | None:
+    async def get(self, conversation_id: int) -> ConversationRow | None:
         row = self.cached(conversation_id)
         if row is not None:
             return row
@@ -38,7 +37,7 @@ class Conversations:
             self.put(row)
         return row
 
-    async def member_of(self, conversation_id: int, user_id: int) -> st.ConversationRow | None:
+    async def member_of(self, conversation_id: int, user_id: int) -> ConversationRow | None:
         """The conversation if ``user_id`` is an active participant, else None."""
         row = await self.get(conversation_id)
         if row is None or user_id not in row.members:
@@ -50,34 +49,23 @@ class Conversations:
         row = self._rows.get(conversation_id)
         return row is not None and user_id in row.members
 
-    def put(self, row: st.ConversationRow) -> None:
+    def put(self, row: ConversationRow) -> None:
         self._rows[row.id] = row
         self._rows.move_to_end(row.id)
         while len(self._rows) > self.capacity:
             self._rows.popitem(last=False)
 
-    async def find_pair(self, a: int, b: int) -> int | None:
+    async def direct(self, a: int, b: int, now: str) -> ConversationRow:
+        """The direct conversation of a and b (made by the store if missing)."""
         key = (min(a, b), max(a, b))
         found = self._pairs.get(key)
         if found is not None:
-            return found
-        # Only the database knows which two-member conversation is the oldest, so pairs are
-        # cached from its answer, never from a conversation that happens to be loaded.
-        found = await self.store.find_pair(a, b)
-        if found is not None:
-            self._pairs[key] = found
-            while len(self._pairs) > self.capacity:
-                self._pairs.popitem(last=False)
-        return found
-
-    def pair_lock(self, a: int, b: int) -> asyncio.Lock:
-        key = (min(a, b), max(a, b))
-        lock = self.pair_locks.get(key)
-        if lock is None:
-            lock = self.pair_locks[key] = asyncio.Lock()
-        return lock
-
-    def release_pair_lock(self, a: int, b: int, lock: asyncio.Lock) -> None:
-        key = (min(a, b), max(a, b))
-        if self.pair_locks.get(key) is lock and not lock.locked():
-            del self.pair_locks[key]
+            row = await self.get(found)
+            if row is not None and a in row.members and b in row.members:
+                return row
+        row = await self.store.direct_conversation(a, b, now)
+        self.put(row)
+        self._pairs[key] = row.id
+        while len(self._pairs) > self.capacity:
+            self._pairs.popitem(last=False)
+        return row

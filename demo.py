@@ -6,15 +6,15 @@ Nothing here runs unless demo mode was asked for; see docs/security.md for what 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import secrets
-import sqlite3
 from typing import Any
 
 import config as cfg
-import store as st
 from auth import Verifier
 from protocol import iso_from_epoch, now_iso
+from store import DuplicateRequest, NewMessage, Store, read_setting
 
 SECRET_KEY = "demo_jwt_secret"
 SEEDED_KEY = "demo_seeded"
@@ -65,49 +65,43 @@ class Demo:
         }
 
 
-async def setup(store: st.Store, config: cfg.Config) -> Demo:
+async def setup(store: Store, config: cfg.Config) -> Demo:
     """Use the configured secret, else the one kept in the database (made on first run);
-    seed the demo users and conversations once."""
+    seed the demo users and conversations once (each seeded row carries a requestId, so a
+    seeding cut short by a crash is completed, not repeated, on the next start)."""
     secret = config.auth.jwt_secret or await store.setting(SECRET_KEY)
-    write = st.Write()
     if not secret:
         secret = secrets.token_urlsafe(32)
-        st.put_setting(write, SECRET_KEY, secret)
+        await store.put_setting(SECRET_KEY, secret)
     if await store.setting(SEEDED_KEY) is None:
         for user_id, name, kind in USERS:
-            st.upsert_user(write, user_id, name, kind)
+            await store.save_profile(user_id, name, kind)
         now = now_iso()
         ids = []
-        for title, members in CONVERSATIONS:
-            cid = store.new_conversation_id()
-            ids.append(cid)
-            st.create_conversation(
-                write, cid, members[0], members, title, len(members) > 2, None, None, now
-            )
-        for index, sender, text in WELCOME:
+        for number, (title, members) in enumerate(CONVERSATIONS):
+            request_id = f"demo-conversation-{number}"
+            try:
+                row = await store.create_conversation(
+                    members[0], members, title, request_id, None, now
+                )
+                ids.append(row.id)
+            except DuplicateRequest:
+                found = await store.conversation_by_request(members[0], request_id)
+                assert found is not None
+                ids.append(found)
+        for number, (index, sender, text) in enumerate(WELCOME):
             members = CONVERSATIONS[index][1]
             recipients = [m for m in members if m != sender]
-            st.insert_message(
-                write, store.new_message_id(), ids[index], sender,
-                recipients[0] if len(members) == 2 else None, recipients, text, "text", [],
-                None, None, None, now,
-            )
-        st.put_setting(write, SEEDED_KEY, now)
-    await store.submit(write)
+            with contextlib.suppress(DuplicateRequest):
+                await store.add_message(NewMessage(
+                    ids[index], sender, recipients[0] if len(members) == 2 else None,
+                    recipients, text, "text", [], None, None, f"demo-message-{number}", now,
+                ))
+        await store.put_setting(SEEDED_KEY, now)
     auth = dataclasses.replace(config.auth, jwt_secret=secret, algorithms=("HS256",))
     return Demo(auth)
 
 
 def stored_secret(db_path: str) -> str | None:
     """The demo secret in an existing database, for `pitchey_ws.py token --db`."""
-    try:
-        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    except sqlite3.Error:
-        return None
-    try:
-        row = db.execute("SELECT value FROM settings WHERE key = ?", (SECRET_KEY,)).fetchone()
-    except sqlite3.Error:
-        return None
-    finally:
-        db.close()
-    return row[0] if row else None
+    return read_setting(db_path, SECRET_KEY)

@@ -7,9 +7,11 @@ its buffer were recorded as delivered: the messages among them come back through
 (and anything sent after the close is replayed on reconnect); read notices among them are
 lost, as with any frame written just before a connection dies (see docs/protocol.md).
 
-Frames carry an optional :data:`Event` tag. When a tagged frame is written to a live
-connection, the hub records the event as delivered (``Marker``), which is what keeps it out of
-the next offline replay. While a connection replays its backlog, live frames for it are held
+Frames carry an optional :data:`rows.Event` tag. When a tagged frame is written to a live
+connection, the hub hands the event to its :class:`Recorder` (``delivery.DeliveryLog``), which
+is what keeps it out of the next offline replay. The hub itself never touches the database:
+what it needs from outside (a user's contacts, where to record a delivery or a departure) is
+passed in as typed callbacks. While a connection replays its backlog, live frames for it are held
 back and written after the replay, skipping any message the replay already carried.
 """
 
@@ -19,23 +21,36 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Protocol
 
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.protocol import State
 
-import store as st
+import protocol as p
+from config import LimitsConfig
 from limits import FloodGuard, TokenBucket
-from protocol import CLOSE_SLOW, encode, iso_from_epoch, now_iso
+from protocol import iso_from_epoch, now_iso
+from rows import Event, EventKind
 
 log = logging.getLogger("pitchey.hub")
 
-# ("m", message_id, recipient_id): a new_message for a receipt row;
-# ("r", message_id, reader_id): a message_read notice owed to the sender.
-Event = tuple[str, int, int]
 # An Event whose last member may be None: "the user the frame is written to".
-EventTemplate = tuple[str, int, int | None]
+EventTemplate = tuple[EventKind, int, int | None]
+
+
+class Recorder(Protocol):
+    """Where the hub reports events written to live connections (``delivery.DeliveryLog``)."""
+
+    def record(self, event: Event, recipient: int) -> None: ...
+
+    def record_messages(self, message_id: int, recipients: list[int]) -> None: ...
+
+
+# A user's contacts, read when the user comes online.
+ContactsLoader = Callable[[int], Awaitable[set[int]]]
+# (user id, last seen): the user's offline grace period ended (or the daemon stopped in it).
+OfflineCallback = Callable[[int, str], None]
 
 
 class Background:
@@ -65,76 +80,19 @@ class Background:
             await asyncio.wait(set(self.tasks), timeout=1)
 
 
-class Marker:
-    """Collects the delivery records of one loop iteration into one write.
-
-    ``settled(user)`` waits until the user's records queued so far are committed, which is
-    what a replay needs before it reads the backlog.
-    """
-
-    def __init__(self, store: st.Store) -> None:
-        self.store = store
-        self.pending: dict[tuple[str, int], list[int]] = {}
-        self.users: set[int] = set()
-        # user id -> the commit carrying that user's latest delivery records
-        self.in_flight: dict[int, asyncio.Future[None]] = {}
-
-    def record(self, event: Event, recipient: int) -> None:
-        """``event`` was written to a connection of ``recipient``."""
-        if not self.pending:
-            asyncio.get_running_loop().call_soon(self._submit)
-        kind, message_id, who = event
-        self.pending.setdefault((kind, message_id), []).append(who)
-        self.users.add(recipient)
-
-    def record_messages(self, message_id: int, recipients: list[int]) -> None:
-        """One new_message was written to a connection of each of ``recipients``."""
-        if not self.pending:
-            asyncio.get_running_loop().call_soon(self._submit)
-        self.pending.setdefault(("m", message_id), []).extend(recipients)
-        self.users.update(recipients)
-
-    def _submit(self) -> None:
-        pending, self.pending = self.pending, {}
-        users, self.users = self.users, set()
-        if not pending:
-            return
-        now = now_iso()
-        write = st.Write()
-        for (kind, message_id), user_ids in pending.items():
-            if kind == "m":
-                st.mark_delivered(write, message_id, user_ids, now)
-            else:
-                for user_id in user_ids:
-                    st.mark_read_notified(write, message_id, user_id, now)
-        future = self.store.submit(write)
-        for user_id in users:
-            self.in_flight[user_id] = future
-        future.add_done_callback(lambda f: self._done(f, users))
-
-    def _done(self, future: asyncio.Future[None], users: set[int]) -> None:
-        if not future.cancelled() and future.exception() is not None:
-            log.error("delivery records not stored", exc_info=future.exception())
-        for user_id in users:
-            if self.in_flight.get(user_id) is future:
-                del self.in_flight[user_id]
-
-    async def settled(self, user_id: int) -> None:
-        if self.pending and user_id in self.users:
-            self._submit()
-        future = self.in_flight.get(user_id)
-        if future is not None:
-            await asyncio.wait([future])
-
-
 class Client:
-    """One authenticated WebSocket connection (slotted: thousands may sit idle)."""
+    """One authenticated connection (slotted: thousands may sit idle).
+
+    The transport is a websockets ``ServerConnection``. The in-process test harness subclasses
+    this with ``ws = None`` and overrides the four transport methods (``write``, ``write_now``,
+    ``buffered``, ``is_open``, ``_close``) to record frames instead.
+    """
 
     __slots__ = ("closing", "expires_at", "expiry", "flood", "held", "held_bytes", "hub",
                  "replaying", "user", "user_id", "ws")
 
     def __init__(
-        self, ws: ServerConnection, user_id: int, expires_at: float | None, hub: Hub
+        self, ws: ServerConnection | None, user_id: int, expires_at: float | None, hub: Hub
     ) -> None:
         self.ws = ws
         self.user_id = user_id
@@ -149,9 +107,40 @@ class Client:
         self.held: list[tuple[str, Event | None]] = []
         self.held_bytes = 0
 
+    # -- transport -------------------------------------------------------------------------
+
     @property
     def is_open(self) -> bool:
+        assert self.ws is not None
         return not self.closing and self.ws.protocol.state is State.OPEN
+
+    def write(self, text: str) -> None:
+        """Write one frame into the connection's buffer, without waiting."""
+        assert self.ws is not None
+        broadcast([self.ws], text)
+
+    async def write_now(self, text: str) -> None:
+        """Write one frame, waiting while the connection's buffer is full (replay, sync)."""
+        assert self.ws is not None
+        await self.ws.send(text)
+
+    def buffered(self) -> int:
+        """Bytes written but not yet sent."""
+        transport = self.ws.transport if self.ws is not None else None
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    async def _close(self, code: int, reason: str) -> None:
+        """The closing handshake, bounded by close_timeout: ``close()`` first waits for the
+        write buffer to drain, which never happens for a peer that stopped reading."""
+        assert self.ws is not None
+        try:
+            await asyncio.wait_for(self.ws.close(code, reason), self.ws.close_timeout)
+        except TimeoutError:
+            log.info("user %d: closing handshake timed out; dropping the connection",
+                     self.user_id)
+            self.ws.transport.abort()
+
+    # -- frames ----------------------------------------------------------------------------
 
     def send(self, text: str, event: Event | None = None) -> bool:
         """Write one frame now (or hold it during replay). True if written."""
@@ -159,45 +148,34 @@ class Client:
             return False
         if self.replaying:
             self.held.append((text, event))
-            self.held_bytes += len(text)
+            self.held_bytes += len(text.encode())
             if self.held_bytes > self.hub.max_pending_bytes:
                 log.info("user %d: slow consumer during replay, closing", self.user_id)
-                self.hub.metrics_slow_closes += 1
-                self.close(CLOSE_SLOW, "slow consumer: reconnect and sync")
+                self.hub.slow_consumer_closes += 1
+                self.close(p.SLOW_CONSUMER)
             return False
         if not self.is_open:
             return False
-        broadcast([self.ws], text)
+        self.write(text)
         if event is not None:
-            self.hub.marker.record(event, self.user_id)
+            self.hub.recorder.record(event, self.user_id)
         self.check_backlog()
         return True
 
     def check_backlog(self) -> None:
-        transport = self.ws.transport
-        if transport is not None and transport.get_write_buffer_size() > self.hub.max_pending_bytes:
+        if self.buffered() > self.hub.max_pending_bytes:
             log.info("user %d: slow consumer, closing", self.user_id)
-            self.hub.metrics_slow_closes += 1
-            self.close(CLOSE_SLOW, "slow consumer: reconnect and sync")
+            self.hub.slow_consumer_closes += 1
+            self.close(p.SLOW_CONSUMER)
 
-    def close(self, code: int, reason: str) -> None:
-        """Start closing this connection with ``code``; nothing more is written to it."""
+    def close(self, how: p.Disconnect) -> None:
+        """Start closing this connection; nothing more is written to it."""
         if self.closing:
             return
         self.closing = True
         self.held.clear()
         self.held_bytes = 0
-        self.hub.background.spawn(self._close(code, reason), name=f"close-{self.user_id}")
-
-    async def _close(self, code: int, reason: str) -> None:
-        """The closing handshake, bounded by close_timeout: ``close()`` first waits for the
-        write buffer to drain, which never happens for a peer that stopped reading."""
-        try:
-            await asyncio.wait_for(self.ws.close(code, reason), self.ws.close_timeout)
-        except TimeoutError:
-            log.info("user %d: closing handshake timed out; dropping the connection",
-                     self.user_id)
-            self.ws.transport.abort()
+        self.hub.background.spawn(self._close(how.code, how.reason), name=f"close-{self.user_id}")
 
     def end_replay(self, carried: set[Event]) -> None:
         """Write the frames held during replay, skipping the events the replay ``carried``."""
@@ -229,23 +207,26 @@ class UserState:
 class Hub:
     def __init__(
         self,
-        store: st.Store,
-        limits: Any,
+        limits: LimitsConfig,
         max_pending_bytes: int,
         grace_seconds: float,
         background: Background,
+        recorder: Recorder,
+        load_contacts: ContactsLoader,
+        on_offline: OfflineCallback,
     ) -> None:
-        self.store = store
         self.limits = limits
         self.max_pending_bytes = max_pending_bytes
         self.grace_seconds = grace_seconds
         self.background = background
-        self.marker = Marker(store)
+        self.recorder = recorder
+        self.load_contacts = load_contacts
+        self.on_offline = on_offline
         self.users: dict[int, UserState] = {}
         self.connections = 0
-        self.metrics_slow_closes = 0
+        self.slow_consumer_closes = 0
         # Called with a user id when the user's last connection closes (typing cleanup).
-        self.on_last_close: list[Any] = []
+        self.on_last_close: list[Callable[[int], None]] = []
         # Rate-limit buckets of users who went offline lately, newest last, so that
         # reconnecting does not refill a flooding user's bucket.
         self.recent_buckets: OrderedDict[int, TokenBucket] = OrderedDict()
@@ -270,7 +251,11 @@ class Hub:
     async def attach(
         self, client: Client, username: str, user_type: str | None
     ) -> UserState:
-        """Register a connection; announce user_online to contacts when it is the first."""
+        """Register a connection; announce user_online to contacts when it is the first.
+
+        The connection counts from the first line on: if this raises, the caller must still
+        ``detach`` it (connection.py attaches inside its try/finally).
+        """
         user = self.users.get(client.user_id)
         first = user is None
         if user is None:
@@ -284,11 +269,9 @@ class Hub:
             user.clients.append(client)
             self.connections += 1
             client.user = user
-            try:
-                user.contacts = await self.store.contacts(client.user_id)
-            except BaseException:
-                self.detach(client, announce=False)
-                raise
+            # Merged, not assigned: a conversation created while this read is under way has
+            # already added its members to user.contacts (add_contacts).
+            user.contacts |= await self.load_contacts(client.user_id)
         else:
             user.clients.append(client)
             self.connections += 1
@@ -300,14 +283,11 @@ class Hub:
                 user.offline_timer.cancel()
                 user.offline_timer = None
                 first = False
-        if first:
-            frame = encode(
-                "user_online", userId=user.user_id, username=user.username, timestamp=now_iso()
-            )
-            self.send_to(self.online_contacts(user), frame)
+        if first and client in user.clients:
+            self.send_to(self.online_contacts(user), p.user_online(user.user_id, user.username))
         return user
 
-    def detach(self, client: Client, announce: bool = True) -> None:
+    def detach(self, client: Client) -> None:
         """Unregister a connection; after the last one, start the offline grace period."""
         user = client.user
         if user is None or client not in user.clients:
@@ -321,10 +301,6 @@ class Hub:
         user.last_seen = now_iso()
         for callback in self.on_last_close:
             callback(user.user_id)
-        if not announce:
-            del self.users[user.user_id]
-            self._keep_bucket(user)
-            return
         if self.grace_seconds > 0:
             user.offline_timer = asyncio.get_running_loop().call_later(
                 self.grace_seconds, self._gone, user
@@ -338,19 +314,16 @@ class Hub:
         del self.users[user.user_id]
         self._keep_bucket(user)
         last_seen = user.last_seen or now_iso()
-        self.store.submit_background(st.set_last_seen(st.Write(), user.user_id, last_seen))
-        frame = encode(
-            "user_offline", userId=user.user_id, username=user.username, lastSeen=last_seen
-        )
+        self.on_offline(user.user_id, last_seen)
+        frame = p.user_offline(user.user_id, user.username, last_seen)
         self.send_to(self.online_contacts(user), frame)
 
     def flush_presence(self) -> None:
-        """Shutdown: store lastSeen for users still inside the grace period, drop timers."""
+        """Shutdown: report lastSeen of users still inside the grace period, drop timers."""
         for user in list(self.users.values()):
             if user.offline_timer is not None:
                 user.offline_timer.cancel()
-                last_seen = user.last_seen or now_iso()
-                self.store.submit_background(st.set_last_seen(st.Write(), user.user_id, last_seen))
+                self.on_offline(user.user_id, user.last_seen or now_iso())
         self.users.clear()
 
     def online_contacts(self, user: UserState) -> list[int]:
@@ -407,29 +380,27 @@ class Hub:
             if written and tag:
                 live.append(uid)
         if targets:
-            broadcast([c.ws for c in targets], text)
+            sockets = [c.ws for c in targets if c.ws is not None]
+            if sockets:
+                broadcast(sockets, text)
             for client in targets:
+                if client.ws is None:
+                    client.write(text)
                 client.check_backlog()
         if event is not None and live:
             kind, event_id, who = event
-            if kind == "m" and who is None:
-                self.marker.record_messages(event_id, live)
+            if kind is EventKind.MESSAGE and who is None:
+                self.recorder.record_messages(event_id, live)
             else:
                 for uid in live:
-                    self.marker.record((kind, event_id, uid if who is None else who), uid)
+                    self.recorder.record((kind, event_id, uid if who is None else who), uid)
         return reached
 
     def all_clients(self) -> list[Client]:
         return [c for user in self.users.values() for c in user.clients]
 
     def pending_bytes(self) -> int:
-        total = 0
-        for client in self.all_clients():
-            transport = client.ws.transport
-            if transport is not None:
-                total += transport.get_write_buffer_size()
-            total += client.held_bytes
-        return total
+        return sum(client.buffered() + client.held_bytes for client in self.all_clients())
 
 
 def expiry_delay(expires_at: float) -> float:

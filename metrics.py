@@ -45,12 +45,17 @@ class Metrics:
         self.commit_seconds = Histogram(COMMIT_BUCKETS)
         self.batch_size = Histogram(BATCH_BUCKETS)
 
-    def render(self, gauges: dict[str, tuple[str, float]]) -> str:
+    def render(
+        self, gauges: dict[str, tuple[str, float]], counters: dict[str, tuple[str, int]]
+    ) -> str:
         lines: list[str] = []
         for name, (help_text, value) in gauges.items():
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value:g}"]
+        for name, (help_text, count) in counters.items():
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {count}"]
         lines += _labelled(
-            "pitchey_frames_in_total", "Frames received, by type.", "type", self.frames_in
+            "pitchey_frames_in_total", "Frames received, by wire type (invalid: not parsed).",
+            "type", self.frames_in,
         )
         lines += _labelled(
             "pitchey_frames_out_total", "Frames sent, by type.", "type", self.frames_out

@@ -16,7 +16,9 @@ import json
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, TypeGuard
+from typing import Any, Final, NamedTuple, TypeGuard
+
+from rows import ConversationRow, MessageRow
 
 try:
     import orjson
@@ -29,6 +31,7 @@ INVALID_MESSAGE: Final = "invalid_message"
 UNKNOWN_TYPE: Final = "unknown_type"
 FORBIDDEN: Final = "forbidden"
 RATE_LIMITED: Final = "rate_limited"
+UNAVAILABLE: Final = "unavailable"
 INTERNAL: Final = "internal"
 
 # Close codes (PROTOCOL.md section 7).
@@ -39,6 +42,22 @@ CLOSE_TOO_BIG: Final = 1009
 CLOSE_RESTART: Final = 1012
 CLOSE_SLOW: Final = 1013
 CLOSE_TOKEN_EXPIRED: Final = 4001
+
+
+class Disconnect(NamedTuple):
+    """One way the server ends a connection: the close code tells the client what to do."""
+
+    code: int
+    reason: str
+
+
+BINARY_FRAME: Final = Disconnect(CLOSE_BINARY, "binary frames are not accepted")
+FLOODING: Final = Disconnect(CLOSE_POLICY, "flooding")
+NOT_AUTHENTICATED: Final = Disconnect(CLOSE_POLICY, "not authenticated")
+SERVER_RESTART: Final = Disconnect(CLOSE_RESTART, "server restart")
+SLOW_CONSUMER: Final = Disconnect(CLOSE_SLOW, "slow consumer: reconnect and sync")
+TOO_MANY_CONNECTIONS: Final = Disconnect(CLOSE_SLOW, "too many connections; try again later")
+TOKEN_EXPIRED: Final = Disconnect(CLOSE_TOKEN_EXPIRED, "token expired")
 
 # SQLite integers are signed 64-bit; larger ids can never match a row.
 MAX_ID: Final = 2**63 - 1
@@ -198,6 +217,26 @@ Command = (
     | Sync
     | RefreshToken
 )
+
+
+_WIRE_TYPES: Final[dict[type, str]] = {
+    Ping: "ping",
+    SendMessage: "send_message",
+    MarkRead: "mark_read",
+    JoinConversation: "join_conversation",
+    GetOnlineUsers: "get_online_users",
+    CreateConversation: "create_conversation",
+    GetMessages: "get_messages",
+    Sync: "sync",
+    RefreshToken: "refresh_token",
+}
+
+
+def wire_type(command: Command) -> str:
+    """The ``type`` the command arrived with (metrics label frames by it)."""
+    if isinstance(command, Typing):
+        return "typing_start" if command.is_typing else "typing_stop"
+    return _WIRE_TYPES[type(command)]
 
 
 def _is_int(value: Any) -> TypeGuard[int]:
@@ -450,6 +489,14 @@ def encode(kind: str, **fields: Any) -> str:
     return dumps({"type": kind, **fields})
 
 
+# -- server frames: one builder per frame type (PROTOCOL.md sections 2-5) --------------------
+
+
+def display_name(user_id: int, username: str | None) -> str:
+    """What to show for a user with no known name."""
+    return username or f"User {user_id}"
+
+
 def error(
     code: str, message: str, request_id: str | None = None, retry_after_ms: int | None = None
 ) -> str:
@@ -459,3 +506,184 @@ def error(
     if retry_after_ms is not None:
         fields["retryAfterMs"] = retry_after_ms
     return encode("error", **fields)
+
+
+def connected(user_id: int, username: str) -> str:
+    return encode("connected", userId=user_id, username=username, timestamp=now_iso())
+
+
+def pong(user_id: int) -> str:
+    return encode("pong", timestamp=now_iso(), userId=user_id)
+
+
+def message_fields(
+    message_id: int,
+    conversation_id: int,
+    sender_id: int,
+    sender_name: str | None,
+    content: str,
+    attachments: list[dict[str, Any]],
+    message_type: str,
+    timestamp: str,
+) -> dict[str, Any]:
+    """The fields ``new_message``, ``message_sent`` and a queued ``new_message`` share."""
+    return {
+        "messageId": message_id,
+        "conversationId": conversation_id,
+        "senderId": sender_id,
+        "senderName": display_name(sender_id, sender_name),
+        "content": content,
+        "attachments": attachments,
+        "messageType": message_type,
+        "timestamp": timestamp,
+    }
+
+
+def row_fields(row: MessageRow) -> dict[str, Any]:
+    """``message_fields`` of a stored message."""
+    return message_fields(
+        row.id, row.conversation_id, row.sender_id, row.sender_name, row.content,
+        loads(row.attachments), row.message_type, row.sent_at,
+    )
+
+
+def new_message(fields: dict[str, Any]) -> str:
+    return encode("new_message", **fields, delivered=True)
+
+
+def message_sent(fields: dict[str, Any], delivered: bool, request_id: str | None) -> str:
+    if request_id is None:
+        return encode("message_sent", **fields, delivered=delivered)
+    return encode("message_sent", **fields, delivered=delivered, requestId=request_id)
+
+
+def read_fields(
+    message_id: int, conversation_id: int, reader_id: int, reader_name: str | None, read_at: str
+) -> dict[str, Any]:
+    return {
+        "messageId": message_id,
+        "conversationId": conversation_id,
+        "readBy": reader_id,
+        "readByName": display_name(reader_id, reader_name),
+        "readAt": read_at,
+    }
+
+
+def message_read(fields: dict[str, Any]) -> str:
+    return encode("message_read", **fields)
+
+
+def queued_message(original_type: str, queued_at: str, fields: dict[str, Any]) -> str:
+    """A durable event replayed after ``connected`` or by ``sync`` (PROTOCOL.md 5)."""
+    return encode("queued_message", **fields, originalType=original_type, queuedAt=queued_at)
+
+
+def queued_new_message(row: MessageRow, queued_at: str) -> str:
+    return queued_message("new_message", queued_at, {**row_fields(row), "delivered": True})
+
+
+def history_entry(row: MessageRow) -> dict[str, Any]:
+    """One message of ``conversation_joined`` and ``messages`` (PROTOCOL.md 4.4)."""
+    return {
+        "id": row.id,
+        "messageId": row.id,
+        "conversationId": row.conversation_id,
+        "senderId": row.sender_id,
+        "senderName": display_name(row.sender_id, row.sender_name),
+        "content": row.content,
+        "attachments": loads(row.attachments),
+        "messageType": row.message_type,
+        "sentAt": row.sent_at,
+        "timestamp": row.sent_at,
+        "isRead": row.is_read,
+    }
+
+
+def conversation_joined(conversation_id: int, rows: list[MessageRow]) -> str:
+    return encode(
+        "conversation_joined",
+        conversationId=conversation_id,
+        messages=[history_entry(r) for r in rows],
+        timestamp=now_iso(),
+    )
+
+
+def messages_page(conversation_id: int, rows: list[MessageRow], has_more: bool) -> str:
+    return encode(
+        "messages",
+        conversationId=conversation_id,
+        messages=[history_entry(r) for r in rows],
+        hasMore=has_more,
+    )
+
+
+def conversation_created(row: ConversationRow, request_id: str | None = None) -> str:
+    fields: dict[str, Any] = {
+        "conversationId": row.id,
+        "title": row.title,
+        "isGroup": row.is_group,
+        "participantIds": sorted(row.members),
+        "createdBy": row.created_by,
+    }
+    if request_id is not None:
+        fields["requestId"] = request_id
+    return encode("conversation_created", **fields)
+
+
+def user_typing(
+    user_id: int, username: str | None, conversation_id: int, is_typing: bool
+) -> str:
+    return encode(
+        "user_typing",
+        userId=user_id,
+        username=display_name(user_id, username),
+        conversationId=conversation_id,
+        isTyping=is_typing,
+        timestamp=now_iso(),
+    )
+
+
+def user_online(user_id: int, username: str) -> str:
+    return encode("user_online", userId=user_id, username=username, timestamp=now_iso())
+
+
+def user_offline(user_id: int, username: str, last_seen: str) -> str:
+    return encode("user_offline", userId=user_id, username=username, lastSeen=last_seen)
+
+
+class OnlineUser(NamedTuple):
+    user_id: int
+    username: str
+    user_type: str | None
+    last_seen: str | None  # set while the user is inside the offline grace period
+
+
+def online_users(users: list[OnlineUser]) -> str:
+    return encode(
+        "online_users",
+        users=[
+            {
+                "userId": u.user_id,
+                "username": u.username,
+                "userType": u.user_type,
+                "isOnline": True,
+                "lastSeen": u.last_seen,
+            }
+            for u in users
+        ],
+        timestamp=now_iso(),
+    )
+
+
+def sync_complete(last_message_id: int, has_more: bool) -> str:
+    return encode("sync_complete", lastMessageId=last_message_id, hasMore=has_more)
+
+
+def token_refreshed(expires_at: str | None) -> str:
+    return encode("token_refreshed", expiresAt=expires_at)
+
+
+def frame_type(frame: str) -> str:
+    """The ``type`` of a frame built here (every builder puts it first), for metrics."""
+    end = frame.find('"', 9)
+    return frame[9:end] if frame.startswith('{"type":"') and end > 0 else "unknown"

@@ -1,4 +1,4 @@
--- pitchey-ws schema, version 1. Applied idempotently at every start (CREATE ... IF NOT EXISTS).
+-- pitchey-ws schema, version 2. Applied idempotently at every start (CREATE ... IF NOT EXISTS).
 -- Later changes are numbered migrations in store.py, keyed on PRAGMA user_version.
 -- Timestamps are ISO-8601 UTC strings with milliseconds and Z, so they sort as text.
 -- Ids are assigned by the single writer (see store.py), so INTEGER PRIMARY KEY without AUTOINCREMENT.
@@ -39,6 +39,16 @@ CREATE TABLE IF NOT EXISTS conversation_participants (
 -- "my conversations" and "my contacts" start from the user.
 CREATE INDEX IF NOT EXISTS participants_user
     ON conversation_participants(user_id, conversation_id);
+
+-- The direct (1:1) conversation of each pair of users, so "message this user" finds or makes
+-- exactly one. Added in version 2 (store_sqlite.py fills it for older databases).
+CREATE TABLE IF NOT EXISTS direct_conversations (
+    user_low        INTEGER NOT NULL REFERENCES users(id),
+    user_high       INTEGER NOT NULL REFERENCES users(id),
+    conversation_id INTEGER NOT NULL UNIQUE REFERENCES conversations(id),
+    PRIMARY KEY (user_low, user_high),
+    CHECK (user_low < user_high)
+) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS messages (
     id                INTEGER PRIMARY KEY,

@@ -1,689 +1,242 @@
-"""Persistence in SQLite (WAL): one writer thread with group commit, reads through aiosqlite.
+"""The store interface: the domain operations the daemon persists, and the store's errors.
 
-One task, the writer, owns the write connection. Callers hand it writes (lists of statements)
-and await a future; the writer takes everything queued, runs it in one transaction and
-resolves each future after COMMIT (group commit). An acknowledged write is therefore durable.
-Reads use a second connection, through aiosqlite, and never wait behind the writer (WAL).
+An engine implements :class:`Store` (``store_sqlite.SqliteStore`` is the default; the
+interface is written so that a PostgreSQL engine can implement it too). Callers never see SQL,
+statements or batching: they call these methods and get rows (``rows.py``) or the errors below.
+``open_store(config)`` picks the engine.
 
-The write connection is a plain ``sqlite3`` connection on a thread of its own, and a whole
-transaction (BEGIN, every statement, COMMIT) runs there as one call. aiosqlite offers no
-public way to run one function on its thread, and one round trip per statement (BEGIN,
-four executemany, COMMIT) cost the event loop a wake-up each: the benchmark measured the
-single hand-off at a lower median and tail latency for the same work.
+What every engine guarantees (the daemon's delivery rules rely on each):
 
-Within one batch, statements are grouped by SQL text (one executemany each). INSERTs run
-first, parent tables before their children (``_PARENTS_FIRST``), so foreign keys hold at each
-statement; then every other statement, in the order its SQL first appears. So a write may rely
-on rows inserted by earlier writes (or by itself), but not on the order of different UPDATE
-statements touching one row. (Deferring foreign keys instead would need ``PRAGMA
-defer_foreign_keys`` in every transaction, and setting it expires every prepared statement:
-the writer then compiled its SQL again at each commit, about 125 us of CPU per commit.)
-Message and conversation ids are assigned here, before the commit, so ids are known without
-reading them back.
+1. **Acknowledged means committed.** An awaited write returns only after its transaction
+   committed, with the engine's durability; if it raises, nothing of it was stored.
+2. **A bad write fails alone.** Writes are committed in groups (group commit), but a write that
+   breaks a constraint raises its own error while the writes grouped with it commit, without
+   costing them a transaction each.
+3. **Message ids become visible in increasing order.** Once a reader can see message *n*, it
+   can see every message with a smaller id that will ever be committed: ``since`` (and so the
+   client's ``sync``) never skips a message that commits late. Ids are never reused.
+4. **Idempotency lives in the database.** At most one message per ``(sender, request_id)`` and
+   one conversation per ``(creator, request_id)``, across restarts; a repeat raises
+   :class:`DuplicateRequest`.
+5. **One direct conversation per pair of users.** ``direct_conversation(a, b)`` gets or
+   creates it as one operation, so two first messages between a and b share one conversation.
+6. **Delivered events stay delivered.** Once ``record_deliveries`` has committed an event, it is
+   not in ``pending`` again; an event is pending until then.
+7. **Every read that can grow is bounded** by its ``limit`` (or by ``MAX_ROWS``).
+8. **After ``close()``** every operation raises :class:`StoreClosed`; nothing waits forever.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import logging
-import queue
-import re
-import sqlite3
-import threading
-import time
-from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NamedTuple
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-import aiosqlite
+from rows import ConversationRow, MessageRow, PendingEvent, UserRow
 
-from protocol import dumps, now_iso
-
-log = logging.getLogger("pitchey.store")
-
-SCHEMA_PATH = Path(__file__).with_name("schema.sql")
-SCHEMA_VERSION = 1
 # Reads whose result could grow with the data are capped at this many rows.
 MAX_ROWS = 100_000
 
-Params = tuple[Any, ...]
+
+class StoreError(Exception):
+    """A store operation failed; nothing of that operation was stored."""
 
 
-@dataclass
-class Write:
-    """Statements that commit together, in one transaction with the rest of their batch."""
-
-    statements: list[tuple[str, Params]] = field(default_factory=list)
-
-    def add(self, sql: str, params: Params) -> Write:
-        self.statements.append((sql, params))
-        return self
+class StoreClosed(StoreError):
+    """The store is closed (the daemon is shutting down)."""
 
 
-class MessageRow(NamedTuple):
-    id: int
+class DuplicateRequest(StoreError):
+    """The ``(user, request_id)`` of this write was stored before; nothing new was stored."""
+
+
+class ConstraintViolation(StoreError):
+    """The write contradicts the stored data (an unknown conversation, say)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to store, with one receipt per recipient (the other active participants)."""
+
     conversation_id: int
     sender_id: int
-    sender_name: str | None
+    receiver_id: int | None  # the other user of a 1:1, for the Pitchey schema's column
+    recipients: Sequence[int]
     content: str
-    attachments: str  # JSON text
     message_type: str
+    attachments: list[dict[str, Any]]
+    pitch_id: int | None
+    subject: str | None
+    request_id: str | None
     sent_at: str
-    is_read: bool  # computed for the viewer (see history)
 
 
-class ConversationRow(NamedTuple):
-    id: int
-    title: str | None
-    is_group: bool
-    created_by: int
-    members: frozenset[int]  # active participants
+class Store(Protocol):
+    """What the daemon needs from a database. See the module docstring for the guarantees."""
 
-
-class Pending(NamedTuple):
-    """One undelivered durable event for a user, oldest first by ``queued_at``."""
-
-    kind: str  # "new_message" or "message_read"
-    queued_at: str
-    message: MessageRow
-    reader_id: int  # for message_read: who read it
-    reader_name: str | None
-    read_at: str | None
-
-
-class UserRow(NamedTuple):
-    id: int
-    username: str | None
-    user_type: str | None
-    last_seen: str | None
-
-
-class Store:
-    def __init__(
-        self,
-        path: str,
-        synchronous: str = "FULL",
-        max_batch: int = 512,
-        on_commit: Callable[[int, float], None] | None = None,
-    ) -> None:
-        """``on_commit(batch_size, seconds)`` is called after every transaction (metrics)."""
-        self.path = path
-        self.synchronous = synchronous
-        self.max_batch = max_batch
-        self._writer: sqlite3.Connection | None = None
-        # The writer thread's jobs: (function, arguments, future), or None to stop.
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=_writer_thread, args=(self._jobs,),
-                                        name="pitchey-writer", daemon=True)
-        self._reader: aiosqlite.Connection | None = None
-        # Writes waiting for the writer, and the future it sleeps on while there are none.
-        self._queue: deque[tuple[Write, asyncio.Future[None]]] = deque()
-        self._wakeup: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.next_message_id = 1
-        self.next_conversation_id = 1
-        self.on_commit = on_commit
-
-    # -- lifecycle -------------------------------------------------------------------------
+    # Called after every committed transaction with (writes in it, seconds): metrics.
+    on_commit: Callable[[int, float], None] | None
 
     async def open(self) -> None:
-        """Open both connections, apply the schema and migrations, start the writer."""
-        self._writer = await self._on_writer(self._open_writer)
-        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._reader.execute("PRAGMA foreign_keys=ON")
-        await self._reader.execute("PRAGMA busy_timeout=5000")
-        await self._reader.execute("PRAGMA query_only=ON")
-        rows = await self._reader.execute_fetchall(
-            "SELECT (SELECT COALESCE(MAX(id), 0) FROM messages),"
-            " (SELECT COALESCE(MAX(id), 0) FROM conversations)"
-        )
-        (max_message, max_conversation), = rows
-        self.next_message_id = max_message + 1
-        self.next_conversation_id = max_conversation + 1
-        self._task = asyncio.create_task(self._write_loop(), name="store-writer")
-
-    async def _on_writer(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` on the writer thread (the only thread that uses ``_writer``)."""
-        if not self._thread.is_alive():
-            self._thread.start()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._jobs.put((fn, args, future))
-        return await future
-
-    def _open_writer(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={self.synchronous}")
-            db.execute("PRAGMA foreign_keys=ON")
-            db.execute("PRAGMA busy_timeout=5000")
-            self._migrate(db)
-        except BaseException:
-            db.close()
-            raise
-        return db
-
-    def _migrate(self, db: sqlite3.Connection) -> None:
-        (version,) = db.execute("PRAGMA user_version").fetchone()
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"database {self.path} has schema version {version}, newer than this daemon's"
-                f" {SCHEMA_VERSION}"
-            )
-        db.executescript(SCHEMA_PATH.read_text())
-        # Future migrations: `if version < 2: ...` each in its own transaction.
-        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        """Connect, apply the schema and migrations, start the writer."""
 
     async def close(self) -> None:
-        """Commit what is queued, checkpoint the WAL and close both connections."""
-        if self._task is not None:
-            await self.flush()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._reader is not None:
-            await self._reader.close()
-            self._reader = None
-        if self._writer is not None:
-            await self._on_writer(self._close_writer, self._writer)
-            self._writer = None
-        if self._thread.is_alive():
-            self._jobs.put(None)
-            self._thread.join()  # its last job, the close, is done: it is exiting
+        """Commit what is queued, then close; every later call raises StoreClosed."""
 
-    @staticmethod
-    def _close_writer(db: sqlite3.Connection) -> None:
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        db.close()
-
-    # -- the writer ------------------------------------------------------------------------
-
-    def submit(self, write: Write) -> asyncio.Future[None]:
-        """Queue a write; the future resolves after its COMMIT (or holds the error)."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((write, future))
-        wakeup = self._wakeup
-        if wakeup is not None:
-            self._wakeup = None
-            if not wakeup.done():
-                wakeup.set_result(None)
-        return future
-
-    def submit_background(self, write: Write) -> None:
-        """Queue a write nobody waits for (delivery records, presence); failures are logged."""
-        self.submit(write).add_done_callback(_log_failure)
-
-    async def flush(self) -> None:
-        """Wait until everything queued before this call is committed."""
-        await self.submit(Write())
+    async def healthy(self) -> bool:
+        """The database answers a read."""
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        """Writes waiting to be committed (a gauge)."""
 
-    async def _write_loop(self) -> None:
-        assert self._writer is not None
-        queue = self._queue
-        while True:
-            if not queue:
-                self._wakeup = asyncio.get_running_loop().create_future()
-                await self._wakeup
-                continue
-            batch = [queue.popleft() for _ in range(min(len(queue), self.max_batch))]
-            started = time.perf_counter()
-            try:
-                await self._commit([w for w, _ in batch])
-            except asyncio.CancelledError:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(RuntimeError("store closed"))
-                raise
-            except Exception:
-                # One bad write must not fail its neighbours: retry each on its own.
-                log.debug("batch of %d writes failed; retrying one by one", len(batch))
-                for write, future in batch:
-                    try:
-                        await self._commit([write])
-                    except sqlite3.IntegrityError as exc:
-                        # Expected for a repeated requestId; the caller decides what it means.
-                        log.debug("write refused by a constraint: %s", exc)
-                        if not future.done():
-                            future.set_exception(exc)
-                    except Exception as exc:
-                        log.exception("write failed")
-                        if not future.done():
-                            future.set_exception(exc)
-                    else:
-                        if not future.done():
-                            future.set_result(None)
-            else:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_result(None)
-            if self.on_commit is not None:
-                self.on_commit(len(batch), time.perf_counter() - started)
+    # -- settings and users ----------------------------------------------------------------
 
-    async def _commit(self, writes: Sequence[Write]) -> None:
-        db = self._writer
-        assert db is not None
-        grouped: dict[str, list[Params]] = {}
-        for write in writes:
-            for sql, params in write.statements:
-                grouped.setdefault(sql, []).append(params)
-        if grouped:
-            ordered = sorted(grouped.items(), key=_statement_rank)  # stable: ties keep order
-            await self._on_writer(_transaction, db, ordered)
+    async def setting(self, key: str) -> str | None: ...
 
-    # -- reads -----------------------------------------------------------------------------
+    async def put_setting(self, key: str, value: str) -> None: ...
 
-    async def _fetch(self, sql: str, params: Params = ()) -> list[Any]:
-        assert self._reader is not None, "store is not open"
-        return list(await self._reader.execute_fetchall(sql, params))
+    async def users(self, ids: Iterable[int]) -> dict[int, UserRow]:
+        """The known users among ``ids`` (at most MAX_ROWS)."""
 
-    async def healthy(self) -> bool:
-        rows = await self._fetch("SELECT 1")
-        return rows == [(1,)]
+    async def save_profile(
+        self, user_id: int, username: str | None, user_type: str | None
+    ) -> None:
+        """Create the user if unknown; set the fields that are not None."""
 
-    async def setting(self, key: str) -> str | None:
-        rows = await self._fetch("SELECT value FROM settings WHERE key = ?", (key,))
-        return rows[0][0] if rows else None
+    def save_profile_later(
+        self, user_id: int, username: str | None, user_type: str | None
+    ) -> None:
+        """``save_profile`` that nobody waits for (the handshake's path); failures are logged."""
 
-    async def conversation(self, conversation_id: int) -> ConversationRow | None:
-        rows = await self._fetch(
-            "SELECT c.id, c.title, c.is_group, c.created_by_id, p.user_id"
-            " FROM conversations c LEFT JOIN conversation_participants p"
-            "   ON p.conversation_id = c.id AND p.is_active = 1"
-            " WHERE c.id = ? LIMIT ?",
-            (conversation_id, MAX_ROWS),
-        )
-        if not rows:
-            return None
-        cid, title, is_group, created_by, _ = rows[0]
-        members = frozenset(r[4] for r in rows if r[4] is not None)
-        return ConversationRow(cid, title, bool(is_group), created_by, members)
+    def set_last_seen_later(self, user_id: int, last_seen: str) -> None:
+        """Record when a user went offline; nobody waits, failures are logged."""
 
-    async def conversation_by_request(self, user_id: int, request_id: str) -> int | None:
-        rows = await self._fetch(
-            "SELECT id FROM conversations WHERE created_by_id = ? AND request_id = ?",
-            (user_id, request_id),
-        )
-        return rows[0][0] if rows else None
+    # -- conversations ---------------------------------------------------------------------
 
-    async def find_pair(self, a: int, b: int) -> int | None:
-        """The oldest non-group conversation whose active participants are exactly a and b."""
-        rows = await self._fetch(
-            "SELECT c.id FROM conversation_participants pa"
-            " JOIN conversation_participants pb"
-            "   ON pb.conversation_id = pa.conversation_id AND pb.user_id = ? AND pb.is_active = 1"
-            " JOIN conversations c ON c.id = pa.conversation_id AND c.is_group = 0"
-            " WHERE pa.user_id = ? AND pa.is_active = 1"
-            "   AND (SELECT COUNT(*) FROM conversation_participants px"
-            "        WHERE px.conversation_id = c.id AND px.is_active = 1) = 2"
-            " ORDER BY c.id LIMIT 1",
-            (b, a),
-        )
-        return rows[0][0] if rows else None
+    async def conversation(self, conversation_id: int) -> ConversationRow | None: ...
 
-    async def message_by_request(self, sender_id: int, request_id: str) -> MessageRow | None:
-        rows = await self._fetch(
-            _MESSAGE_SELECT + " WHERE m.sender_id = ? AND m.request_id = ?",
-            (sender_id, request_id),
-        )
-        return _message(rows[0]) if rows else None
+    async def create_conversation(
+        self,
+        created_by: int,
+        members: Sequence[int],
+        title: str | None,
+        request_id: str | None,
+        pitch_id: int | None,
+        now: str,
+    ) -> ConversationRow:
+        """A new conversation of ``members`` (the creator among them).
 
-    async def message(self, message_id: int) -> MessageRow | None:
-        rows = await self._fetch(_MESSAGE_SELECT + " WHERE m.id = ?", (message_id,))
-        return _message(rows[0]) if rows else None
+        Raises DuplicateRequest when ``(created_by, request_id)`` made one before.
+        """
+
+    async def conversation_by_request(self, created_by: int, request_id: str) -> int | None: ...
+
+    async def direct_conversation(self, a: int, b: int, now: str) -> ConversationRow:
+        """The direct (1:1) conversation of a and b, created and committed if missing."""
+
+    async def contacts(self, user_id: int) -> set[int]:
+        """Users who share an active conversation with ``user_id`` (not the user)."""
+
+    # -- messages --------------------------------------------------------------------------
+
+    async def add_message(self, message: NewMessage) -> int:
+        """Store the message and its receipts in one transaction; return its id.
+
+        Raises DuplicateRequest for a repeated ``(sender_id, request_id)``, and
+        ConstraintViolation when the conversation or a user does not exist.
+        """
+
+    async def message(self, message_id: int) -> MessageRow | None: ...
+
+    async def message_by_request(self, sender_id: int, request_id: str) -> MessageRow | None: ...
 
     async def delivered_any(self, message_id: int) -> bool:
-        rows = await self._fetch(
-            "SELECT 1 FROM message_read_receipts WHERE message_id = ? AND delivered_at IS NOT NULL"
-            " LIMIT 1",
-            (message_id,),
-        )
-        return bool(rows)
+        """Some recipient has been sent the message."""
 
     async def message_for_read(
         self, message_id: int, reader_id: int
     ) -> tuple[MessageRow, str | None] | None:
-        """The message and the reader's read_at (None when unread or no receipt)."""
-        rows = await self._fetch(
-            _MESSAGE_SELECT.replace("m.is_read", "r.read_at")
-            + " LEFT JOIN message_read_receipts r ON r.message_id = m.id AND r.user_id = ?"
-            " WHERE m.id = ?",
-            (reader_id, message_id),
-        )
-        if not rows:
-            return None
-        row = rows[0]
-        return _message((*row[:8], False)), row[8]
+        """The message and ``reader_id``'s read_at (None when unread or not a recipient)."""
+
+    async def mark_read(self, message_id: int, reader_id: int, now: str) -> None:
+        """Set the reader's read_at (and delivered_at when empty) unless already read."""
 
     async def history(
         self, conversation_id: int, viewer_id: int, before: int | None, limit: int
     ) -> tuple[list[MessageRow], bool]:
-        """Up to ``limit`` messages before ``before`` (newest page when None), oldest first."""
-        rows = await self._fetch(
-            _MESSAGE_SELECT.replace(
-                "m.is_read",
-                "CASE WHEN m.sender_id = ? THEN m.is_read ELSE r.read_at IS NOT NULL END",
-            )
-            + " LEFT JOIN message_read_receipts r ON r.message_id = m.id AND r.user_id = ?"
-            " WHERE m.conversation_id = ? AND m.id < ? AND m.is_deleted = 0"
-            " ORDER BY m.id DESC LIMIT ?",
-            (viewer_id, viewer_id, conversation_id, before or 2**63 - 1, limit + 1),
-        )
-        has_more = len(rows) > limit
-        return [_message(r) for r in reversed(rows[:limit])], has_more
+        """Up to ``limit`` messages before ``before`` (the newest when None), oldest first,
+        and whether older ones exist. ``is_read``: for the viewer's own messages, read by
+        someone; otherwise read by the viewer."""
 
     async def since(self, user_id: int, since: int, limit: int) -> tuple[list[MessageRow], bool]:
-        """Messages with id > since in the user's active conversations, oldest first."""
-        rows = await self._fetch(
-            _MESSAGE_SELECT
-            + " JOIN conversation_participants p ON p.conversation_id = m.conversation_id"
-            "   AND p.user_id = ? AND p.is_active = 1"
-            " WHERE m.id > ? AND m.is_deleted = 0 ORDER BY m.id LIMIT ?",
-            (user_id, since, limit + 1),
-        )
-        return [_message(r) for r in rows[:limit]], len(rows) > limit
+        """Messages with id > ``since`` in the user's active conversations, oldest first."""
 
-    async def pending(self, user_id: int, limit: int) -> list[Pending]:
-        """The user's undelivered messages and read notices, oldest first, at most ``limit``."""
-        messages = await self._fetch(
-            _MESSAGE_SELECT + " JOIN message_read_receipts r ON r.message_id = m.id"
-            " WHERE r.user_id = ? AND r.delivered_at IS NULL ORDER BY r.message_id LIMIT ?",
-            (user_id, limit),
-        )
-        reads = await self._pending_reads(user_id, limit)
-        events = [Pending("new_message", r[7], _message(r), 0, None, None) for r in messages]
-        events.extend(reads)
-        events.sort(key=lambda e: (e.queued_at, e.kind != "new_message", e.message.id))
-        return events[:limit]
+    # -- durable events --------------------------------------------------------------------
 
-    async def _pending_reads(self, user_id: int, limit: int) -> list[Pending]:
-        rows = await self._fetch(
-            "SELECT m.id, m.conversation_id, m.sender_id, NULL, '', '[]', m.message_type,"
-            " m.sent_at, 1, r.user_id, u.username, r.read_at"
-            " FROM message_read_receipts r"
-            " JOIN messages m ON m.id = r.message_id"
-            " LEFT JOIN users u ON u.id = r.user_id"
-            " WHERE r.read_at IS NOT NULL AND r.read_notified_at IS NULL AND m.sender_id = ?"
-            " ORDER BY r.read_at, r.message_id LIMIT ?",
-            (user_id, limit),
-        )
-        return [Pending("message_read", r[11], _message(r[:9]), r[9], r[10], r[11]) for r in rows]
+    async def pending(self, user_id: int, limit: int) -> list[PendingEvent]:
+        """The user's undelivered events, oldest first by queued time, at most ``limit``."""
 
-    async def contacts(self, user_id: int) -> set[int]:
-        """Users who share an active conversation with ``user_id`` (not the user)."""
-        rows = await self._fetch(
-            "SELECT DISTINCT b.user_id FROM conversation_participants a"
-            " JOIN conversation_participants b ON b.conversation_id = a.conversation_id"
-            " WHERE a.user_id = ? AND a.is_active = 1 AND b.is_active = 1 AND b.user_id != ?"
-            " LIMIT ?",
-            (user_id, user_id, MAX_ROWS),
-        )
-        return {r[0] for r in rows}
+    def record_deliveries(
+        self, messages: Mapping[int, Sequence[int]], reads: Sequence[tuple[int, int]]
+    ) -> asyncio.Future[None]:
+        """Record events as delivered: ``messages`` maps a message id to recipients sent it,
+        ``reads`` lists (message id, reader id) notices sent to the sender. Queued now; the
+        future resolves after the commit."""
 
-    async def users(self, ids: Iterable[int]) -> dict[int, UserRow]:
-        wanted = list(dict.fromkeys(ids))[:MAX_ROWS]
-        out: dict[int, UserRow] = {}
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            rows = await self._fetch(
-                f"SELECT id, username, user_type, last_seen FROM users WHERE id IN ({marks})",
-                tuple(chunk),
-            )
-            out.update((r[0], UserRow(*r)) for r in rows)
-        return out
+    # -- typing ----------------------------------------------------------------------------
 
-    # -- writes (each returns a Write for the caller to submit, possibly merged) -----------
+    def set_typing_later(
+        self, conversation_id: int, user_id: int, typing: bool, now: str
+    ) -> None:
+        """Mirror typing state into ``typing_indicators``; nobody waits."""
 
-    def new_message_id(self) -> int:
-        value = self.next_message_id
-        self.next_message_id += 1
-        return value
-
-    def new_conversation_id(self) -> int:
-        value = self.next_conversation_id
-        self.next_conversation_id += 1
-        return value
+    async def clear_typing(self) -> None:
+        """Startup: drop typing rows left by a previous run."""
 
 
-_Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
+class KeyedLock:
+    """One holder per key at a time; waiters queue in order. Entries vanish when released."""
 
+    def __init__(self) -> None:
+        self._waiting: dict[Any, list[asyncio.Future[None]]] = {}
 
-def _writer_thread(jobs: queue.SimpleQueue[_Job | None]) -> None:
-    """Run jobs in order; each result or exception goes back to its future on its loop.
-    A plain thread and queue rather than an executor: one hand-off per batch, no extra
-    futures (the same shape as aiosqlite's worker)."""
-    while (job := jobs.get()) is not None:
-        fn, args, future = job
+    @asynccontextmanager
+    async def hold(self, key: Any) -> AsyncIterator[None]:
+        while (waiting := self._waiting.get(key)) is not None:
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            waiting.append(turn)
+            await turn
+        self._waiting[key] = []
         try:
-            result = fn(*args)
-        except BaseException as exc:  # handed to the awaiting task, which decides
-            future.get_loop().call_soon_threadsafe(_settle, future, None, exc)
-        else:
-            future.get_loop().call_soon_threadsafe(_settle, future, result, None)
+            yield
+        finally:
+            for turn in self._waiting.pop(key):
+                if not turn.done():
+                    turn.set_result(None)
+
+    def __len__(self) -> int:
+        return len(self._waiting)
 
 
-def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    if future.done():  # the awaiting task was cancelled
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
+def open_store(
+    path: str,
+    *,
+    synchronous: str = "FULL",
+    max_batch: int = 512,
+    on_commit: Callable[[int, float], None] | None = None,
+) -> Store:
+    """The engine for this configuration (today: SQLite at ``path``)."""
+    from store_sqlite import SqliteStore
+
+    return SqliteStore(path, synchronous=synchronous, max_batch=max_batch, on_commit=on_commit)
 
 
-# Tables in foreign-key order: each references only tables before it.
-_PARENTS_FIRST = ("users", "conversations", "conversation_participants", "messages",
-                  "message_read_receipts", "typing_indicators")
-_INSERT_INTO = re.compile(r"INSERT (?:OR \w+ )?INTO (\w+)")
+def read_setting(path: str, key: str) -> str | None:
+    """A setting of a database no daemon needs to have open (``token --db``); None when the
+    database or the setting is missing."""
+    from store_sqlite import read_setting as sqlite_setting
 
-
-@functools.lru_cache(maxsize=256)
-def _rank_of(sql: str) -> int:
-    match = _INSERT_INTO.match(sql)
-    if match is None:
-        return len(_PARENTS_FIRST) + 1  # not an INSERT: after every INSERT
-    table = match.group(1)
-    return _PARENTS_FIRST.index(table) if table in _PARENTS_FIRST else len(_PARENTS_FIRST)
-
-
-def _statement_rank(group: tuple[str, list[Params]]) -> int:
-    return _rank_of(group[0])
-
-
-def _transaction(db: sqlite3.Connection, grouped: list[tuple[str, list[Params]]]) -> None:
-    """One transaction on the writer thread: all of a batch's statements, or none of them."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        for sql, rows in grouped:
-            db.executemany(sql, rows)
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-
-
-def _log_failure(future: asyncio.Future[None]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("background write failed", exc_info=future.exception())
-
-
-_MESSAGE_SELECT = (
-    "SELECT m.id, m.conversation_id, m.sender_id, su.username, m.content, m.attachments,"
-    " m.message_type, m.sent_at, m.is_read"
-    " FROM messages m LEFT JOIN users su ON su.id = m.sender_id"
-)
-
-
-def _message(row: Sequence[Any]) -> MessageRow:
-    return MessageRow(
-        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], bool(row[8])
-    )
-
-
-# -- write builders: pure functions from values to statements -------------------------------
-
-UPSERT_USER = (
-    "INSERT INTO users (id, username, user_type, created_at, updated_at) VALUES (?, ?, ?, ?, ?)"
-    " ON CONFLICT(id) DO UPDATE SET"
-    " username = COALESCE(excluded.username, users.username),"
-    " user_type = COALESCE(excluded.user_type, users.user_type),"
-    " updated_at = excluded.updated_at"
-)
-ENSURE_USER = "INSERT OR IGNORE INTO users (id, created_at, updated_at) VALUES (?, ?, ?)"
-
-
-def upsert_user(write: Write, user_id: int, username: str | None, user_type: str | None) -> Write:
-    now = now_iso()
-    return write.add(UPSERT_USER, (user_id, username, user_type, now, now))
-
-
-def ensure_users(write: Write, user_ids: Iterable[int]) -> Write:
-    now = now_iso()
-    for user_id in user_ids:
-        write.add(ENSURE_USER, (user_id, now, now))
-    return write
-
-
-def create_conversation(
-    write: Write,
-    conversation_id: int,
-    created_by: int,
-    members: Sequence[int],
-    title: str | None,
-    is_group: bool,
-    request_id: str | None,
-    pitch_id: int | None,
-    now: str,
-) -> Write:
-    ensure_users(write, members)
-    write.add(
-        "INSERT INTO conversations (id, pitch_id, created_by_id, title, is_group, created_at,"
-        " updated_at, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (conversation_id, pitch_id, created_by, title, int(is_group), now, now, request_id),
-    )
-    for user_id in members:
-        write.add(
-            "INSERT INTO conversation_participants (conversation_id, user_id, joined_at)"
-            " VALUES (?, ?, ?)",
-            (conversation_id, user_id, now),
-        )
-    return write
-
-
-def insert_message(
-    write: Write,
-    message_id: int,
-    conversation_id: int,
-    sender_id: int,
-    receiver_id: int | None,
-    recipients: Sequence[int],
-    content: str,
-    message_type: str,
-    attachments: list[dict[str, Any]],
-    pitch_id: int | None,
-    subject: str | None,
-    request_id: str | None,
-    now: str,
-) -> Write:
-    """The message, one receipt per other participant, and the conversation's last_message_at."""
-    write.add(
-        "INSERT INTO messages (id, conversation_id, sender_id, receiver_id, pitch_id, subject,"
-        " content, message_type, attachments, sent_at, request_id)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            message_id, conversation_id, sender_id, receiver_id, pitch_id, subject, content,
-            message_type, dumps(attachments) if attachments else "[]", now, request_id,
-        ),
-    )
-    if len(recipients) == 1:
-        write.add(
-            "INSERT INTO message_read_receipts (message_id, user_id) VALUES (?, ?)",
-            (message_id, recipients[0]),
-        )
-    elif recipients:
-        # A group's receipts in one statement: one row to bind instead of one per member.
-        write.add(
-            "INSERT INTO message_read_receipts (message_id, user_id)"
-            " SELECT ?, value FROM json_each(?)",
-            (message_id, dumps(list(recipients))),
-        )
-    return write.add(
-        "UPDATE conversations SET last_message_at = ?, updated_at = ? WHERE id = ?",
-        (now, now, conversation_id),
-    )
-
-
-def mark_delivered(write: Write, message_id: int, user_ids: Sequence[int], now: str) -> Write:
-    """One statement for every recipient of one message (a group fan-out marks 1,000 rows)."""
-    if len(user_ids) == 1:
-        return write.add(
-            "UPDATE message_read_receipts SET delivered_at = ?"
-            " WHERE message_id = ? AND user_id = ? AND delivered_at IS NULL",
-            (now, message_id, user_ids[0]),
-        )
-    return write.add(
-        "UPDATE message_read_receipts SET delivered_at = ?"
-        " WHERE message_id = ? AND delivered_at IS NULL"
-        " AND user_id IN (SELECT value FROM json_each(?))",
-        (now, message_id, dumps(list(user_ids))),
-    )
-
-
-def mark_read(write: Write, message_id: int, reader_id: int, now: str) -> Write:
-    write.add(
-        "INSERT INTO message_read_receipts (message_id, user_id, delivered_at, read_at)"
-        " VALUES (?, ?, ?, ?) ON CONFLICT(message_id, user_id) DO UPDATE SET"
-        " read_at = excluded.read_at,"
-        " delivered_at = COALESCE(message_read_receipts.delivered_at, excluded.delivered_at)"
-        " WHERE message_read_receipts.read_at IS NULL",
-        (message_id, reader_id, now, now),
-    )
-    return write.add(
-        "UPDATE messages SET is_read = 1, read_at = COALESCE(read_at, ?) WHERE id = ?",
-        (now, message_id),
-    )
-
-
-def mark_read_notified(write: Write, message_id: int, reader_id: int, now: str) -> Write:
-    return write.add(
-        "UPDATE message_read_receipts SET read_notified_at = ?"
-        " WHERE message_id = ? AND user_id = ? AND read_notified_at IS NULL",
-        (now, message_id, reader_id),
-    )
-
-
-def set_typing(write: Write, conversation_id: int, user_id: int, typing: bool, now: str) -> Write:
-    return write.add(
-        "INSERT INTO typing_indicators (conversation_id, user_id, is_typing, updated_at)"
-        " VALUES (?, ?, ?, ?) ON CONFLICT(conversation_id, user_id) DO UPDATE SET"
-        " is_typing = excluded.is_typing, updated_at = excluded.updated_at",
-        (conversation_id, user_id, int(typing), now),
-    )
-
-
-def clear_typing(write: Write) -> Write:
-    return write.add("DELETE FROM typing_indicators WHERE ?", (1,))
-
-
-def set_last_seen(write: Write, user_id: int, last_seen: str) -> Write:
-    return write.add(
-        "UPDATE users SET last_seen = ?, updated_at = ? WHERE id = ?",
-        (last_seen, last_seen, user_id),
-    )
-
-
-def put_setting(write: Write, key: str, value: str) -> Write:
-    return write.add(
-        "INSERT INTO settings (key, value) VALUES (?, ?)"
-        " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        (key, value),
-    )
+    return sqlite_setting(path, key)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
-import store as st
+import protocol as p
 from hub import Hub
-from protocol import encode, now_iso
+from store import Store
 
 
 class _Typing:
@@ -26,7 +26,7 @@ class _Typing:
 
 
 class TypingTracker:
-    def __init__(self, hub: Hub, store: st.Store, ttl_seconds: float) -> None:
+    def __init__(self, hub: Hub, store: Store, ttl_seconds: float) -> None:
         self.hub = hub
         self.store = store
         self.ttl = ttl_seconds
@@ -89,16 +89,6 @@ class TypingTracker:
         self, conversation_id: int, user_id: int, members: Iterable[int], typing: bool
     ) -> None:
         user = self.hub.users.get(user_id)
-        now = now_iso()
-        frame = encode(
-            "user_typing",
-            userId=user_id,
-            username=user.username if user else f"User {user_id}",
-            conversationId=conversation_id,
-            isTyping=typing,
-            timestamp=now,
-        )
+        frame = p.user_typing(user_id, user.username if user else None, conversation_id, typing)
         self.hub.send_to([m for m in members if m != user_id], frame)
-        self.store.submit_background(
-            st.set_typing(st.Write(), conversation_id, user_id, typing, now)
-        )
+        self.store.set_typing_later(conversation_id, user_id, typing, p.now_iso())

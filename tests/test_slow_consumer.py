@@ -202,7 +202,7 @@ async def test_stalled_reader_closed_1013_others_unaffected(tmp_path: Path) -> N
             i += 1
             if i % 25 == 0:
                 peak = max(peak, rss_kb(pid))
-                if closed_after is None and await metric(d, "pitchey_slow_consumer_closes") >= 1:
+                if closed_after is None and await metric(d, "pitchey_slow_consumer_closes_total") >= 1:
                     closed_after = i
         peak = max(peak, rss_kb(pid))
         assert closed_after is not None
@@ -257,7 +257,7 @@ async def test_stalled_reader_is_dropped_after_close_timeout(tmp_path: Path) -> 
         assert await metric(d, "pitchey_connections") == 3
         deadline = time.monotonic() + 20 * SCALE
         i = 0
-        while await metric(d, "pitchey_slow_consumer_closes") < 1:
+        while await metric(d, "pitchey_slow_consumer_closes_total") < 1:
             assert time.monotonic() < deadline, "the stalled client was never closed"
             for _ in range(10):
                 await round_trip(a, b, conv, f"n-{i}")

@@ -31,12 +31,16 @@ async def test_metrics(daemon: Daemon, connect_to: Connector) -> None:
     text = body.decode()
     lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
     assert float(lines["pitchey_connections"]) >= 1
-    assert float(lines['pitchey_frames_in_total{type="Ping"}']) >= 1
+    assert float(lines['pitchey_frames_in_total{type="ping"}']) >= 1
     assert float(lines['pitchey_errors_total{code="unknown_type"}']) >= 1
     assert float(lines['pitchey_commit_seconds_bucket{le="+Inf"}']) >= 1
     for name in ("pitchey_users_online", "pitchey_pending_outgoing_bytes",
-                 "pitchey_messages_stored_total", "pitchey_commit_batch_size_count"):
+                 "pitchey_messages_stored_total", "pitchey_commit_batch_size_count",
+                 "pitchey_slow_consumer_closes_total"):
         assert name in lines
+    # Counters are typed as counters; frames are labelled by the type they had on the wire.
+    assert "# TYPE pitchey_slow_consumer_closes_total counter" in text
+    assert 'pitchey_frames_in_total{type="Ping"}' not in text
 
 
 def test_client_library_served(daemon: Daemon) -> None:

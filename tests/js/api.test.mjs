@@ -29,7 +29,8 @@ async function metric(series) {
   return line ? Number(line.slice(series.length + 1)) : 0;
 }
 const RATE_LIMITED = 'pitchey_errors_total{code="rate_limited"}';
-const TYPING_IN = 'pitchey_frames_in_total{type="Typing"}';
+const typingIn = async () => (await metric('pitchey_frames_in_total{type="typing_start"}'))
+  + (await metric('pitchey_frames_in_total{type="typing_stop"}'));
 
 async function online(userId, options = {}) {
   const c = new PitcheyClient({ url: daemon.url, token: mintToken(userId), WebSocket, ...options });
@@ -87,14 +88,14 @@ test('markRead tells the sender (message_read); typing is throttled and stops wh
   const read = await a.rec.next('message_read', (r) => r.messageId === sent.messageId);
   assert.equal(read.readBy, ub);
 
-  const typingFrames = await metric(TYPING_IN);
+  const typingFrames = await typingIn();
   for (let i = 0; i < 5; i += 1) b.c.startTyping(conversationId); // keystrokes
   const typing = await a.rec.next('user_typing', (t) => t.isTyping);
   assert.equal(typing.userId, ub);
   assert.equal(typing.conversationId, conversationId);
   const stopped = await a.rec.next('user_typing', (t) => !t.isTyping);
   assert.equal(stopped.userId, ub);
-  assert.equal(await metric(TYPING_IN) - typingFrames, 2, 'one typing_start, one typing_stop');
+  assert.equal(await typingIn() - typingFrames, 2, 'one typing_start, one typing_stop');
 });
 
 test('presence: getOnlineUsers lists contacts; user_online and user_offline arrive', async () => {

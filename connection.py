@@ -1,0 +1,264 @@
+"""One connection's life: handshake admission, then attach, expiry, replay and the read loop.
+
+``admit`` runs before the WebSocket handshake completes (from the HTTP routes) and answers
+401/429/503 or lets the handshake go on; ``handle`` is the websockets connection handler.
+``dispatch`` only decodes, meters, looks up the handler table and turns protocol errors into
+``error`` frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import assert_never
+from urllib.parse import parse_qs
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+import protocol as p
+from auth import AuthError, Identity, Verifier
+from config import Config
+from handlers import Handlers
+from http_routes import json_response
+from hub import Client, Hub, expiry_delay
+from metrics import Metrics
+from rows import Event, EventKind, PendingMessage, PendingRead
+from service import Service
+from store import Store
+
+log = logging.getLogger("pitchey.connection")
+
+
+class Sessions:
+    """Admits handshakes and runs each connection until it closes."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        hub: Hub,
+        service: Service,
+        metrics: Metrics,
+        verifier: Callable[[], Verifier],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.hub = hub
+        self.service = service
+        self.metrics = metrics
+        self.verifier = verifier
+        self.limits = p.Limits(
+            max_content_chars=config.limits.max_content_chars,
+            max_attachments=config.limits.max_attachments,
+            max_attachment_field_chars=config.limits.max_attachment_field_chars,
+            max_request_id_chars=config.limits.max_request_id_chars,
+            max_participants=config.limits.max_participants,
+            max_title_chars=config.limits.max_title_chars,
+        )
+        self.handlers = Handlers(service, metrics, verifier, self.arm_expiry)
+        self.identities: weakref.WeakKeyDictionary[ServerConnection, Identity] = (
+            weakref.WeakKeyDictionary()
+        )
+        # user id -> (username, userType) as last seen, newest last.
+        self.profiles: OrderedDict[int, tuple[str | None, str | None]] = OrderedDict()
+        self.handshaking = 0
+        self.closing = False
+
+    # -- before the handshake --------------------------------------------------------------
+
+    def admit(self, ws: ServerConnection, request: Request, query: str) -> Response | None:
+        """Authenticate a handshake: a refusal (401/429/503), or None to go on."""
+        token = _token_from(request, query)
+        try:
+            identity = self.verifier().verify(token)
+        except AuthError as exc:
+            log.info("handshake refused: %s", exc.code)
+            return json_response(ws, 401, {"error": exc.code, "message": exc.message})
+        if self.closing:
+            return json_response(
+                ws, 503, {"error": "shutting_down", "message": "Server is restarting"}
+            )
+        if self.hub.count(identity.user_id) >= self.config.limits.max_connections_per_user:
+            return json_response(
+                ws, 429, {"error": "too_many_connections", "message": "Too many connections"}
+            )
+        if self.hub.connections + self.handshaking >= self.config.limits.max_connections:
+            return json_response(ws, 503, {"error": "server_full", "message": "Server is full"})
+        self.identities[ws] = identity
+        return None
+
+    # -- the connection --------------------------------------------------------------------
+
+    async def handle(self, ws: ServerConnection) -> None:
+        identity = self.identities.pop(ws, None)
+        if identity is None:  # not admitted by process_request; cannot happen
+            await ws.close(*p.NOT_AUTHENTICATED)
+            return
+        user_id = identity.user_id
+        self.handshaking += 1
+        try:
+            username, user_type = await self.profile(identity)
+        finally:
+            self.handshaking -= 1
+        # Checked again here, with no await before attach() registers the connection: several
+        # handshakes may have passed the check in admit() at once.
+        if (
+            self.hub.count(user_id) >= self.config.limits.max_connections_per_user
+            or self.hub.connections >= self.config.limits.max_connections
+        ):
+            await ws.close(*p.TOO_MANY_CONNECTIONS)
+            return
+        client = Client(ws, user_id, identity.expires_at, self.hub)
+        try:
+            await self.hub.attach(client, username, user_type)
+            log.info("user %d connected (%d open)", user_id, self.hub.connections)
+            self.arm_expiry(client)
+            await ws.send(p.connected(user_id, username))
+            client.end_replay(await self.replay(client))
+            async for frame in ws:
+                if isinstance(frame, bytes):
+                    await ws.close(*p.BINARY_FRAME)
+                    break
+                await self.dispatch(client, frame)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.hub.detach(client)
+            log.info(
+                "user %d disconnected (code %s, %d open)",
+                user_id,
+                ws.close_code,
+                self.hub.connections,
+            )
+
+    async def profile(self, identity: Identity) -> tuple[str, str | None]:
+        """The user's display name and type: from the token, else as last known.
+
+        Known profiles are kept in memory (bounded), so the database is read only for a user
+        this process has not seen whose token lacks a claim, and written only on a change.
+        """
+        uid = identity.user_id
+        known = self.profiles.get(uid)
+        stored = known is not None
+        if known is None and (identity.username is None or identity.user_type is None):
+            row = (await self.store.users([uid])).get(uid)
+            if row is not None:
+                known, stored = (row.username, row.user_type), True
+        if known is None:
+            known = (None, None)
+        current = (identity.username or known[0], identity.user_type or known[1])
+        if current != known or not stored:
+            self.store.save_profile_later(uid, current[0], current[1])
+        self.profiles[uid] = current
+        self.profiles.move_to_end(uid)
+        if len(self.profiles) > self.config.database.cache_users:
+            self.profiles.popitem(last=False)
+        return p.display_name(uid, current[0]), current[1]
+
+    def arm_expiry(self, client: Client) -> None:
+        if client.expiry is not None:
+            client.expiry.cancel()
+            client.expiry = None
+        if client.expires_at is not None:
+            client.expiry = asyncio.get_running_loop().call_later(
+                expiry_delay(client.expires_at), client.close, p.TOKEN_EXPIRED
+            )
+
+    async def replay(self, client: Client) -> set[Event]:
+        """Send the user's undelivered durable events, oldest first, bounded; return them."""
+        carried: set[Event] = set()
+        record = self.service.deliveries.record
+        user_id = client.user_id
+        for pending in await self.service.pending(user_id):
+            event: Event
+            match pending:
+                case PendingMessage(queued_at=queued_at, message=message):
+                    frame = p.queued_new_message(message, queued_at)
+                    event = (EventKind.MESSAGE, message.id, user_id)
+                case PendingRead():
+                    fields = p.read_fields(pending.message_id, pending.conversation_id,
+                                           pending.reader_id, pending.reader_name,
+                                           pending.queued_at)
+                    frame = p.queued_message("message_read", pending.queued_at, fields)
+                    event = (EventKind.READ, pending.message_id, pending.reader_id)
+                case _:
+                    assert_never(pending)
+            await client.write_now(frame)
+            carried.add(event)
+            record(event, user_id)
+            self.metrics.frames_out["queued_message"] += 1
+        return carried
+
+    async def dispatch(self, client: Client, text: str) -> None:
+        """Decode, rate-limit, look up, call; protocol errors become error frames."""
+        user = client.user
+        assert user is not None
+        try:
+            command: p.Command | None = p.parse(text, self.limits)
+            error: p.ProtocolError | None = None
+        except p.ProtocolError as exc:
+            command, error = None, exc
+        service = self.service
+        # A typing frame that changes nothing is free, but only when membership is known
+        # without a database read (otherwise random ids would be free reads).
+        free = (
+            isinstance(command, p.Typing)
+            and service.typing.is_noop(command.conversation_id, client.user_id,
+                                       command.is_typing)
+            and service.conversations.cached_member(command.conversation_id, client.user_id)
+        )
+        if not free:
+            wait = user.bucket.take()
+            if wait > 0:
+                self.metrics.errors[p.RATE_LIMITED] += 1
+                request_id = command.request_id if command is not None else None
+                if error is not None:
+                    request_id = error.request_id
+                client.send(
+                    p.error(p.RATE_LIMITED, "Too many frames; slow down",
+                            request_id, math.ceil(wait * 1000))
+                )
+                if client.flood.drop():
+                    log.warning("user %d flooding; closing with 1008", client.user_id)
+                    client.close(p.FLOODING)
+                return
+        if error is not None:
+            self.metrics.frames_in["invalid"] += 1
+            self.reply_error(client, error)
+            return
+        assert command is not None
+        self.metrics.frames_in[p.wire_type(command)] += 1
+        try:
+            await self.handlers.table[type(command)](client, command)
+        except p.ProtocolError as exc:
+            if exc.request_id is None:
+                exc.request_id = command.request_id
+            self.reply_error(client, exc)
+        except ConnectionClosed:
+            raise
+        except Exception:
+            log.exception("handler for %s failed", type(command).__name__)
+            self.reply_error(
+                client, p.ProtocolError(p.INTERNAL, "Internal error", command.request_id)
+            )
+
+    def reply_error(self, client: Client, exc: p.ProtocolError) -> None:
+        self.metrics.errors[exc.code] += 1
+        client.send(p.error(exc.code, exc.message, exc.request_id))
+
+
+def _token_from(request: Request, query: str) -> str | None:
+    tokens = parse_qs(query).get("token")
+    if tokens:
+        return tokens[0]
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return None

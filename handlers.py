@@ -1,0 +1,119 @@
+"""The handler table: one entry per client command type (PROTOCOL.md section 3).
+
+A handler translates a parsed command into a service call and the result into a reply frame
+for the connection it came on. Protocol errors it raises become ``error`` frames in
+``connection.dispatch``, which also adds the frame's requestId.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import protocol as p
+from auth import AuthError, Verifier
+from hub import Client, iso_expiry
+from metrics import Metrics
+from rows import EventKind
+from service import Service
+
+Handler = Callable[[Client, Any], Awaitable[None]]
+
+
+class Handlers:
+    def __init__(
+        self,
+        service: Service,
+        metrics: Metrics,
+        verifier: Callable[[], Verifier],
+        arm_expiry: Callable[[Client], None],
+    ) -> None:
+        self.service = service
+        self.metrics = metrics
+        self.verifier = verifier
+        self.arm_expiry = arm_expiry
+        self.table: dict[type[p.Command], Handler] = {
+            p.Ping: self.on_ping,
+            p.SendMessage: self.on_send_message,
+            p.Typing: self.on_typing,
+            p.MarkRead: self.on_mark_read,
+            p.JoinConversation: self.on_join_conversation,
+            p.GetOnlineUsers: self.on_get_online_users,
+            p.CreateConversation: self.on_create_conversation,
+            p.GetMessages: self.on_get_messages,
+            p.Sync: self.on_sync,
+            p.RefreshToken: self.on_refresh_token,
+        }
+
+    def reply(self, client: Client, frame: str, kind: str) -> None:
+        self.metrics.frames_out[kind] += 1
+        client.send(frame)
+
+    async def on_ping(self, client: Client, _: p.Ping) -> None:
+        self.reply(client, p.pong(client.user_id), "pong")
+
+    async def on_send_message(self, client: Client, cmd: p.SendMessage) -> None:
+        user = client.user
+        assert user is not None
+        sent = await self.service.send_message(
+            client.user_id, user.username, cmd.conversation_id, cmd.recipient_id, cmd.content,
+            message_type=cmd.message_type,
+            attachments=[a.to_wire() for a in cmd.attachments] if cmd.attachments else None,
+            pitch_id=cmd.pitch_id, subject=cmd.subject, request_id=cmd.request_id,
+            origin=client,
+        )
+        self.reply(client, p.message_sent(sent.fields, sent.delivered, cmd.request_id),
+                   "message_sent")
+
+    async def on_typing(self, client: Client, cmd: p.Typing) -> None:
+        await self.service.typing_in(cmd.conversation_id, client.user_id, cmd.is_typing)
+
+    async def on_mark_read(self, client: Client, cmd: p.MarkRead) -> None:
+        user = client.user
+        assert user is not None
+        await self.service.mark_read(client.user_id, user.username, cmd.message_id)
+
+    async def on_join_conversation(self, client: Client, cmd: p.JoinConversation) -> None:
+        rows, _ = await self.service.history(cmd.conversation_id, client.user_id, None, None)
+        self.reply(client, p.conversation_joined(cmd.conversation_id, rows),
+                   "conversation_joined")
+
+    async def on_get_messages(self, client: Client, cmd: p.GetMessages) -> None:
+        rows, has_more = await self.service.history(
+            cmd.conversation_id, client.user_id, cmd.before_message_id, cmd.limit
+        )
+        self.reply(client, p.messages_page(cmd.conversation_id, rows, has_more), "messages")
+
+    async def on_get_online_users(self, client: Client, _: p.GetOnlineUsers) -> None:
+        users = self.service.online_contacts(client.user_id)
+        self.reply(client, p.online_users(users), "online_users")
+
+    async def on_create_conversation(self, client: Client, cmd: p.CreateConversation) -> None:
+        created = await self.service.create_conversation(
+            client.user_id, cmd.participant_ids, cmd.title, cmd.request_id, cmd.pitch_id,
+            origin=client,
+        )
+        self.reply(client, p.conversation_created(created.conversation, cmd.request_id),
+                   "conversation_created")
+
+    async def on_sync(self, client: Client, cmd: p.Sync) -> None:
+        rows, has_more = await self.service.since(client.user_id, cmd.since_message_id)
+        deliveries = self.service.deliveries
+        for row in rows:
+            await client.write_now(p.queued_new_message(row, row.sent_at))
+            if row.sender_id != client.user_id:
+                deliveries.record((EventKind.MESSAGE, row.id, client.user_id), client.user_id)
+        self.metrics.frames_out["queued_message"] += len(rows)
+        last = rows[-1].id if rows else cmd.since_message_id
+        self.reply(client, p.sync_complete(last, has_more), "sync_complete")
+
+    async def on_refresh_token(self, client: Client, cmd: p.RefreshToken) -> None:
+        try:
+            identity = self.verifier().verify(cmd.token, leeway=False)
+        except AuthError as exc:
+            raise p.ProtocolError(p.FORBIDDEN, f"Token refused: {exc.message}") from None
+        if identity.user_id != client.user_id:
+            raise p.ProtocolError(p.FORBIDDEN, "Token is for another user")
+        client.expires_at = identity.expires_at
+        self.arm_expiry(client)
+        self.reply(client, p.token_refreshed(iso_expiry(identity.expires_at)), "token_refreshed")
