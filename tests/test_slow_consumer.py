@@ -202,7 +202,8 @@ async def test_stalled_reader_closed_1013_others_unaffected(tmp_path: Path) -> N
             i += 1
             if i % 25 == 0:
                 peak = max(peak, rss_kb(pid))
-                if closed_after is None and await metric(d, "pitchey_slow_consumer_closes_total") >= 1:
+                closes = await metric(d, "pitchey_slow_consumer_closes_total")
+                if closed_after is None and closes >= 1:
                     closed_after = i
         peak = max(peak, rss_kb(pid))
         assert closed_after is not None
