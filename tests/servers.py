@@ -360,7 +360,7 @@ class RedisServer(_Server):
 # -- fixtures --------------------------------------------------------------------------------
 
 
-def _unavailable(what: str, exc: ServerUnavailable) -> NoReturn:
+def skip_or_fail(what: str, exc: ServerUnavailable) -> NoReturn:
     message = f"{what} unavailable: {exc}"
     if REQUIRE:
         pytest.fail(message + "\n(PITCHEY_REQUIRE_SERVERS is set)", pytrace=False)
@@ -373,12 +373,12 @@ def postgres_server() -> Iterator[PostgresServer]:
     try:
         server = PostgresServer()
     except ServerUnavailable as exc:
-        _unavailable("PostgreSQL", exc)
+        skip_or_fail("PostgreSQL", exc)
     try:
         server.start()
     except ServerUnavailable as exc:
         server.cleanup(graceful=False)
-        _unavailable("PostgreSQL", exc)
+        skip_or_fail("PostgreSQL", exc)
     try:
         yield server
     finally:
@@ -400,12 +400,12 @@ def _start_redis() -> RedisServer:
     try:
         server = RedisServer()
     except ServerUnavailable as exc:
-        _unavailable("Redis", exc)
+        skip_or_fail("Redis", exc)
     try:
         server.start()
     except ServerUnavailable as exc:
         server.cleanup(graceful=False)
-        _unavailable("Redis", exc)
+        skip_or_fail("Redis", exc)
     return server
 
 
@@ -434,3 +434,98 @@ def fresh_redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.cleanup()
+
+
+# -- nginx -----------------------------------------------------------------------------------
+
+DEPLOY_NGINX_CONF = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf"
+
+
+def nginx_binary() -> str:
+    """PITCHEY_NGINX, else nginx on PATH, else Debian's /usr/sbin/nginx (not on a user's PATH)."""
+    if env := os.environ.get("PITCHEY_NGINX"):
+        if not os.access(env, os.X_OK):
+            raise ServerUnavailable(f"PITCHEY_NGINX={env} is not an executable")
+        return env
+    found = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
+    )
+    if found is None:
+        raise ServerUnavailable(
+            "not installed: no nginx on PATH or in /usr/sbin (apt-get install nginx)"
+        )
+    return found
+
+
+def _replace_once(text: str, old: str, new: str) -> str:
+    count = text.count(old)
+    if count != 1:
+        raise AssertionError(f"{DEPLOY_NGINX_CONF}: expected {old!r} once, found it {count} times")
+    return text.replace(old, new)
+
+
+class NginxServer(_Server):
+    """nginx running deploy/nginx.conf itself, with only its addresses and log paths changed.
+
+    The documented file is the tested one: the upstream points at ``upstream_port``, the
+    server listens on a free loopback port, logs go to the temp dir. A main and http context
+    around it give nginx a pid file, temp paths and no daemonising, as it needs without root
+    or a system install.
+    """
+
+    name = "nginx"
+
+    def __init__(self, upstream_port: int) -> None:
+        self.binary = nginx_binary()
+        super().__init__()
+        # Worker processes run as an unprivileged user when the master is root.
+        os.chmod(self.dir, 0o755)
+        self.upstream_port = upstream_port
+        self.access_log = self.dir / "pitchey-ws.access.log"
+        self.error_log = self.dir / "pitchey-ws.error.log"
+        self.conf = self.dir / "nginx.conf"
+        site = DEPLOY_NGINX_CONF.read_text()
+        site = _replace_once(site, "server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream_port};")
+        site = _replace_once(site, "listen 80;", f"listen 127.0.0.1:{self.port};")
+        site = _replace_once(site, "/var/log/nginx/pitchey-ws.access.log", str(self.access_log))
+        site = _replace_once(site, "/var/log/nginx/pitchey-ws.error.log", str(self.error_log))
+        (self.dir / "pitchey-ws.conf").write_text(site)
+        temp = "\n".join(
+            f"    {kind}_temp_path {self.dir / kind};"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        self.conf.write_text(
+            f"daemon off;\nmaster_process on;\nworker_processes 1;\n"
+            f"pid {self.dir / 'nginx.pid'};\nerror_log {self.log} warn;\n"
+            f"events {{ worker_connections 256; }}\n"
+            f"http {{\n{temp}\n    access_log {self.dir / 'default.access.log'};\n"
+            f"    include {self.dir / 'pitchey-ws.conf'};\n}}\n"
+        )
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/api/messages/ws"
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self._spawn(
+            [self.binary, "-p", f"{self.dir}/", "-c", str(self.conf), "-e", str(self.log)],
+            cwd=self.dir,
+        )
+        self._wait_ready()
+
+    def ready(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """SIGTERM is nginx's fast shutdown (SIGQUIT would wait for every WebSocket)."""
+        return super().stop(sig)
