@@ -1,4 +1,4 @@
-"""Real PostgreSQL and Redis servers for tests: temporary directories, free loopback ports.
+"""Real PostgreSQL, Redis and nginx servers for tests: temporary directories, free loopback ports.
 
 Each server is a child process of the test run, on a directory of its own that is removed when
 it is cleaned up. Fixtures stop them after the tests (finalizers), and an ``atexit`` hook stops
@@ -19,6 +19,9 @@ suite with the same line in tests/conftest.py:
 - ``postgres_db`` (function): the URL of a fresh, empty database, dropped after the test.
 - ``redis_server`` (function): the session's :class:`RedisServer`, running and flushed.
 - ``fresh_redis_server`` (function): a :class:`RedisServer` of this test alone.
+
+:class:`NginxServer` runs deploy/nginx.conf in front of a daemon; tests/test_proxy.py has
+its fixture, since it needs the daemon of tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -338,7 +341,7 @@ class RedisServer(_Server):
         self._wait_ready()
 
     def command(self, *words: str, timeout: float = 2) -> bytes:
-        """One command in RESP, the first reply line (no client library needed)."""
+        """Send one command in RESP; the reply as read up to its first CRLF, stripped."""
         payload = f"*{len(words)}\r\n" + "".join(f"${len(w)}\r\n{w}\r\n" for w in words)
         with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
             s.sendall(payload.encode())
