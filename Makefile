@@ -3,32 +3,43 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
-STAMP := $(VENV)/.installed
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
+# One stamp per set of requirements: `make run` installs the runtime only, `make test` the
+# runtime, the optional engines and the dev tools. The dev install includes the runtime, so it
+# refreshes the runtime stamp too and `make run` after `make test` installs nothing.
+RUN_STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: run test lint typecheck unit bench clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-	touch $(STAMP)
 
-run: $(STAMP)
+$(RUN_STAMP): requirements.txt | $(BIN)/python
+	$(PIP) -r requirements.txt
+	touch $(RUN_STAMP)
+
+$(DEV_STAMP): requirements.txt requirements-engines.txt requirements-dev.txt | $(BIN)/python
+	$(PIP) -r requirements-dev.txt
+	touch $(DEV_STAMP) $(RUN_STAMP)
+
+run: $(RUN_STAMP)
 	$(BIN)/python pitchey_ws.py serve --demo --port $(PORT)
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 
-typecheck: $(STAMP)
+typecheck: $(DEV_STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(DEV_STAMP)
 	$(BIN)/python -m pytest
 
 test: lint typecheck unit
 
 # Not part of `make test`: ~10 minutes, loads both cores. BENCH_ARGS=--quick for a smoke run.
-bench: $(STAMP)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+bench: $(DEV_STAMP)
+	$(PIP) -r bench/requirements.txt
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
