@@ -7,12 +7,15 @@ the wrong type raise :class:`ConfigError` naming the key, so a typo never passes
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import jwt.algorithms
 
 
 class ConfigError(Exception):
@@ -51,6 +54,8 @@ class AuthConfig:
     public_key: str = ""
     require_exp: bool = True
     leeway_seconds: float = 0
+    exp_unit: str = "auto"
+    name_claims: tuple[str, ...] = ("username", "name", "email")
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,8 @@ class Config:
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _SYNCHRONOUS = ("FULL", "NORMAL", "EXTRA")
 _ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
+EXP_UNITS = ("auto", "seconds", "milliseconds")
+CRYPTO_HINT = "pip install -r requirements-crypto.txt (or pip install 'pitchey-ws[crypto]')"
 
 
 def _coerce(name: str, value: Any, kind: Any) -> Any:
@@ -122,6 +129,9 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
             return value
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # TOML has inf and nan; nan passes every "must be positive" check.
+            if not math.isfinite(value):
+                raise ConfigError(f"{name}: must be a finite number, got {value!r}")
             return float(value)
     elif kind is str:
         if isinstance(value, str):
@@ -147,8 +157,11 @@ def _section(name: str, cls: type[Any], raw: Any) -> Any:
     return cls(**values)
 
 
-def _validate(config: Config) -> None:
-    """Reject values that parse but cannot work, naming the key."""
+def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -> None:
+    """Reject values that parse but cannot work, naming the key.
+
+    ``has_crypto`` is whether PyJWT can use RS*/ES* (its backend, ``cryptography``, imports).
+    """
     positive = {
         "server.max_message_bytes": config.server.max_message_bytes,
         "server.max_pending_bytes": config.server.max_pending_bytes,
@@ -203,8 +216,35 @@ def _validate(config: Config) -> None:
     if hmac and len(hmac) != len(config.auth.algorithms):
         # Mixing HMAC and public-key algorithms invites algorithm confusion.
         raise ConfigError("auth.algorithms: do not mix HS* with RS*/ES* algorithms")
+    if not hmac and not has_crypto:
+        # Without its backend PyJWT knows no RS*/ES* algorithm and would refuse every token.
+        raise ConfigError(
+            f"auth.algorithms: {', '.join(config.auth.algorithms)} requires the 'cryptography'"
+            f" package (PyJWT's RS*/ES* backend), which is not installed; install it with"
+            f" {CRYPTO_HINT}"
+        )
     if not hmac and not config.auth.public_key:
         raise ConfigError("auth.public_key: required for RS*/ES* algorithms")
+    if not hmac:
+        _check_public_key(config.auth)
+    if config.auth.exp_unit not in EXP_UNITS:
+        raise ConfigError(f"auth.exp_unit: one of {', '.join(EXP_UNITS)}")
+    for claim in config.auth.name_claims:
+        if not claim:
+            raise ConfigError("auth.name_claims: claim names must not be empty")
+
+
+def _check_public_key(auth: AuthConfig) -> None:
+    """A key PyJWT cannot load would fail every handshake with an error that is no 401."""
+    algorithms = jwt.algorithms.get_default_algorithms()
+    for alg in auth.algorithms:
+        try:
+            algorithms[alg].prepare_key(auth.public_key)
+        except (jwt.exceptions.PyJWTError, ValueError, TypeError):
+            family = "an RSA" if alg.startswith("RS") else "an EC"
+            raise ConfigError(
+                f"auth.public_key: not {family} public key in PEM, as {alg} needs"
+            ) from None
 
 
 def load(path: Path | None, environ: typing.Mapping[str, str] | None = None) -> Config:
