@@ -1,15 +1,27 @@
-"""Section 2: handshake authentication, over real sockets."""
+"""Sections 2 and 12: handshake authentication over real sockets, and auth.Verifier in-process."""
 
 from __future__ import annotations
 
 import base64
 import json
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import jwt
+import jwt.algorithms
 import pytest
-from conftest import SECRET, TIMEOUT, Connector, Daemon, eventually_db, make_token, new_user
+from conftest import (
+    SECRET,
+    TIMEOUT,
+    Connector,
+    Daemon,
+    conversation,
+    eventually_db,
+    make_token,
+    new_user,
+    write_config,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
@@ -331,3 +343,106 @@ def test_verify_never_raises_other_errors(claims: dict[str, Any]) -> None:
         assert 0 < identity.user_id < 2**63
         for text in (identity.username, identity.user_type):
             assert text is None or text.encode("utf-8")
+
+
+# -- section 12 over a real daemon --------------------------------------------------------------
+
+
+def hs(claims: dict[str, Any]) -> str:
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+BAD_CLAIMS = {
+    "exp-decimal-string": lambda uid: {"userId": uid, "exp": str(in_ms(3600))},
+    "exp-10**400": lambda uid: {"userId": uid, "exp": 10**400},
+    "sub-5000-digits": lambda uid: {"sub": HUGE_SUB, "exp": in_ms(3600)},
+}
+
+
+async def test_pitchey_token_connects(connect_to: Connector) -> None:
+    """A Pitchey token {userId, email, role, exp in ms} connects; username is the local part."""
+    uid = new_user()
+    token = hs({"userId": uid, "email": f"ada{uid}@pitchey.example", "role": "creator",
+                "exp": in_ms(3600)})
+    client = await connect_to(uid, token=token, wait_connected=False)
+    hello = await client.expect("connected")
+    assert (hello["userId"], hello["username"]) == (uid, f"ada{uid}")
+
+
+async def test_ms_token_expires_on_live_connection(connect_to: Connector) -> None:
+    """A live connection whose ms-exp token expires in ~1.5 s is closed with 4001 at exp."""
+    uid = new_user()
+    exp = in_ms(1.5)
+    client = await connect_to(uid, token=hs({"userId": uid, "exp": exp}))
+    await client.request({"type": "ping"}, "pong")
+    assert await client.closed(timeout=TIMEOUT + 1.5) == 4001
+    assert time.time() >= exp / 1000 - 0.05
+
+
+async def test_refresh_with_ms_token(connect_to: Connector) -> None:
+    """refresh_token with an ms-exp token succeeds; expiresAt is that exp."""
+    uid = new_user()
+    client = await connect_to(uid)
+    exp = (int(time.time()) + 7200) * 1000 + 500
+    refresh = {"type": "refresh_token", "token": hs({"userId": uid, "exp": exp})}
+    reply = await client.request(refresh, "token_refreshed")
+    want = datetime.fromtimestamp(exp // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S") + ".500Z"
+    assert reply["expiresAt"] == want
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CLAIMS))
+async def test_bad_claims_refused_at_handshake(daemon: Daemon, name: str) -> None:
+    """exp as a decimal string, exp 10**400 and a 5,000-digit sub are 401 invalid_token."""
+    token = hs(BAD_CLAIMS[name](new_user()))
+    body = await refused(daemon, "", {"Authorization": f"Bearer {token}"})
+    assert body["error"] == "invalid_token"
+    assert daemon.get("/api/health")[0] == 200
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CLAIMS))
+async def test_bad_claims_forbidden_on_refresh(connect_to: Connector, name: str) -> None:
+    """The same tokens in refresh_token are forbidden, and the connection stays usable."""
+    client = await connect_to()
+    token = hs(BAD_CLAIMS[name](client.user_id))
+    reply = await client.request({"type": "refresh_token", "token": token}, "error")
+    assert reply["code"] == "forbidden"
+    await client.request({"type": "ping"}, "pong")
+
+
+async def test_lone_surrogate_username(daemon: Daemon, connect_to: Connector) -> None:
+    """A username claim with a lone surrogate is dropped: the user is 'User <id>', all works."""
+    uid = new_user()
+    token = hs({"userId": uid, "username": "Ada\ud800", "exp": in_ms(3600)})
+    odd = await connect_to(uid, token=token, wait_connected=False)
+    assert (await odd.expect("connected"))["username"] == f"User {uid}"
+    contact = await connect_to()
+    await conversation(contact, uid)
+    reply = await contact.request({"type": "get_online_users"}, "online_users")
+    assert [(u["userId"], u["username"]) for u in reply["users"]] == [(uid, f"User {uid}")]
+    await odd.request({"type": "ping"}, "pong")
+    assert daemon.get("/api/health")[0] == 200
+
+
+@pytest.mark.skipif(not jwt.algorithms.has_crypto,
+                    reason="cryptography is not installed (pip install -r requirements-crypto.txt)")
+async def test_rs256_over_daemon(fresh_daemon: Daemon) -> None:
+    """With cryptography and an RSA public key configured, an RS256 token connects; HS256 not."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    write_config(fresh_daemon.config, {"presence.offline_grace_seconds": 0,
+                                       "auth.algorithms": ["RS256"], "auth.public_key": public})
+    fresh_daemon.start()
+    uid = new_user()
+    token = jwt.encode({"userId": uid, "username": "Rosa", "exp": in_ms(3600)}, private,
+                       algorithm="RS256")
+    async with connect(f"{fresh_daemon.url}?token={token}", open_timeout=TIMEOUT) as ws:
+        hello = json.loads(await ws.recv())
+    assert (hello["type"], hello["userId"], hello["username"]) == ("connected", uid, "Rosa")
+    # Algorithm confusion: the public key used as an HMAC secret.
+    forged = jwt.encode({"userId": uid, "exp": in_ms(3600)}, "x" * 40, algorithm="HS256")
+    assert (await refused(fresh_daemon, f"?token={forged}"))["error"] == "invalid_token"
