@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -244,3 +245,18 @@ async def test_serve_takes_config_from_environment(tmp_path: Path) -> None:
     finally:
         await connect.close_all()
         daemon.stop()
+
+
+def test_shipped_config_lists_and_comments_every_key() -> None:
+    """Every key of every section is in config.toml, each under a comment line."""
+    lines = (Path(__file__).parent.parent / "config.toml").read_text().splitlines()
+    for name, section in vars(Config()).items():
+        start = lines.index(f"[{name}]")
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("[")),
+                   len(lines))
+        for key in dataclasses.fields(section):
+            at = [i for i in range(start, end) if lines[i].startswith(f"{key.name} = ")]
+            assert at, f"{name}.{key.name} is not in config.toml"
+            # The nearest line above that is not another key is a comment.
+            above = next(line for line in reversed(lines[:at[0]]) if " = " not in line)
+            assert above.startswith("#"), f"{name}.{key.name} has no comment"
