@@ -2,11 +2,18 @@
 
 The accepted algorithms are pinned by configuration; PyJWT is always given that list, so
 ``alg: none`` and algorithm confusion (an HS256 token signed with a public key) are rejected.
+
+PyJWT checks the signature and the claims' presence; the time claims (``exp``, ``nbf``, ``iat``)
+are checked here, because PyJWT reads them as seconds and Pitchey mints them in milliseconds
+(``auth.exp_unit``). Whatever a signed token holds, :meth:`Verifier.verify` returns an
+:class:`Identity` or raises :class:`AuthError`, nothing else.
 """
 
 from __future__ import annotations
 
+import math
 import time
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +22,14 @@ import jwt
 from config import AuthConfig
 
 MAX_TOKEN_CHARS = 8192
+MAX_PROFILE_CHARS = 200
+# exp_unit "auto": a time claim above this is milliseconds (10^11 s is the year 5138; 10^11 ms
+# is 1973, before any token in use was minted).
+AUTO_MS_ABOVE = 10**11
+# The latest instant a datetime (and so an ISO timestamp on the wire) can hold: 9999-12-31.
+MAX_EPOCH_SECONDS = 253402300799
+USER_TYPE_ROLES = ("creator", "investor", "production", "viewer")
+_BAD_CATEGORIES = ("Cc", "Cs")  # control characters; lone surrogates (not encodable as UTF-8)
 
 
 class AuthError(Exception):
@@ -28,10 +43,12 @@ class AuthError(Exception):
 
 @dataclass(frozen=True)
 class Identity:
+    """Who a valid token names. The profile fields are None when the token gives no valid one."""
+
     user_id: int
-    username: str | None
-    user_type: str | None
-    expires_at: float | None  # epoch seconds, from exp
+    username: str | None  # display name: the first valid claim of auth.name_claims
+    user_type: str | None  # userType, else a known role, lower-cased
+    expires_at: float | None  # epoch seconds, from exp in whatever unit it was minted
 
 
 class Verifier:
@@ -43,6 +60,8 @@ class Verifier:
         self.key: str = config.jwt_secret if self.hmac else config.public_key
         self.require_exp = config.require_exp
         self.leeway = config.leeway_seconds
+        self.exp_unit = config.exp_unit
+        self.name_claims = tuple(config.name_claims)
 
     def verify(self, token: str | None, *, leeway: bool = True) -> Identity:
         """Return who the token names. Raises AuthError for anything else.
@@ -58,11 +77,13 @@ class Verifier:
                 token,
                 self.key,
                 algorithms=self.algorithms,
-                options={"require": ["exp"] if self.require_exp else []},
-                leeway=self.leeway if leeway else 0,
+                options={
+                    "require": ["exp"] if self.require_exp else [],
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
             )
-        except jwt.ExpiredSignatureError:
-            raise AuthError("token_expired", "Token has expired") from None
         except jwt.InvalidSignatureError:
             raise AuthError("invalid_token", "Token signature is invalid") from None
         except jwt.InvalidAlgorithmError:
@@ -71,12 +92,51 @@ class Verifier:
             raise AuthError("invalid_token", f"Token lacks the {exc.claim} claim") from None
         except jwt.InvalidTokenError:
             raise AuthError("invalid_token", "Token is malformed or invalid") from None
+        slack = self.leeway if leeway else 0
+        now = time.time()
+        expires_at = self._instant(claims, "exp")
+        # Ordered like PyJWT: a token not yet valid is invalid, an expired one is expired.
+        for name in ("iat", "nbf"):
+            instant = self._instant(claims, name)
+            if instant is not None and instant > now + slack:
+                raise AuthError("invalid_token", f"Token is not yet valid ({name})")
+        if expires_at is not None and expires_at <= now - slack:
+            raise AuthError("token_expired", "Token has expired")
         return Identity(
             user_id=_user_id(claims),
-            username=_optional_str(claims.get("username")),
-            user_type=_optional_str(claims.get("userType")),
-            expires_at=_expiry(claims.get("exp")),
+            username=self._display_name(claims),
+            user_type=_user_type(claims),
+            expires_at=expires_at,
         )
+
+    def _instant(self, claims: dict[str, Any], name: str) -> float | None:
+        """A time claim as epoch seconds (None when absent); AuthError when not a sane time."""
+        value = claims.get(name)
+        if value is None:
+            return None
+        # bool is an int; a string is not a NumericDate (RFC 7519), whatever it spells.
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise AuthError("invalid_token", f"Token {name} is not a number")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise AuthError("invalid_token", f"Token {name} is not a finite number")
+        if value < 0:
+            raise AuthError("invalid_token", f"Token {name} is negative")
+        milliseconds = self.exp_unit == "milliseconds" or (
+            self.exp_unit == "auto" and value > AUTO_MS_ABOVE
+        )
+        # Compared before any float conversion: 10**400 is an int that float() cannot hold.
+        if value > (MAX_EPOCH_SECONDS * 1000 + 999 if milliseconds else MAX_EPOCH_SECONDS):
+            raise AuthError("invalid_token", f"Token {name} is out of range")
+        return value / 1000 if milliseconds else float(value)
+
+    def _display_name(self, claims: dict[str, Any]) -> str | None:
+        for name in self.name_claims:
+            value = _profile_text(claims.get(name))
+            if value is not None and name == "email":
+                value = _profile_text(value.rpartition("@")[0] if "@" in value else value)
+            if value is not None:
+                return value
+        return None
 
     def mint(
         self, user_id: int, username: str | None = None, user_type: str | None = None,
@@ -104,20 +164,32 @@ def _user_id(claims: dict[str, Any]) -> int:
         return value
     if value is None:
         sub = claims.get("sub")
-        if isinstance(sub, str) and sub.isdecimal() and sub.isascii():
+        # Length first: int() refuses strings of more than 4300 digits with a ValueError.
+        if isinstance(sub, str) and len(sub) <= 19 and sub.isdecimal() and sub.isascii():
             number = int(sub)
             if 0 < number < 2**63:
                 return number
     raise AuthError("invalid_token", "Token names no user (userId or numeric sub)")
 
 
-def _optional_str(value: Any) -> str | None:
-    if isinstance(value, str) and value and len(value) <= 200:
-        return value
+def _user_type(claims: dict[str, Any]) -> str | None:
+    user_type = _profile_text(claims.get("userType"))
+    if user_type is not None:
+        return user_type
+    role = _profile_text(claims.get("role"))
+    if role is not None and role.lower() in USER_TYPE_ROLES:
+        return role.lower()
     return None
 
 
-def _expiry(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return None
+def _profile_text(value: Any) -> str | None:
+    """``value`` when it is text fit to display and store, else None (the claim is ignored).
+
+    Fit: a non-blank string of at most MAX_PROFILE_CHARS characters, with no control character
+    and no lone surrogate (which UTF-8, and so SQLite and the JSON encoder, cannot hold).
+    """
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_PROFILE_CHARS:
+        return None
+    if any(unicodedata.category(char) in _BAD_CATEGORIES for char in value):
+        return None
+    return value

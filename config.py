@@ -7,12 +7,17 @@ the wrong type raise :class:`ConfigError` naming the key, so a typo never passes
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import jwt.algorithms
 
 
 class ConfigError(Exception):
@@ -51,6 +56,8 @@ class AuthConfig:
     public_key: str = ""
     require_exp: bool = True
     leeway_seconds: float = 0
+    exp_unit: str = "auto"
+    name_claims: tuple[str, ...] = ("username", "name", "email")
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,8 @@ class Config:
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _SYNCHRONOUS = ("FULL", "NORMAL", "EXTRA")
 _ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
+EXP_UNITS = ("auto", "seconds", "milliseconds")
+CRYPTO_HINT = "pip install -r requirements-crypto.txt (or pip install 'pitchey-ws[crypto]')"
 
 
 def _coerce(name: str, value: Any, kind: Any) -> Any:
@@ -122,6 +131,9 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
             return value
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # TOML has inf and nan; nan passes every "must be positive" check.
+            if not math.isfinite(value):
+                raise ConfigError(f"{name}: must be a finite number, got {value!r}")
             return float(value)
     elif kind is str:
         if isinstance(value, str):
@@ -147,8 +159,11 @@ def _section(name: str, cls: type[Any], raw: Any) -> Any:
     return cls(**values)
 
 
-def _validate(config: Config) -> None:
-    """Reject values that parse but cannot work, naming the key."""
+def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -> None:
+    """Reject values that parse but cannot work, naming the key.
+
+    ``has_crypto`` is whether PyJWT can use RS*/ES* (its backend, ``cryptography``, imports).
+    """
     positive = {
         "server.max_message_bytes": config.server.max_message_bytes,
         "server.max_pending_bytes": config.server.max_pending_bytes,
@@ -203,14 +218,124 @@ def _validate(config: Config) -> None:
     if hmac and len(hmac) != len(config.auth.algorithms):
         # Mixing HMAC and public-key algorithms invites algorithm confusion.
         raise ConfigError("auth.algorithms: do not mix HS* with RS*/ES* algorithms")
+    if not hmac and not has_crypto:
+        # Without its backend PyJWT knows no RS*/ES* algorithm and would refuse every token.
+        raise ConfigError(
+            f"auth.algorithms: {', '.join(config.auth.algorithms)} requires the 'cryptography'"
+            f" package (PyJWT's RS*/ES* backend), which is not installed; install it with"
+            f" {CRYPTO_HINT}"
+        )
     if not hmac and not config.auth.public_key:
         raise ConfigError("auth.public_key: required for RS*/ES* algorithms")
+    if not hmac:
+        _check_public_key(config.auth)
+    if config.auth.exp_unit not in EXP_UNITS:
+        raise ConfigError(f"auth.exp_unit: one of {', '.join(EXP_UNITS)}")
+    for claim in config.auth.name_claims:
+        if not claim:
+            raise ConfigError("auth.name_claims: claim names must not be empty")
+
+
+def _check_public_key(auth: AuthConfig) -> None:
+    """A key PyJWT cannot load would fail every handshake with an error that is no 401."""
+    algorithms = jwt.algorithms.get_default_algorithms()
+    for alg in auth.algorithms:
+        try:
+            algorithms[alg].prepare_key(auth.public_key)
+        except (jwt.exceptions.PyJWTError, ValueError, TypeError):
+            family = "an RSA" if alg.startswith("RS") else "an EC"
+            raise ConfigError(
+                f"auth.public_key: not {family} public key in PEM, as {alg} needs"
+            ) from None
+
+
+ENV_PREFIX = "PITCHEY_WS_"
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+def _env_value(var: str, key: str, text: str, kind: Any) -> Any:
+    """Parse one environment variable as its field's type; errors name the variable."""
+    where = f"{var} ({key})"
+    if kind is bool:
+        if text.strip().lower() in _TRUE:
+            return True
+        if text.strip().lower() in _FALSE:
+            return False
+        raise ConfigError(f"{where}: expected true/false/1/0/yes/no, got {text!r}")
+    if kind is int:
+        # ASCII digits, bounded, so a huge value never reaches int()'s digit limit.
+        if not re.fullmatch(r"[+-]?[0-9]{1,30}", text.strip()):
+            raise ConfigError(f"{where}: expected an integer, got {text[:50]!r}")
+        return int(text.strip())
+    if kind is float:
+        try:
+            number = float(text.strip()) if len(text.strip()) <= 50 else math.nan
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {text[:50]!r}")
+        return number
+    if typing.get_origin(kind) is tuple:
+        return _env_list(where, text)
+    return text
+
+
+def _env_list(where: str, text: str) -> list[str]:
+    """A TOML/JSON array of strings (``["a", "b"]``), or comma-separated words (``a, b``)."""
+    if text.lstrip().startswith("["):
+        try:
+            # One key only, so a newline in the value cannot smuggle in other TOML.
+            parsed = tomllib.loads(f"v = {text}")
+        except tomllib.TOMLDecodeError:
+            parsed = {}
+        items = parsed.get("v") if set(parsed) == {"v"} else None
+        if isinstance(items, list) and all(isinstance(item, str) for item in items):
+            return items
+        try:
+            items = json.loads(text)
+        except ValueError:
+            items = None
+        if isinstance(items, list) and all(isinstance(item, str) for item in items):
+            return items
+        raise ConfigError(f"{where}: expected an array of strings, got {text!r}")
+    if not text.strip():
+        return []
+    words = [word.strip() for word in text.split(",")]
+    if not all(words):
+        raise ConfigError(f"{where}: empty item in comma-separated list {text!r}")
+    return words
+
+
+def _from_environment(environ: typing.Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """``PITCHEY_WS_<SECTION>_<KEY>`` variables as {section: {key: value}}.
+
+    Section names have no underscore, so the section ends at the first one. A variable with the
+    prefix that names no key is an error, like an unknown key in the file.
+    """
+    hints = typing.get_type_hints(Config)
+    found: dict[str, dict[str, Any]] = {}
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        section, _, key = var[len(ENV_PREFIX):].partition("_")
+        section, key = section.lower(), key.lower()
+        cls = hints.get(section)
+        fields = typing.get_type_hints(cls) if cls is not None else {}
+        if key not in fields or var != f"{ENV_PREFIX}{section}_{key}".upper():
+            raise ConfigError(f"unknown environment variable {var} (no such config key)")
+        value = _env_value(var, f"{section}.{key}", environ[var], fields[key])
+        found.setdefault(section, {})[key] = value
+    return found
 
 
 def load(path: Path | None, environ: typing.Mapping[str, str] | None = None) -> Config:
-    """Read ``path`` (or use every default when None), apply ``JWT_SECRET``, validate.
+    """Read ``path`` (or use every default when None), apply the environment, validate.
 
-    Raises ConfigError for an unreadable file, bad TOML, unknown keys, wrong types or values.
+    ``environ`` (default ``os.environ``) overrides the file: ``PITCHEY_WS_<SECTION>_<KEY>`` for
+    any key, and ``JWT_SECRET`` (when not empty) for ``auth.jwt_secret``.
+    Raises ConfigError for an unreadable file, bad TOML, unknown keys or variables, wrong types
+    or values.
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -221,6 +346,11 @@ def load(path: Path | None, environ: typing.Mapping[str, str] | None = None) -> 
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    env = os.environ if environ is None else environ
+    for name, values in _from_environment(env).items():
+        table = raw.get(name, {})
+        # A non-table in the file is reported by _section below, as without the environment.
+        raw[name] = {**table, **values} if isinstance(table, dict) else table
     hints = typing.get_type_hints(Config)
     sections: dict[str, Any] = {}
     for name, value in raw.items():
@@ -228,10 +358,13 @@ def load(path: Path | None, environ: typing.Mapping[str, str] | None = None) -> 
             raise ConfigError(f"unknown config section [{name}]")
         sections[name] = _section(name, hints[name], value)
     config = Config(**sections)
-    env = os.environ if environ is None else environ
     secret = env.get("JWT_SECRET")
     if secret:
+        other = env.get(f"{ENV_PREFIX}AUTH_JWT_SECRET")
+        if other and other != secret:
+            raise ConfigError(
+                f"JWT_SECRET and {ENV_PREFIX}AUTH_JWT_SECRET are both set, to different values"
+            )
         config = config.replace("auth", jwt_secret=secret)
     _validate(config)
     return config
-
