@@ -19,7 +19,8 @@ $(RUN_STAMP): requirements.txt | $(BIN)/python
 	$(PIP) -r requirements.txt
 	touch $(RUN_STAMP)
 
-$(DEV_STAMP): requirements.txt requirements-engines.txt requirements-dev.txt | $(BIN)/python
+$(DEV_STAMP): requirements.txt requirements-engines.txt requirements-crypto.txt requirements-dev.txt \
+		| $(BIN)/python
 	$(PIP) -r requirements-dev.txt
 	touch $(DEV_STAMP) $(RUN_STAMP)
 

@@ -29,6 +29,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+# Real PostgreSQL, Redis and nginx servers for the tests that need them (tests/servers.py).
+pytest_plugins = ["servers"]
+
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-" + "0123456789abcdef" * 4
 SCALE = float(os.environ.get("PITCHEY_TEST_TIMEOUT_SCALE", "1"))
@@ -110,7 +113,9 @@ class Daemon:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, *extra: str, env: dict[str, str] | None = None) -> None:
-        environ = {**os.environ, "JWT_SECRET": SECRET, **(env or {})}
+        # The daemon reads PITCHEY_WS_* as configuration: none leaks in from the caller.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("PITCHEY_WS_")}
+        environ = {**inherited, "JWT_SECRET": SECRET, **(env or {})}
         log = open(self.log, "ab")  # noqa: SIM115 - handed to the child, closed on stop
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "pitchey_ws.py"), "serve", "--config", str(self.config),

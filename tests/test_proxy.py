@@ -16,13 +16,12 @@ from websockets.exceptions import InvalidStatus
 if TYPE_CHECKING:
     from servers import NginxServer
 
-pytest_plugins = ["servers"]
 
 
 @pytest.fixture(scope="module")
 def proxy(daemon: Daemon) -> Iterator[NginxServer]:
     """nginx with deploy/nginx.conf proxying to this module's daemon."""
-    import servers  # registered by pytest_plugins above
+    import servers  # registered by pytest_plugins in conftest.py
 
     try:
         nginx = servers.NginxServer(daemon.port)

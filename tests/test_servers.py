@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from servers import PostgresServer, RedisServer
 
 # The harness's fixtures; imported by pytest (with assertion rewriting), not by this module.
-pytest_plugins = ["servers"]
 
 
 def refuses(port: int) -> bool:
