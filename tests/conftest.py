@@ -225,10 +225,24 @@ class Client:
         await self.send(frame)
         return await self.expect(reply, **match)
 
+    async def absent(self, kind: str) -> None:
+        """Assert that no frame of ``kind`` was written to this client before now.
+
+        A barrier, not a wait: the server writes a connection's frames in order and fans out
+        synchronously, so once the frame that could have caused ``kind`` was acknowledged on
+        its own socket, the pong of a ping sent now comes after any such frame.
+        """
+        self.seen = [f for f in self.seen if f.get("type") != "pong"]
+        await self.send({"type": "ping"})
+        await self.expect("pong")
+        unexpected = [f for f in self.seen if f.get("type") == kind]
+        assert not unexpected, f"unexpected {kind}: {unexpected}"
+
     async def quiet(self, kind: str, within: float = 0.3 * SCALE) -> None:
         """Assert that no frame of ``kind`` arrives within ``within`` seconds.
 
-        Waiting out a window is the only way to observe absence; it never synchronises.
+        Only for what a timer could cause (presence grace, typing TTL), where waiting out a
+        window is the only way to observe absence; elsewhere use ``absent``.
         """
         with contextlib.suppress(TimeoutError):
             frame = await self.expect(kind, timeout=within)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,16 @@ async def test_demo_mode_without_secret(fresh_daemon: Daemon) -> None:
         await mine.expect("connected")
     finally:
         await connector.close_all()
+
+
+def test_taken_port_exits_with_a_clear_message(tmp_path: Path) -> None:
+    """serve on a port another process holds exits 1 at once, naming the address."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run("serve", "--db", str(tmp_path / "x.db"), "--port", str(port),
+                     env={"JWT_SECRET": SECRET})
+    assert result.returncode == 1, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr

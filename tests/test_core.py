@@ -82,7 +82,7 @@ async def test_send_message_routing(daemon: Daemon, connect_to: Connector) -> No
         assert {k: frame[k] for k in ("conversationId", "content", "senderId")} == {
             "conversationId": cid, "content": "hello", "senderId": a.user_id
         }
-    await a.quiet("new_message")
+    await a.absent("new_message")
     receipts = daemon.query(
         "SELECT user_id, delivered_at IS NOT NULL FROM message_read_receipts"
         " WHERE message_id = ?", (sent["messageId"],),
@@ -158,7 +158,7 @@ async def test_idempotent_across_reconnect(daemon: Daemon, connect_to: Connector
     a = await connect_to(a.user_id)
     again = await send(a, frame)
     assert again["messageId"] == first["messageId"] and again["requestId"] == "retry-me"
-    await b.quiet("new_message")
+    await b.absent("new_message")
     rows = daemon.query("SELECT COUNT(*) FROM messages WHERE sender_id = ?", (a.user_id,))
     assert rows == [(1,)]
 
@@ -232,9 +232,9 @@ async def test_non_participant_forbidden_everywhere(connect_to: Connector) -> No
     for message_id in (sent["messageId"], missing):
         err = await outsider.request({"type": "mark_read", "messageId": message_id}, "error")
         assert err["code"] == "forbidden"
-    await b.quiet("user_typing")
+    await b.absent("user_typing")
     await b.expect("new_message", messageId=sent["messageId"])
-    await b.quiet("new_message")
+    await b.absent("new_message")
 
 
 async def test_history_newest_page_and_paging(fresh_daemon: Daemon) -> None:

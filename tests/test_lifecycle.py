@@ -251,3 +251,33 @@ async def test_shutdown_with_unresponsive_client_exits_in_time(tmp_path: Path) -
     assert elapsed < (shutdown_timeout + 2) * SCALE, f"exit took {elapsed:.1f}s"
     check_db(d.db).close()
 
+
+
+async def test_shutdown_drops_what_remains_at_the_deadline(tmp_path: Path) -> None:
+    """Past shutdown_timeout the daemon drops lingering connections with one counted ERROR."""
+    d = Daemon(tmp_path, {"server.close_timeout_seconds": 30,
+                          "server.shutdown_timeout_seconds": 1})
+    d.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+    token = make_token(new_user(), exp=3600)
+    writer.write(
+        (f"GET /api/messages/ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{d.port}\r\n"
+         "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         ).encode()
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    try:
+        started = time.monotonic()
+        exit_code = await asyncio.to_thread(d.stop, signal.SIGTERM)
+        elapsed = time.monotonic() - started
+    finally:
+        writer.close()
+        if d.proc is not None:
+            d.kill()
+    assert exit_code == 0
+    assert elapsed < 4 * SCALE, f"exit took {elapsed:.1f}s: the 30 s close timeout was awaited"
+    errors = [line for line in d.log_text().splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "1 connections still open after 1.0s" in errors[0], errors

@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 from conftest import (
-    SCALE,
     TIMEOUT,
     Client,
     Connector,
@@ -45,8 +44,8 @@ async def test_typing_goes_to_other_participants_only(connect_to: Connector) -> 
         assert frame["conversationId"] == cid
         assert frame["isTyping"] is True
         assert ISO.match(frame["timestamp"])
-    await a1.quiet("user_typing")
-    await a2.quiet("user_typing", within=0.05)
+    await a1.absent("user_typing")
+    await a2.absent("user_typing")
 
 
 async def test_repeated_start_is_coalesced(connect_to: Connector) -> None:
@@ -60,7 +59,7 @@ async def test_repeated_start_is_coalesced(connect_to: Connector) -> None:
         await typing(a, cid)
     # A ping answered after the repeats proves the server has handled them all.
     await a.request({"type": "ping"}, "pong")
-    await b.quiet("user_typing")
+    await b.absent("user_typing")
 
 
 async def test_stop_ends_typing_once(daemon: Daemon, connect_to: Connector) -> None:
@@ -77,7 +76,7 @@ async def test_stop_ends_typing_once(daemon: Daemon, connect_to: Connector) -> N
     await eventually_db(daemon, TYPING_ROWS, (cid, a.user_id), [(0,)])
     await typing(a, cid, on=False)
     await a.request({"type": "ping"}, "pong")
-    await b.quiet("user_typing")
+    await b.absent("user_typing")
 
 
 async def test_sending_clears_typing(daemon: Daemon, connect_to: Connector) -> None:
@@ -96,7 +95,7 @@ async def test_sending_clears_typing(daemon: Daemon, connect_to: Connector) -> N
     await eventually_db(daemon, TYPING_ROWS, (cid, a.user_id), [(0,)])
     await typing(a, cid, on=False)  # already ended: nothing more to announce
     await a.request({"type": "ping"}, "pong")
-    await b.quiet("user_typing")
+    await b.absent("user_typing")
 
 
 async def test_last_connection_closing_clears_typing(
@@ -111,11 +110,11 @@ async def test_last_connection_closing_clears_typing(
     await typing(a1, cid)
     await b.expect("user_typing", isTyping=True)
     await a1.close()
-    await b.quiet("user_typing")
+    await b.absent("user_typing")
     await a2.close()
     stopped = await b.expect("user_typing", userId=a_id)
     assert stopped["isTyping"] is False
-    await b.quiet("user_typing")
+    await b.absent("user_typing")
     await eventually_db(daemon, TYPING_ROWS, (cid, a_id), [(0,)])
 
 
@@ -154,7 +153,7 @@ async def test_repeat_pushes_ttl_back(tmp_path: Path) -> None:
         waited = loop.time() - repeated
         assert stopped["isTyping"] is False
         assert waited >= TTL * 0.95, f"ended {waited:.3f}s after the repeat, TTL is {TTL}s"
-        await b.quiet("user_typing", within=0.2 * SCALE)
+        await b.absent("user_typing")
 
 
 async def test_stale_rows_cleared_at_startup(tmp_path: Path) -> None:
@@ -195,7 +194,7 @@ async def test_typing_never_queued(connect_to: Connector) -> None:
     queued = [f["messageId"] for f in b.seen if f["type"] == "queued_message"]
     assert queued == [sent["messageId"]]
     assert not [f for f in b.seen if f["type"] == "user_typing"], b.seen
-    await b.quiet("user_typing")
+    await b.absent("user_typing")
 
 
 async def test_non_participant_typing_forbidden(connect_to: Connector) -> None:
@@ -208,5 +207,5 @@ async def test_non_participant_typing_forbidden(connect_to: Connector) -> None:
         for target in (cid, 10**9):
             error = await c.request({"type": kind, "conversationId": target}, "error")
             assert error["code"] == "forbidden", error
-    await a.quiet("user_typing", within=0.1)
-    await b.quiet("user_typing", within=0.1)
+    await a.absent("user_typing")
+    await b.absent("user_typing")
