@@ -30,11 +30,11 @@ def main(argv: list[str]) -> int:
         sys.setswitchinterval(switch[0])
     sys.path.insert(0, str(ROOT))
     import protocol
-    import store
+    import store_sqlite
 
     if use_stdjson:
         protocol.loads, protocol.dumps = protocol.std_loads, protocol.std_dumps
-        store.dumps = protocol.std_dumps
+        store_sqlite.dumps = protocol.std_dumps
     if use_uvloop:
         import uvloop
 
