@@ -316,6 +316,12 @@ class FrontConnection(ServerConnection):
         method = event.method.decode("ascii", "replace").upper()
         target = event.target.decode("ascii", "replace")
         headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in event.headers]
+        # h11 bounds a head that has not ended yet; one that arrived whole is measured here.
+        size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+        if size > self.front.max_header_bytes:
+            self.front.summary.note("header_too_large", "request head of %d bytes refused", size)
+            self._send_error_and_close(431, "header_too_large", "Request header is too large")
+            return False
         if self.front.is_websocket(method, target, headers):
             if not self.first:
                 self._send_error_and_close(
