@@ -200,7 +200,11 @@ class FrontConnection(ServerConnection):
                                len(front.in_progress))
             self.mode = _DONE
             transport.write(_raw_answer(503, "busy", "Too many requests in progress"))
-            transport.close()
+            # Half-close and discard what the client sends: closing with unread bytes would
+            # reset the connection and lose the 503. The client's close (or the timer) ends it.
+            if transport.can_write_eof():
+                transport.write_eof()
+            asyncio.get_running_loop().call_later(1, transport.abort)
             return
         front.in_progress.add(self)
         self._arm_timer()
@@ -433,8 +437,17 @@ class FrontConnection(ServerConnection):
     def _close(self) -> None:
         self.mode = _DONE
         self._forget()
-        if self.raw is not None:
-            self.raw.close()
+        raw = self.raw
+        if raw is None or raw.is_closing():
+            return
+        # A lingering close: half-close, discard what still comes (a body being refused), and
+        # close on the client's EOF or after a second. Closing with unread bytes would reset
+        # the connection, and the client could lose the answer (a 413, say).
+        if raw.can_write_eof():
+            raw.write_eof()
+            asyncio.get_running_loop().call_later(1, raw.abort)
+        else:
+            raw.close()
 
 
 def event_length(headers: list[tuple[str, str]]) -> int | None:

@@ -363,3 +363,56 @@ def test_websocket_path_still_refuses_plainly(daemon: Daemon) -> None:
     """The handshake's JSON refusals are unchanged behind the front: no token is 401."""
     status, _, body = daemon.get("/api/messages/ws")
     assert status == 401 and json.loads(body)["error"] == "missing_token"
+
+
+async def test_in_progress_bound(tmp_path: Path) -> None:
+    """Beyond http.max_in_progress connections still sending their request: 503, not a wait."""
+    async with running(tmp_path, {"http.max_in_progress": 1}) as connect:
+        port = connect.daemon.port
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as idle:
+            idle.sendall(b"GET /api/health HTTP/1.1\r\n")  # a head that has not ended
+            answer = await asyncio.to_thread(
+                raw_request, port, b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 503 "), answer[:100]
+        status, _, _ = await acall(port, "GET", "/api/health")
+        assert status == 200
+
+
+def test_log_summary_counts_what_it_holds_back() -> None:
+    """LogSummary: at most per_second lines a second per kind, then one line with the count."""
+    import logging
+
+    from http_front import LogSummary
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("pitchey.test.summary")
+    logger.addHandler(Keep())
+    logger.setLevel(logging.INFO)
+    now = [0.0]
+    summary = LogSummary(logger, per_second=2, clock=lambda: now[0])
+    for n in range(10):
+        summary.note("bad", "bad request %d", n)
+    summary.note("other", "other")
+    now[0] = 1.5
+    summary.note("bad", "bad request again")
+    assert lines == ["bad request 0", "bad request 1", "other",
+                     "bad: 8 more like it in the last second, not logged", "bad request again"]
+
+
+def test_port_and_host_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve takes PORT and HOST from the environment; --port and --host win."""
+    import pitchey_ws
+
+    monkeypatch.setenv("PORT", "9123")
+    monkeypatch.setenv("HOST", "0.0.0.0")
+    parser = pitchey_ws.build_parser()
+    config = pitchey_ws.load_config(parser.parse_args(["serve"]))
+    assert (config.server.host, config.server.port) == ("0.0.0.0", 9123)
+    config = pitchey_ws.load_config(
+        parser.parse_args(["serve", "--port", "9200", "--host", "127.0.0.1"]))
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 9200)
