@@ -97,6 +97,14 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    cors_origins: tuple[str, ...] = ()
+    max_header_bytes: int = 16384
+    max_in_progress: int = 1024
+    header_timeout_seconds: float = 10
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
@@ -106,6 +114,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     def replace(self, section: str, **changes: Any) -> Config:
         """Return a copy with some keys of one section changed (used for CLI overrides)."""
@@ -187,6 +196,9 @@ def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -
         "limits.max_title_chars": config.limits.max_title_chars,
         "history.page_size": config.history.page_size,
         "delivery.replay_limit": config.delivery.replay_limit,
+        "http.max_header_bytes": config.http.max_header_bytes,
+        "http.max_in_progress": config.http.max_in_progress,
+        "http.header_timeout_seconds": config.http.header_timeout_seconds,
     }
     for name, value in positive.items():
         if value <= 0:

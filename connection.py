@@ -25,6 +25,7 @@ import protocol as p
 from auth import AuthError, Identity, Verifier
 from config import Config
 from handlers import Handlers
+from http_front import LogSummary
 from http_routes import json_response
 from hub import Client, Hub, expiry_delay
 from metrics import Metrics
@@ -69,6 +70,9 @@ class Sessions:
         self.profiles: OrderedDict[int, tuple[str | None, str | None]] = OrderedDict()
         self.handshaking = 0
         self.closing = False
+        # Refused handshakes come in floods (a client retrying a bad token): a few lines a
+        # second per reason, with a count of the rest.
+        self.refusals = LogSummary(log)
 
     # -- before the handshake --------------------------------------------------------------
 
@@ -78,7 +82,8 @@ class Sessions:
         try:
             identity = self.verifier().verify(token)
         except AuthError as exc:
-            log.info("handshake refused: %s", exc.code)
+            self.refusals.note(f"handshake refused ({exc.code})", "handshake refused: %s",
+                               exc.code)
             return json_response(ws, 401, {"error": exc.code, "message": exc.message})
         if self.closing:
             return json_response(

@@ -15,7 +15,7 @@ from auth import AuthError, Verifier
 from hub import Client, iso_expiry
 from metrics import Metrics
 from rows import EventKind
-from service import Service
+from service import INBOX_DEFAULT, Service
 
 Handler = Callable[[Client, Any], Awaitable[None]]
 
@@ -43,6 +43,7 @@ class Handlers:
             p.GetMessages: self.on_get_messages,
             p.Sync: self.on_sync,
             p.RefreshToken: self.on_refresh_token,
+            p.GetConversations: self.on_get_conversations,
         }
 
     def reply(self, client: Client, frame: str, kind: str) -> None:
@@ -117,3 +118,9 @@ class Handlers:
         client.expires_at = identity.expires_at
         self.arm_expiry(client)
         self.reply(client, p.token_refreshed(iso_expiry(identity.expires_at)), "token_refreshed")
+
+    async def on_get_conversations(self, client: Client, cmd: p.GetConversations) -> None:
+        rows, cursor = await self.service.conversation_list(
+            client.user_id, cmd.before, cmd.limit if cmd.limit is not None else INBOX_DEFAULT
+        )
+        self.reply(client, p.conversations(rows, cursor, cmd.request_id), "conversations")

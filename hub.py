@@ -237,6 +237,21 @@ class Hub:
             bucket = TokenBucket(self.limits.frames_per_second, self.limits.frames_burst)
         return bucket
 
+    def bucket(self, user_id: int) -> TokenBucket:
+        """The user's rate-limit bucket for a request that is not a frame (HTTP): the one of
+        their live connections, else one kept for them (bounded like the buckets of users
+        who went offline), so HTTP and sockets draw on the same tokens."""
+        user = self.users.get(user_id)
+        if user is not None:
+            return user.bucket
+        bucket = self.recent_buckets.pop(user_id, None)
+        if bucket is None:
+            bucket = TokenBucket(self.limits.frames_per_second, self.limits.frames_burst)
+        self.recent_buckets[user_id] = bucket
+        if len(self.recent_buckets) > self.limits.max_connections:
+            self.recent_buckets.popitem(last=False)
+        return bucket
+
     def _keep_bucket(self, user: UserState) -> None:
         self.recent_buckets[user.user_id] = user.bucket
         if len(self.recent_buckets) > self.limits.max_connections:

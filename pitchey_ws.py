@@ -27,6 +27,8 @@ from auth import AuthError, Verifier
 from connection import Sessions
 from conversations import Conversations
 from delivery import DeliveryLog
+from http_api import HttpApi, is_websocket
+from http_front import Front, LogSummary
 from http_routes import WS_PATH, Routes
 from hub import Background, Hub
 from metrics import Metrics
@@ -72,7 +74,21 @@ class App:
         self.demo: demo.Demo | None = None
         self.routes = Routes(self.store, self.hub, self.metrics, self.sessions.admit,
                              lambda: self.demo)
+        self.api = HttpApi(self.routes, self.service, self.hub, lambda: self.verifier,
+                           self.sessions.profile, self._cors_origins, self.sessions.limits)
+        self.front = Front(
+            self.api.respond, is_websocket, self.api.websocket_refusal,
+            max_header_bytes=config.http.max_header_bytes,
+            max_body_bytes=config.server.max_message_bytes,
+            max_in_progress=config.http.max_in_progress,
+            header_timeout=config.http.header_timeout_seconds,
+            summary=LogSummary(logging.getLogger("pitchey.http")),
+        )
         self.server: Server | None = None
+
+    def _cors_origins(self) -> tuple[str, ...]:
+        # Demo mode's page and tokens are for local use; any origin may try them.
+        return ("*",) if self.demo is not None else self.config.http.cors_origins
 
     def _observe_commit(self, size: int, seconds: float) -> None:
         self.metrics.batch_size.observe(size)
@@ -95,6 +111,9 @@ class App:
                 self.config.server.host,
                 self.config.server.port,
                 process_request=self.routes.process_request,
+                # Every connection starts at the front (http_front.py): HTTP requests with
+                # bodies are answered there, WebSocket handshakes are handed to websockets.
+                create_connection=self.front.connection_class(),
                 server_header="pitchey-ws",
                 compression=None,
                 max_size=self.config.server.max_message_bytes,
@@ -124,6 +143,7 @@ class App:
             # connection with 1012; each close is bounded by close_timeout.
             server.close(close_connections=True, code=p.SERVER_RESTART.code,
                          reason=p.SERVER_RESTART.reason)
+            self.front.abort_all()  # HTTP requests under way: the store is about to close
             try:
                 await asyncio.wait_for(asyncio.shield(server.wait_closed()), deadline)
             except TimeoutError:
@@ -184,6 +204,18 @@ def setup_logging(level: str) -> None:
 def load_config(args: argparse.Namespace) -> cfg.Config:
     path = Path(args.config) if args.config else HERE / "config.toml"
     config = cfg.load(path if path.exists() or args.config else None)
+    # PORT and HOST as hosting platforms set them; the CLI's flags win.
+    if os.environ.get("HOST"):
+        config = config.replace("server", host=os.environ["HOST"])
+    if os.environ.get("PORT"):
+        try:
+            port = int(os.environ["PORT"])
+        except ValueError:
+            raise cfg.ConfigError(f"PORT must be a port number, got {os.environ['PORT']!r}"
+                                  ) from None
+        if not 0 <= port <= 65535:
+            raise cfg.ConfigError(f"PORT must be 0-65535, got {port}")
+        config = config.replace("server", port=port)
     if getattr(args, "host", None):
         config = config.replace("server", host=args.host)
     if getattr(args, "port", None) is not None:
@@ -283,8 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the daemon", description="Run the daemon until SIGTERM.")
     s.add_argument("--config", metavar="FILE",
                    help="TOML config file (default: config.toml beside this script)")
-    s.add_argument("--host", help="interface to listen on (default from config: 127.0.0.1)")
-    s.add_argument("--port", type=int, help="TCP port (default from config: 8000; 0 = any free)")
+    s.add_argument("--host", help="interface to listen on (default: $HOST, else from config:"
+                                  " 127.0.0.1)")
+    s.add_argument("--port", type=int, help="TCP port (default: $PORT, else from config: 8000;"
+                                            " 0 = any free)")
     s.add_argument("--db", metavar="PATH", help="SQLite database file (default from config)")
     s.add_argument("--demo", action="store_true",
                    help="demo mode: own generated secret, demo users, demo page at /,"

@@ -11,6 +11,8 @@ frame, orjson parses and encodes in about a tenth of the time (docs/benchmarks.m
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import json
 import time
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple, TypeGuard
 
-from rows import ConversationRow, MessageRow
+from rows import ConversationRow, ConversationSummary, MessageDetail, MessageRow
 
 try:
     import orjson
@@ -205,6 +207,12 @@ class RefreshToken(Frame):
     token: str
 
 
+@dataclass(frozen=True)
+class GetConversations(Frame):
+    limit: int | None
+    before: tuple[str, int] | None  # the decoded cursor
+
+
 Command = (
     Ping
     | SendMessage
@@ -216,6 +224,7 @@ Command = (
     | GetMessages
     | Sync
     | RefreshToken
+    | GetConversations
 )
 
 
@@ -229,6 +238,7 @@ _WIRE_TYPES: Final[dict[type, str]] = {
     GetMessages: "get_messages",
     Sync: "sync",
     RefreshToken: "refresh_token",
+    GetConversations: "get_conversations",
 }
 
 
@@ -404,6 +414,22 @@ def _refresh(f: _Fields) -> RefreshToken:
     return RefreshToken(token, request_id=f.request_id)
 
 
+def _get_conversations(f: _Fields) -> GetConversations:
+    limit = f.frame.get("limit")
+    if limit is not None and (not _is_int(limit) or limit < 1):
+        raise f.fail("limit must be a positive integer")
+    raw = f.frame.get("before")
+    before = None
+    if raw is not None:
+        if not isinstance(raw, str):
+            raise f.fail("before must be a cursor string")
+        try:
+            before = decode_cursor(raw)
+        except ValueError:
+            raise f.fail("before is not a cursor this server gave") from None
+    return GetConversations(limit, before, request_id=f.request_id)
+
+
 def _has_lone_surrogate(value: Any) -> bool:
     """True if any string (key or value) in a decoded JSON value cannot be encoded as UTF-8."""
     stack = [value]
@@ -460,6 +486,8 @@ def parse(text: str, limits: Limits) -> Command:
         return _sync(f)
     if kind == "refresh_token":
         return _refresh(f)
+    if kind == "get_conversations":
+        return _get_conversations(f)
     raise ProtocolError(UNKNOWN_TYPE, f"unknown message type: {kind[:64]}", request_id)
 
 
@@ -687,3 +715,93 @@ def frame_type(frame: str) -> str:
     """The ``type`` of a frame built here (every builder puts it first), for metrics."""
     end = frame.find('"', 9)
     return frame[9:end] if frame.startswith('{"type":"') and end > 0 else "unknown"
+
+
+# -- the inbox and the HTTP history (PROTOCOL.md 8) ------------------------------------------
+
+
+def encode_cursor(cursor: tuple[str, int]) -> str:
+    """An opaque inbox cursor: the last entry's activity time and id."""
+    return base64.urlsafe_b64encode(f"{cursor[0]}|{cursor[1]}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> tuple[str, int]:
+    """The cursor ``encode_cursor`` made; ValueError for anything else."""
+    if len(text) > 128:
+        raise ValueError("cursor too long")
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise ValueError("not a cursor") from None
+    at, sep, ident = raw.rpartition("|")
+    if not sep or not ident.isdigit() or not 0 < int(ident) <= MAX_ID:
+        raise ValueError("not a cursor")
+    return at, int(ident)
+
+
+def conversation_entry(row: ConversationSummary) -> dict[str, Any]:
+    """One entry of the inbox, as ``GET /api/messages/conversations`` and ``conversations``
+    give it. ``pitchTitle`` is null: the daemon stores no pitches."""
+    others = [
+        {"id": u.id, "name": display_name(u.id, u.username), "username": u.username,
+         "userType": u.user_type}
+        for u in row.others
+    ]
+    last = row.last_message
+    last_fields = None
+    if last is not None:
+        last_fields = {
+            "id": last.id,
+            "content": last.content,
+            "senderId": last.sender_id,
+            "senderName": display_name(last.sender_id, last.sender_name),
+            "sentAt": last.sent_at,
+            "messageType": last.message_type,
+        }
+    one_other = not row.is_group and len(others) == 1
+    return {
+        "id": row.id,
+        "title": row.title,
+        "pitchId": row.pitch_id,
+        "pitchTitle": None,
+        "isGroup": row.is_group,
+        "lastMessageAt": row.last_message_at,
+        "createdAt": row.created_at,
+        "participants": others,
+        "lastMessage": last_fields,
+        "unreadCount": row.unread_count,
+        "participantName": others[0]["name"] if one_other else row.title,
+        "participantType": others[0]["userType"] if one_other else None,
+        "timestamp": row.last_message_at or row.created_at,
+    }
+
+
+def conversations(rows: list[ConversationSummary], cursor: tuple[str, int] | None,
+                  request_id: str | None = None) -> str:
+    fields: dict[str, Any] = {
+        "conversations": [conversation_entry(r) for r in rows],
+        "nextCursor": encode_cursor(cursor) if cursor is not None else None,
+    }
+    if request_id is not None:
+        fields["requestId"] = request_id
+    return encode("conversations", **fields)
+
+
+def detailed_history_entry(row: MessageRow, detail: MessageDetail | None) -> dict[str, Any]:
+    """The 4.4 history entry plus the fields of ``GET /api/messages/{id}/messages``."""
+    entry = history_entry(row)
+    name = entry["senderName"]
+    entry["sender"] = {"id": row.sender_id, "name": name, "username": row.sender_name,
+                       "userType": detail.sender_user_type if detail else None}
+    entry["receiverId"] = detail.receiver_id if detail else None
+    entry["parentMessageId"] = detail.parent_message_id if detail else None
+    entry["subject"] = detail.subject if detail else None
+    entry["isEdited"] = detail.is_edited if detail else False
+    entry["isDeleted"] = detail.is_deleted if detail else False
+    entry["editedAt"] = detail.edited_at if detail else None
+    entry["readReceipts"] = [
+        {"userId": r.user_id, "userName": display_name(r.user_id, r.username),
+         "deliveredAt": r.delivered_at, "readAt": r.read_at}
+        for r in (detail.receipts if detail else [])
+    ]
+    return entry

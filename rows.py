@@ -70,3 +70,37 @@ class PendingRead:
 
 
 PendingEvent = PendingMessage | PendingRead
+
+
+class ConversationSummary(NamedTuple):
+    """One entry of a user's conversation list (the inbox), as seen by that user."""
+
+    id: int
+    title: str | None
+    pitch_id: int | None
+    is_group: bool
+    last_message_at: str | None
+    created_at: str
+    others: list[UserRow]  # the other active participants
+    last_message: MessageRow | None
+    unread_count: int  # messages of others the user has not read
+
+
+class Receipt(NamedTuple):
+    user_id: int
+    username: str | None
+    delivered_at: str | None
+    read_at: str | None
+
+
+class MessageDetail(NamedTuple):
+    """The columns of a message that the HTTP history adds to the 4.4 entry."""
+
+    receiver_id: int | None
+    parent_message_id: int | None
+    subject: str | None
+    is_edited: bool
+    is_deleted: bool
+    edited_at: str | None
+    sender_user_type: str | None
+    receipts: list[Receipt]

@@ -107,3 +107,8 @@ CREATE TABLE IF NOT EXISTS settings (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+
+-- The inbox's unread counts and "mark the conversation read": each user's unread receipts.
+-- Partial, so it holds only what is unread.
+CREATE INDEX IF NOT EXISTS receipts_unread
+    ON message_read_receipts(user_id, message_id) WHERE read_at IS NULL;

@@ -23,13 +23,24 @@ from conversations import Conversations
 from delivery import DeliveryLog
 from hub import Client, Hub
 from metrics import Metrics
-from rows import ConversationRow, EventKind, MessageRow, PendingEvent
+from rows import (
+    ConversationRow,
+    ConversationSummary,
+    EventKind,
+    MessageDetail,
+    MessageRow,
+    PendingEvent,
+)
 from store import DuplicateRequest, KeyedLock, NewMessage, Store, StoreError
 from typing_indicators import TypingTracker
 
 log = logging.getLogger("pitchey.service")
 
 NOT_A_PARTICIPANT = "Not a participant of this conversation"
+# The largest inbox page (PROTOCOL.md 8), and the most messages one "mark all read" changes.
+INBOX_MAX = 200
+INBOX_DEFAULT = 50
+READ_ALL_MAX = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,3 +332,53 @@ class Service:
             self.typing.start(row.id, user_id, row.members)
         else:
             self.typing.stop(row.id, user_id)
+
+    # -- the inbox, detailed history, conversation reads (the HTTP API and get_conversations)
+
+    async def conversation_list(
+        self, user_id: int, before: tuple[str, int] | None, limit: int
+    ) -> tuple[list[ConversationSummary], tuple[str, int] | None]:
+        """A page of the user's inbox, most recent activity first, and the cursor of the next
+        page (None on the last). ``limit`` is clamped to 1..INBOX_MAX."""
+        size = max(1, min(limit, INBOX_MAX))
+        rows, more = await self.store.conversation_list(user_id, before, size)
+        last = rows[-1] if rows else None
+        cursor = None
+        if more and last is not None:
+            cursor = (last.last_message_at or last.created_at, last.id)
+        return rows, cursor
+
+    async def history_details(
+        self, conversation_id: int, viewer: int, before: int | None, limit: int | None
+    ) -> tuple[list[MessageRow], dict[int, MessageDetail], bool]:
+        """``history`` with each message's extra columns and read receipts."""
+        rows, more = await self.history(conversation_id, viewer, before, limit)
+        details = await self.store.message_details([r.id for r in rows])
+        return rows, details, more
+
+    async def mark_conversation_read(
+        self, reader: int, reader_name: str, conversation_id: int, up_to: int | None
+    ) -> int:
+        """Mark the reader's unread messages in the conversation read (up to ``up_to``), and
+        tell each sender as ``mark_read`` does (PROTOCOL.md 4.3). Returns how many changed.
+        ``forbidden`` unless a participant. Bounded: at most READ_ALL_MAX per call."""
+        await self.member_of(conversation_id, reader)
+        ids = await self.store.unread_ids(conversation_id, reader, up_to, READ_ALL_MAX)
+        # Claimed before the next await, as mark_read does: a tab marking one of these right
+        # now keeps it (and tells the sender); this call skips it.
+        senders = {mid: sender for mid, sender in ids if (mid, reader) not in self.reads_in_flight}
+        keys = [(mid, reader) for mid in senders]
+        self.reads_in_flight.update(keys)
+        try:
+            now = p.now_iso()
+            await self.store.mark_read_many(list(senders), reader, now)
+        finally:
+            self.reads_in_flight.difference_update(keys)
+        for mid, sender in senders.items():
+            fields = p.read_fields(mid, conversation_id, reader, reader_name, now)
+            reached = self.hub.send_to(
+                [sender], p.message_read(fields), (EventKind.READ, mid, reader)
+            )
+            if reached:
+                self.metrics.frames_out["message_read"] += 1
+        return len(senders)

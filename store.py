@@ -34,7 +34,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from rows import ConversationRow, MessageRow, PendingEvent, UserRow
+from rows import (
+    ConversationRow,
+    ConversationSummary,
+    MessageDetail,
+    MessageRow,
+    PendingEvent,
+    UserRow,
+)
 
 # Reads whose result could grow with the data are capped at this many rows.
 MAX_ROWS = 100_000
@@ -195,6 +202,27 @@ class Store(Protocol):
 
     async def clear_typing(self) -> None:
         """Startup: drop typing rows left by a previous run."""
+
+    # -- the inbox and HTTP history (appended for the HTTP API) -----------------------------
+
+    async def conversation_list(
+        self, user_id: int, before: tuple[str, int] | None, limit: int
+    ) -> tuple[list[ConversationSummary], bool]:
+        """The user's active conversations, most recent activity first (activity = the last
+        message's time, else the creation time; ties by id, descending), those strictly after
+        the ``before`` cursor ``(activity, id)``, at most ``limit``; and whether more exist."""
+
+    async def message_details(self, message_ids: Sequence[int]) -> dict[int, MessageDetail]:
+        """Extra columns and read receipts of these messages (at most MAX_ROWS receipts)."""
+
+    async def unread_ids(
+        self, conversation_id: int, reader_id: int, up_to: int | None, limit: int
+    ) -> list[tuple[int, int]]:
+        """(id, sender) of messages of others in the conversation that ``reader_id`` has not read,
+        up to ``up_to`` when given, oldest first, at most ``limit``."""
+
+    async def mark_read_many(self, message_ids: Sequence[int], reader_id: int, now: str) -> None:
+        """``mark_read`` for several messages, in one transaction."""
 
 
 class KeyedLock:

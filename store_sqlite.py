@@ -46,7 +46,17 @@ from typing import Any
 import aiosqlite
 
 from protocol import dumps, now_iso
-from rows import ConversationRow, MessageRow, PendingEvent, PendingMessage, PendingRead, UserRow
+from rows import (
+    ConversationRow,
+    ConversationSummary,
+    MessageDetail,
+    MessageRow,
+    PendingEvent,
+    PendingMessage,
+    PendingRead,
+    Receipt,
+    UserRow,
+)
 from store import (
     MAX_ROWS,
     ConstraintViolation,
@@ -588,6 +598,110 @@ class SqliteStore:
         self.next_conversation_id += 1
         return value
 
+    # -- the inbox and HTTP history --------------------------------------------------------
+
+    async def conversation_list(
+        self, user_id: int, before: tuple[str, int] | None, limit: int
+    ) -> tuple[list[ConversationSummary], bool]:
+        # From the user's participant rows (index participants_user), each conversation by
+        # key; the page is sorted by activity and cut at the cursor.
+        activity = "COALESCE(c.last_message_at, c.created_at)"
+        at, below = before if before is not None else ("\uffff", 2**63 - 1)
+        rows = await self._fetch(
+            "SELECT c.id, c.title, c.pitch_id, c.is_group, c.last_message_at, c.created_at"
+            " FROM conversation_participants p JOIN conversations c ON c.id = p.conversation_id"
+            f" WHERE p.user_id = ? AND p.is_active = 1 AND ({activity} < ?"
+            f" OR ({activity} = ? AND c.id < ?))"
+            f" ORDER BY {activity} DESC, c.id DESC LIMIT ?",
+            (user_id, at, at, below, limit + 1),
+        )
+        has_more = len(rows) > limit
+        rows = rows[:limit]
+        if not rows:
+            return [], has_more
+        ids = dumps([r[0] for r in rows])
+        last = await self._fetch(
+            _MESSAGE_SELECT + " WHERE m.id IN (SELECT (SELECT id FROM messages"
+            " WHERE conversation_id = j.value AND is_deleted = 0 ORDER BY id DESC LIMIT 1)"
+            " FROM json_each(?) j)",
+            (ids,),
+        )
+        last_by = {r[1]: _message(r) for r in last}
+        others: dict[int, list[UserRow]] = {}
+        for r in await self._fetch(
+            "SELECT p.conversation_id, u.id, u.username, u.user_type, u.last_seen"
+            " FROM conversation_participants p JOIN users u ON u.id = p.user_id"
+            " WHERE p.conversation_id IN (SELECT value FROM json_each(?))"
+            " AND p.is_active = 1 AND p.user_id != ? ORDER BY p.conversation_id, u.id LIMIT ?",
+            (ids, user_id, MAX_ROWS),
+        ):
+            others.setdefault(r[0], []).append(UserRow(r[1], r[2], r[3], r[4]))
+        # Only unread receipts are in the partial index receipts_unread.
+        unread = dict(await self._fetch(
+            "SELECT m.conversation_id, COUNT(*) FROM message_read_receipts r"
+            " JOIN messages m ON m.id = r.message_id"
+            " WHERE r.user_id = ? AND r.read_at IS NULL AND m.sender_id != ?"
+            " AND m.is_deleted = 0 AND m.conversation_id IN (SELECT value FROM json_each(?))"
+            " GROUP BY m.conversation_id",
+            (user_id, user_id, ids),
+        ))
+        out = [
+            ConversationSummary(
+                r[0], r[1], r[2], bool(r[3]), r[4], r[5], others.get(r[0], []),
+                last_by.get(r[0]), int(unread.get(r[0], 0)),
+            )
+            for r in rows
+        ]
+        return out, has_more
+
+    async def message_details(self, message_ids: Sequence[int]) -> dict[int, MessageDetail]:
+        if not message_ids:
+            return {}
+        ids = dumps(list(message_ids))
+        receipts: dict[int, list[Receipt]] = {}
+        for r in await self._fetch(
+            "SELECT r.message_id, r.user_id, u.username, r.delivered_at, r.read_at"
+            " FROM message_read_receipts r LEFT JOIN users u ON u.id = r.user_id"
+            " WHERE r.message_id IN (SELECT value FROM json_each(?))"
+            " ORDER BY r.message_id, r.user_id LIMIT ?",
+            (ids, MAX_ROWS),
+        ):
+            receipts.setdefault(r[0], []).append(Receipt(r[1], r[2], r[3], r[4]))
+        rows = await self._fetch(
+            "SELECT m.id, m.receiver_id, m.parent_message_id, m.subject, m.is_edited,"
+            " m.is_deleted, m.edited_at, su.user_type"
+            " FROM messages m LEFT JOIN users su ON su.id = m.sender_id"
+            " WHERE m.id IN (SELECT value FROM json_each(?))",
+            (ids,),
+        )
+        return {
+            r[0]: MessageDetail(r[1], r[2], r[3], bool(r[4]), bool(r[5]), r[6], r[7],
+                                receipts.get(r[0], []))
+            for r in rows
+        }
+
+    async def unread_ids(
+        self, conversation_id: int, reader_id: int, up_to: int | None, limit: int
+    ) -> list[tuple[int, int]]:
+        rows = await self._fetch(
+            "SELECT m.id, m.sender_id FROM message_read_receipts r"
+            " JOIN messages m ON m.id = r.message_id"
+            " WHERE r.user_id = ? AND r.read_at IS NULL AND m.conversation_id = ?"
+            " AND m.id <= ? AND m.sender_id != ? AND m.is_deleted = 0 ORDER BY m.id LIMIT ?",
+            (reader_id, conversation_id, up_to if up_to is not None else 2**63 - 1,
+             reader_id, limit),
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    async def mark_read_many(self, message_ids: Sequence[int], reader_id: int, now: str) -> None:
+        if not message_ids:
+            return
+        write = _Write()
+        for message_id in message_ids:
+            write.add(_MARK_RECEIPT_READ, (message_id, reader_id, now, now))
+            write.add(_MARK_MESSAGE_READ, (now, message_id))
+        await self._write(write)
+
 
 _Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
 
@@ -803,3 +917,16 @@ def read_setting(path: str, key: str) -> str | None:
     finally:
         db.close()
     return row[0] if row else None
+
+
+# mark_read_many's statements: the same text as mark_read's, so they group with its writes.
+_MARK_RECEIPT_READ = (
+    "INSERT INTO message_read_receipts (message_id, user_id, delivered_at, read_at)"
+    " VALUES (?, ?, ?, ?) ON CONFLICT(message_id, user_id) DO UPDATE SET"
+    " read_at = excluded.read_at,"
+    " delivered_at = COALESCE(message_read_receipts.delivered_at, excluded.delivered_at)"
+    " WHERE message_read_receipts.read_at IS NULL"
+)
+_MARK_MESSAGE_READ = (
+    "UPDATE messages SET is_read = 1, read_at = COALESCE(read_at, ?) WHERE id = ?"
+)

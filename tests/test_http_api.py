@@ -1,0 +1,418 @@
+"""The HTTP API of PROTOCOL.md section 8 over real HTTP against the real daemon, beside sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TIMEOUT, Client, Connector, Daemon, conversation, make_token, new_user, running
+
+ORIGIN = "https://app.pitchey.test"
+
+
+def call(
+    port: int, method: str, path: str, body: Any = None, *, token: str | None = None,
+    headers: dict[str, str] | None = None, raw: bytes | None = None,
+) -> tuple[int, dict[str, str], Any]:
+    """One HTTP request; the answer's status, headers (lower-case names) and JSON (or bytes)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    sent = dict(headers or {})
+    if token is not None:
+        sent["Authorization"] = f"Bearer {token}"
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    if data is not None:
+        sent.setdefault("Content-Type", "application/json")
+    try:
+        conn.request(method, path, body=data, headers=sent)
+        response = conn.getresponse()
+        payload = response.read()
+        got = {k.lower(): v for k, v in response.getheaders()}
+    finally:
+        conn.close()
+    if got.get("content-type") == "application/json" and payload:
+        return response.status, got, json.loads(payload)
+    return response.status, got, payload
+
+
+def raw_request(port: int, data: bytes) -> bytes:
+    """Send raw bytes; everything the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+async def acall(*args: Any, **kwargs: Any) -> tuple[int, dict[str, str], Any]:
+    return await asyncio.to_thread(call, *args, **kwargs)
+
+
+def tok(user_id: int, name: str | None = None, **claims: Any) -> str:
+    return make_token(user_id, username=name or f"user{user_id}", **claims)
+
+
+MESSAGE_KEYS = {"id", "messageId", "conversationId", "senderId", "senderName", "content",
+                "attachments", "messageType", "sentAt", "timestamp", "isRead"}
+DETAIL_KEYS = {"receiverId", "parentMessageId", "subject", "isEdited", "isDeleted", "editedAt",
+               "sender", "readReceipts"}
+CONVERSATION_KEYS = {"id", "title", "pitchId", "pitchTitle", "isGroup", "lastMessageAt",
+                     "createdAt", "participants", "lastMessage", "unreadCount",
+                     "participantName", "participantType", "timestamp"}
+
+
+async def test_send_over_http_reaches_sockets_once(daemon: Daemon, connect_to: Connector) -> None:
+    """POST send: 201 with the history entry; new_message once to the other user and to the
+    sender's own socket; a repeat with the same Idempotency-Key stores and sends nothing."""
+    alice = await connect_to(username="Alice")
+    bob = await connect_to(username="Bob")
+    cid = await conversation(alice, bob.user_id)
+    status, headers, body = await acall(
+        daemon.port, "POST", "/api/messages/send",
+        {"conversationId": cid, "content": "over http"}, token=tok(alice.user_id, "Alice"),
+        headers={"Idempotency-Key": "k-1"},
+    )
+    assert status == 201 and headers["content-type"] == "application/json", body
+    assert body["success"] is True
+    message = body["message"]
+    assert set(message) >= MESSAGE_KEYS
+    assert message["id"] == message["messageId"] and message["sentAt"] == message["timestamp"]
+    assert message["content"] == "over http" and message["senderName"] == "Alice"
+    assert message["conversationId"] == cid and message["senderId"] == alice.user_id
+    live = await bob.expect("new_message", messageId=message["id"])
+    assert live["content"] == "over http" and "requestId" not in live
+    mine = await alice.expect("new_message", messageId=message["id"])
+    assert mine["senderId"] == alice.user_id
+    again = await acall(
+        daemon.port, "POST", "/api/messages/send",
+        {"conversationId": cid, "content": "over http"}, token=tok(alice.user_id, "Alice"),
+        headers={"Idempotency-Key": "k-1"},
+    )
+    assert again[0] == 201 and again[2]["message"]["id"] == message["id"]
+    await bob.quiet("new_message")
+    assert daemon.query("SELECT COUNT(*) FROM messages WHERE conversation_id = ?", (cid,)) == [(1,)]
+
+
+async def test_send_to_receiver_id(daemon: Daemon, connect_to: Connector) -> None:
+    """receiverId (alias of recipientId) finds or makes the direct conversation."""
+    carol = new_user()
+    dave = await connect_to()
+    status, _, body = await acall(daemon.port, "POST", "/api/messages/send",
+                                  {"receiverId": dave.user_id, "content": "hi", "requestId": "r"},
+                                  token=tok(carol))
+    assert status == 201, body
+    frame = await dave.expect("new_message", messageId=body["message"]["id"])
+    assert frame["senderId"] == carol
+    assert body["message"]["requestId"] == "r"
+
+
+async def test_send_bad_bodies(daemon: Daemon, connect_to: Connector) -> None:
+    """Malformed JSON, a non-object, missing fields: 400 with the codes of section 6."""
+    user = new_user()
+    port = daemon.port
+    status, _, body = await acall(port, "POST", "/api/messages/send", raw=b"{nope",
+                                  token=tok(user))
+    assert status == 400 and body["error"] == "invalid_json" and body["message"]
+    status, _, body = await acall(port, "POST", "/api/messages/send", [1], token=tok(user))
+    assert status == 400 and body["error"] == "invalid_json"
+    status, _, body = await acall(port, "POST", "/api/messages/send", {"conversationId": 1},
+                                  token=tok(user))
+    assert status == 400 and body["error"] == "invalid_message"
+
+
+async def test_not_a_participant_is_403(daemon: Daemon, connect_to: Connector) -> None:
+    """Sending into, reading or marking a conversation of others: 403 forbidden."""
+    alice = await connect_to()
+    cid = await conversation(alice, new_user())
+    outsider = tok(new_user())
+    for method, path, body in (
+        ("POST", "/api/messages/send", {"conversationId": cid, "content": "x"}),
+        ("GET", f"/api/messages/{cid}/messages", None),
+        ("POST", f"/api/messages/{cid}/read", None),
+        ("POST", f"/api/creator/conversations/{cid}/read", {}),
+    ):
+        status, _, answer = await acall(daemon.port, method, path, body, token=outsider)
+        assert status == 403 and answer["error"] == "forbidden", (path, answer)
+
+
+def test_auth_refusals(daemon: Daemon) -> None:
+    """No token, a bad one, an expired one: 401 JSON; two Authorization headers: 400."""
+    port = daemon.port
+    for token in (None, "not-a-jwt", make_token(new_user(), exp=-60)):
+        status, headers, body = call(port, "GET", "/api/messages/conversations", token=token)
+        assert status == 401 and set(body) == {"error", "message"}, body
+        assert headers["www-authenticate"] == "Bearer"
+    answer = raw_request(port, (
+        "GET /api/messages/conversations HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {tok(new_user())}\r\nAuthorization: Bearer x\r\n"
+        "Connection: close\r\n\r\n").encode())
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    # The same on the WebSocket handshake: refused, never a 500.
+    answer = raw_request(port, (
+        "GET /api/messages/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {tok(new_user())}\r\n"
+        "Authorization: Bearer y\r\n\r\n").encode())
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"Traceback" not in daemon.log_text().encode()
+
+
+def test_unknown_and_method_not_allowed(daemon: Daemon) -> None:
+    """Unknown paths (notifications and pitches included) 404; a wrong method 405 with Allow."""
+    token = tok(new_user())
+    for path in ("/nope", "/api/notifications", "/api/pitches/1/activity"):
+        status, _, body = call(daemon.port, "GET", path, token=token)
+        assert status == 404 and body["error"] == "not_found"
+    status, headers, body = call(daemon.port, "DELETE", "/api/messages/send", token=token)
+    assert status == 405 and "POST" in headers["allow"] and body["error"]
+    status, headers, _ = call(daemon.port, "POST", "/api/messages/conversations", {},
+                              token=token)
+    assert status == 405 and "GET" in headers["allow"] and "HEAD" in headers["allow"]
+
+
+def test_too_large(daemon: Daemon) -> None:
+    """A body over server.max_message_bytes: 413; a head over http.max_header_bytes: 431."""
+    status, _, body = call(daemon.port, "POST", "/api/messages/send",
+                           raw=b"{" + b" " * 70000 + b"}", token=tok(new_user()))
+    assert status == 413 and body["error"] == "too_large"
+    answer = raw_request(daemon.port, b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Big: "
+                         + b"a" * 20000 + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+
+
+def test_head_and_health(daemon: Daemon) -> None:
+    """HEAD works wherever GET does: same status and headers, no body."""
+    status, headers, body = call(daemon.port, "HEAD", "/api/health")
+    assert status == 200 and body == b"" and headers["content-type"] == "application/json"
+    status, _, body = call(daemon.port, "HEAD", "/api/messages/conversations",
+                           token=tok(new_user()))
+    assert status == 200 and body == b""
+
+
+def test_client_cacheable(daemon: Daemon) -> None:
+    """/client/* carries an ETag; If-None-Match with it gets 304."""
+    status, headers, body = call(daemon.port, "GET", "/client/pitchey-ws.js")
+    assert status == 200 and b"PitcheyClient" in body and "no-store" not in headers["cache-control"]
+    status, _, body = call(daemon.port, "GET", "/client/pitchey-ws.js",
+                           headers={"If-None-Match": headers["etag"]})
+    assert status == 304 and body == b""
+
+
+async def test_history_entries(daemon: Daemon, connect_to: Connector) -> None:
+    """GET messages: the 4.4 entry plus section 8's fields; GET does not mark anything read."""
+    alice = await connect_to(username="Alice")
+    bob = await connect_to(username="Bob")
+    cid = await conversation(alice, bob.user_id)
+    sent = await alice.request({"type": "send_message", "conversationId": cid, "content": "a",
+                                "requestId": "h1"}, "message_sent")
+    status, _, body = await acall(daemon.port, "GET", f"/api/messages/{cid}/messages",
+                                  token=tok(bob.user_id, "Bob"))
+    assert status == 200 and body["success"] is True and body["hasMore"] is False
+    [entry] = body["messages"]
+    assert set(entry) >= MESSAGE_KEYS | DETAIL_KEYS
+    assert entry["id"] == sent["messageId"] and entry["isRead"] is False
+    assert entry["receiverId"] == bob.user_id and entry["isEdited"] is False
+    assert entry["sender"] == {"id": alice.user_id, "name": "Alice", "username": "Alice",
+                               "userType": None}
+    [receipt] = entry["readReceipts"]
+    assert receipt["userId"] == bob.user_id and receipt["readAt"] is None
+    assert set(receipt) == {"userId", "userName", "deliveredAt", "readAt"}
+    again = await acall(daemon.port, "GET", f"/api/messages/{cid}/messages",
+                        token=tok(bob.user_id, "Bob"))
+    assert again[2]["messages"][0]["readReceipts"][0]["readAt"] is None
+    await alice.quiet("message_read")
+
+
+async def test_mark_read_notifies_sender(daemon: Daemon, connect_to: Connector) -> None:
+    """POST read marks the caller's unread messages and sends message_read to the sender."""
+    alice = await connect_to(username="Alice")
+    bob_id = new_user()
+    cid = await conversation(alice, bob_id)
+    ids = []
+    for n in range(3):
+        sent = await alice.request({"type": "send_message", "conversationId": cid,
+                                    "content": f"m{n}", "requestId": f"mr{n}"}, "message_sent")
+        ids.append(sent["messageId"])
+    status, _, body = await acall(daemon.port, "POST", f"/api/messages/{cid}/read",
+                                  {"upToMessageId": ids[1]}, token=tok(bob_id, "Bob"))
+    assert (status, body) == (200, {"success": True, "read": 2})
+    for mid in ids[:2]:
+        notice = await alice.expect("message_read", messageId=mid)
+        assert notice["readBy"] == bob_id and notice["readByName"] == "Bob"
+        assert notice["conversationId"] == cid and notice["readAt"]
+    status, _, body = await acall(daemon.port, "POST",
+                                  f"/api/creator/conversations/{cid}/read", None,
+                                  token=tok(bob_id, "Bob"))
+    assert body == {"success": True, "read": 1}
+    await alice.expect("message_read", messageId=ids[2])
+    _, _, body = await acall(daemon.port, "POST", f"/api/messages/{cid}/read", {},
+                             token=tok(bob_id, "Bob"))
+    assert body["read"] == 0
+    await alice.quiet("message_read")
+
+
+async def test_inbox_http_equals_socket(daemon: Daemon, connect_to: Connector) -> None:
+    """The inbox: entries field by field, most recent activity first, paged by an opaque
+    cursor; get_conversations over the socket gives the same list."""
+    me = await connect_to(username="Me")
+    victor = new_user()
+    maya = new_user()
+    first = await conversation(me, victor)
+    second = await conversation(me, maya)
+    group = await conversation(me, victor, maya)
+    await me.request({"type": "send_message", "conversationId": first, "content": "newest",
+                      "requestId": "ib1"}, "message_sent")
+    victor_token = tok(victor, "Victor", userType="investor")
+    status, _, body = await acall(daemon.port, "POST", "/api/messages/send",
+                                  {"conversationId": first, "content": "reply"},
+                                  token=victor_token)
+    assert status == 201
+    status, _, body = await acall(daemon.port, "GET", "/api/messages/conversations",
+                                  token=tok(me.user_id, "Me"))
+    assert status == 200 and body["success"] is True and body["nextCursor"] is None
+    entries = body["conversations"]
+    assert [e["id"] for e in entries] == [first, group, second]
+    top = entries[0]
+    assert set(top) >= CONVERSATION_KEYS
+    assert top["participants"] == [{"id": victor, "name": "Victor", "username": "Victor",
+                                    "userType": "investor"}]
+    assert top["participantName"] == "Victor" and top["participantType"] == "investor"
+    assert top["lastMessage"]["content"] == "reply" and top["lastMessage"]["senderId"] == victor
+    assert set(top["lastMessage"]) == {"id", "content", "senderId", "senderName", "sentAt",
+                                       "messageType"}
+    assert top["unreadCount"] == 1 and top["timestamp"] == top["lastMessageAt"]
+    assert top["isGroup"] is False and top["pitchTitle"] is None
+    assert entries[1]["isGroup"] is True and entries[1]["participantType"] is None
+    assert entries[2]["lastMessage"] is None and entries[2]["timestamp"] == entries[2]["createdAt"]
+    # Paging: two, then one, by the cursor.
+    _, _, page = await acall(daemon.port, "GET", "/api/messages/conversations?limit=2",
+                             token=tok(me.user_id, "Me"))
+    assert [e["id"] for e in page["conversations"]] == [first, group] and page["nextCursor"]
+    _, _, rest = await acall(daemon.port, "GET",
+                             f"/api/messages/conversations?limit=2&before={page['nextCursor']}",
+                             token=tok(me.user_id, "Me"))
+    assert [e["id"] for e in rest["conversations"]] == [second] and rest["nextCursor"] is None
+    status, _, bad = await acall(daemon.port, "GET", "/api/messages/conversations?before=zz",
+                                 token=tok(me.user_id, "Me"))
+    assert status == 400 and bad["error"] == "invalid_message"
+    frame = await me.request({"type": "get_conversations"}, "conversations")
+    assert frame["conversations"] == entries and frame["nextCursor"] is None
+    frame = await me.request({"type": "get_conversations", "limit": 2}, "conversations")
+    assert frame["nextCursor"] == page["nextCursor"]
+
+
+def test_preflight(daemon: Daemon) -> None:
+    """With no origins configured, a cross-origin preflight gets no CORS headers."""
+    status, headers, _ = call(daemon.port, "OPTIONS", "/api/messages/send",
+                              headers={"Origin": ORIGIN,
+                                       "Access-Control-Request-Method": "POST"})
+    assert status == 204 and "access-control-allow-origin" not in headers
+
+
+async def test_cors_and_origin(tmp_path: Path) -> None:
+    """http.cors_origins: listed origins get CORS on preflight and answers, others none; a
+    handshake from an unlisted Origin gets 403 origin_not_allowed, a listed one connects."""
+    async with running(tmp_path, {"http.cors_origins": [ORIGIN]}) as connect:
+        port = connect.daemon.port
+        status, headers, _ = await acall(port, "OPTIONS", "/api/messages/send", headers={
+            "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert status == 204 and headers["access-control-allow-origin"] == ORIGIN
+        assert "POST" in headers["access-control-allow-methods"]
+        allowed = headers["access-control-allow-headers"].lower()
+        assert {"authorization", "content-type", "idempotency-key"} <= {
+            h.strip() for h in allowed.split(",")}
+        status, headers, _ = await acall(port, "OPTIONS", "/api/messages/send",
+                                         headers={"Origin": "https://evil.test"})
+        assert status == 204 and not any(k.startswith("access-control") for k in headers)
+        status, headers, _ = await acall(port, "GET", "/client/pitchey-ws.js",
+                                         headers={"Origin": ORIGIN})
+        assert status == 200 and headers["access-control-allow-origin"] == ORIGIN
+        status, headers, _ = await acall(port, "GET", "/api/messages/conversations",
+                                         token=tok(new_user()), headers={"Origin": "https://evil.test"})
+        assert status == 200 and "access-control-allow-origin" not in headers
+        uid = new_user()
+        with pytest.raises(Exception) as refused:
+            await connect(uid, origin="https://evil.test")  # type: ignore[arg-type]
+        assert "403" in str(refused.value)
+        ok: Client = await connect(uid, origin=ORIGIN)  # type: ignore[arg-type]
+        assert (await ok.request({"type": "ping"}, "pong"))["userId"] == uid
+
+
+async def test_rate_limited_shares_the_bucket(tmp_path: Path) -> None:
+    """HTTP requests draw on the user's token bucket: beyond it, 429 with Retry-After."""
+    async with running(tmp_path, {"limits.frames_per_second": 1, "limits.frames_burst": 3}
+                       ) as connect:
+        port = connect.daemon.port
+        token = tok(new_user())
+        statuses = []
+        for _ in range(5):
+            status, headers, body = await acall(port, "GET", "/api/messages/conversations",
+                                                token=token)
+            statuses.append(status)
+        assert statuses[:3] == [200, 200, 200] and statuses[-1] == 429
+        assert body["error"] == "rate_limited" and int(headers["retry-after"]) >= 1
+
+
+def test_websocket_path_still_refuses_plainly(daemon: Daemon) -> None:
+    """The handshake's JSON refusals are unchanged behind the front: no token is 401."""
+    status, _, body = daemon.get("/api/messages/ws")
+    assert status == 401 and json.loads(body)["error"] == "missing_token"
+
+
+async def test_in_progress_bound(tmp_path: Path) -> None:
+    """Beyond http.max_in_progress connections still sending their request: 503, not a wait."""
+    async with running(tmp_path, {"http.max_in_progress": 1}) as connect:
+        port = connect.daemon.port
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as idle:
+            idle.sendall(b"GET /api/health HTTP/1.1\r\n")  # a head that has not ended
+            answer = await asyncio.to_thread(
+                raw_request, port, b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 503 "), answer[:100]
+        status, _, _ = await acall(port, "GET", "/api/health")
+        assert status == 200
+
+
+def test_log_summary_counts_what_it_holds_back() -> None:
+    """LogSummary: at most per_second lines a second per kind, then one line with the count."""
+    import logging
+
+    from http_front import LogSummary
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("pitchey.test.summary")
+    logger.addHandler(Keep())
+    logger.setLevel(logging.INFO)
+    now = [0.0]
+    summary = LogSummary(logger, per_second=2, clock=lambda: now[0])
+    for n in range(10):
+        summary.note("bad", "bad request %d", n)
+    summary.note("other", "other")
+    now[0] = 1.5
+    summary.note("bad", "bad request again")
+    assert lines == ["bad request 0", "bad request 1", "other",
+                     "bad: 8 more like it in the last second, not logged", "bad request again"]
+
+
+def test_port_and_host_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve takes PORT and HOST from the environment; --port and --host win."""
+    import pitchey_ws
+
+    monkeypatch.setenv("PORT", "9123")
+    monkeypatch.setenv("HOST", "0.0.0.0")
+    parser = pitchey_ws.build_parser()
+    config = pitchey_ws.load_config(parser.parse_args(["serve"]))
+    assert (config.server.host, config.server.port) == ("0.0.0.0", 9123)
+    config = pitchey_ws.load_config(
+        parser.parse_args(["serve", "--port", "9200", "--host", "127.0.0.1"]))
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 9200)
