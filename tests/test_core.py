@@ -5,7 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 
-from conftest import Client, Connector, Daemon, conversation, new_user, write_config
+from conftest import (
+    Client,
+    Connector,
+    Daemon,
+    conversation,
+    eventually_db,
+    new_user,
+    write_config,
+)
 
 
 async def send(client: Client, frame: dict) -> dict:
@@ -83,11 +91,12 @@ async def test_send_message_routing(daemon: Daemon, connect_to: Connector) -> No
             "conversationId": cid, "content": "hello", "senderId": a.user_id
         }
     await a.absent("new_message")
-    receipts = daemon.query(
+    # Delivery records are written after the frames, in the background.
+    await eventually_db(
+        daemon,
         "SELECT user_id, delivered_at IS NOT NULL FROM message_read_receipts"
-        " WHERE message_id = ?", (sent["messageId"],),
+        " WHERE message_id = ?", (sent["messageId"],), [(b.user_id, 1)],
     )
-    assert receipts == [(b.user_id, 1)]
 
 
 async def test_send_to_offline_not_delivered(daemon: Daemon, connect_to: Connector) -> None:
