@@ -178,7 +178,7 @@ class FrontConnection(ServerConnection):
         super().__init__(*args, **kwargs)
         self.mode = _HEAD
         self.raw: asyncio.Transport | None = None
-        self.head = bytearray()  # bytes of the first request, until the head is complete
+        self.head = bytearray()  # bytes of the request being read, until its head is complete
         self.parser = h11.Connection(
             h11.SERVER, max_incomplete_event_size=self.front.max_header_bytes
         )
@@ -186,7 +186,6 @@ class FrontConnection(ServerConnection):
         self.body = bytearray()
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
-        self.first = True
 
     # -- asyncio protocol ------------------------------------------------------------------
 
@@ -215,8 +214,8 @@ class FrontConnection(ServerConnection):
             return
         if self.mode == _DONE:
             return
-        if self.first and self.request_head is None:
-            self.head += data
+        if self.request_head is None:
+            self.head += data  # the bytes of the request being read, kept for a hand-over
         self.parser.receive_data(data)
         self._advance()
 
@@ -327,11 +326,8 @@ class FrontConnection(ServerConnection):
             self._send_error_and_close(431, "header_too_large", "Request header is too large")
             return False
         if self.front.is_websocket(method, target, headers):
-            if not self.first:
-                self._send_error_and_close(
-                    400, "bad_request", "A WebSocket handshake must open its own connection"
-                )
-                return False
+            # Also after earlier requests on a kept-alive connection: clients pool their
+            # connections (Node's fetch-based WebSocket reuses the one a health check used).
             refusal = self.front.websocket_refusal(headers)
             if refusal is not None:
                 self.front.summary.note("handshake_refused", "handshake refused: %d",
@@ -398,7 +394,8 @@ class FrontConnection(ServerConnection):
             return
         if (self.parser.our_state is h11.DONE and self.parser.their_state is h11.DONE):
             self.parser.start_next_cycle()
-            self.first = False
+            # What the client sent beyond the answered request is the next request's start.
+            self.head = bytearray(self.parser.trailing_data[0])
             self.request_head = None
             self.body = bytearray()
             self.mode = _HEAD

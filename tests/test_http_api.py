@@ -416,3 +416,31 @@ def test_port_and_host_from_environment(monkeypatch: pytest.MonkeyPatch) -> None
     config = pitchey_ws.load_config(
         parser.parse_args(["serve", "--port", "9200", "--host", "127.0.0.1"]))
     assert (config.server.host, config.server.port) == ("127.0.0.1", 9200)
+
+
+async def test_handshake_after_a_request_on_a_kept_alive_connection(daemon: Daemon) -> None:
+    """A WebSocket handshake on a connection that first served a GET (a pooled connection, as
+    Node's fetch-based WebSocket uses) is handed over and gets connected."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    try:
+        writer.write(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        await asyncio.wait_for(reader.readexactly(length), TIMEOUT)
+        user = new_user()
+        writer.write(
+            (f"GET /api/messages/ws?token={make_token(user)} HTTP/1.1\r\nHost: x\r\n"
+             "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             ).encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        frame = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
+        assert frame[0] == 0x81  # a final text frame: connected
+        body = await asyncio.wait_for(reader.readexactly(frame[1] & 0x7F), TIMEOUT)
+        assert json.loads(body) == {**json.loads(body), "type": "connected", "userId": user}
+    finally:
+        writer.close()
