@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -83,9 +84,18 @@ def std_dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+# 19 digits in a row: maybe an integer orjson cannot hold (beyond -2**63..2**64-1), which it
+# would read as a float. Every integer of 18 digits or fewer fits.
+_LONG_DIGITS: Final = re.compile(r"[0-9]{19}")
+
+
 def fast_loads(text: str) -> Any:
-    """orjson, deferring to ``json`` on anything orjson refuses: integers beyond 64 bits,
-    NaN, unpaired surrogate escapes. So both codecs accept and refuse the same frames."""
+    """orjson, deferring to ``json`` on anything orjson refuses (NaN, unpaired surrogate
+    escapes, numbers too large for a double) or would read differently: an integer beyond
+    64 bits, which orjson turns into a float and ``json`` keeps an exact ``int``. So both
+    codecs accept and refuse the same frames, with the same values."""
+    if _LONG_DIGITS.search(text) is not None:
+        return json.loads(text)
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -383,6 +393,8 @@ def _get_messages(f: _Fields) -> GetMessages:
             raise f.fail("limit must be an integer")
         if limit < 1:
             raise f.fail("limit must be at least 1")
+        if limit > MAX_ID:
+            raise f.fail(f"limit must be at most {MAX_ID}")
     return GetMessages(
         request_id=f.request_id,
         conversation_id=f.required_id("conversationId"),
