@@ -74,6 +74,7 @@ class TypingConfig:
 class LimitsConfig:
     frames_per_second: float = 30
     frames_burst: int = 60
+    typing_repeat_cost: float = 0.1
     flood_max_dropped: int = 50
     flood_window_seconds: float = 10
     max_connections_per_user: int = 10
@@ -201,6 +202,11 @@ def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{name}: must not be negative, got {value}")
+    if not 0 < config.limits.typing_repeat_cost <= 1:
+        raise ConfigError(
+            "limits.typing_repeat_cost: must be above 0 (no frame is free) and at most 1,"
+            f" got {config.limits.typing_repeat_cost}"
+        )
     if config.limits.max_participants < 2:
         raise ConfigError("limits.max_participants: must be at least 2")
     if not 0 <= config.server.port <= 65535:

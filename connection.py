@@ -205,29 +205,30 @@ class Sessions:
         except p.ProtocolError as exc:
             command, error = None, exc
         service = self.service
-        # A typing frame that changes nothing is free, but only when membership is known
-        # without a database read (otherwise random ids would be free reads).
-        free = (
+        # No frame is free: a flood of anything empties the bucket and meets the flood guard.
+        # A typing frame that changes nothing (clients repeat typing_start on every keystroke)
+        # costs a fraction of a token, but only when membership is known without a database
+        # read (otherwise random ids would be cheap reads).
+        cheap = (
             isinstance(command, p.Typing)
             and service.typing.is_noop(command.conversation_id, client.user_id,
                                        command.is_typing)
             and service.conversations.cached_member(command.conversation_id, client.user_id)
         )
-        if not free:
-            wait = user.bucket.take()
-            if wait > 0:
-                self.metrics.errors[p.RATE_LIMITED] += 1
-                request_id = command.request_id if command is not None else None
-                if error is not None:
-                    request_id = error.request_id
-                client.send(
-                    p.error(p.RATE_LIMITED, "Too many frames; slow down",
-                            request_id, math.ceil(wait * 1000))
-                )
-                if client.flood.drop():
-                    log.warning("user %d flooding; closing with 1008", client.user_id)
-                    client.close(p.FLOODING)
-                return
+        wait = user.bucket.take(self.config.limits.typing_repeat_cost if cheap else 1.0)
+        if wait > 0:
+            self.metrics.errors[p.RATE_LIMITED] += 1
+            request_id = command.request_id if command is not None else None
+            if error is not None:
+                request_id = error.request_id
+            client.send(
+                p.error(p.RATE_LIMITED, "Too many frames; slow down",
+                        request_id, math.ceil(wait * 1000))
+            )
+            if client.flood.drop():
+                log.warning("user %d flooding; closing with 1008", client.user_id)
+                client.close(p.FLOODING)
+            return
         if error is not None:
             self.metrics.frames_in["invalid"] += 1
             self.reply_error(client, error)
