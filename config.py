@@ -75,6 +75,8 @@ class LimitsConfig:
     frames_per_second: float = 30
     frames_burst: int = 60
     typing_repeat_cost: float = 0.1
+    deliveries_per_second: float = 1000
+    deliveries_burst: int = 10000
     flood_max_dropped: int = 50
     flood_window_seconds: float = 10
     max_connections_per_user: int = 10
@@ -178,6 +180,8 @@ def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -
         "typing.ttl_seconds": config.typing.ttl_seconds,
         "limits.frames_per_second": config.limits.frames_per_second,
         "limits.frames_burst": config.limits.frames_burst,
+        "limits.deliveries_per_second": config.limits.deliveries_per_second,
+        "limits.deliveries_burst": config.limits.deliveries_burst,
         "limits.flood_max_dropped": config.limits.flood_max_dropped,
         "limits.flood_window_seconds": config.limits.flood_window_seconds,
         "limits.max_connections_per_user": config.limits.max_connections_per_user,
@@ -209,6 +213,13 @@ def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -
         )
     if config.limits.max_participants < 2:
         raise ConfigError("limits.max_participants: must be at least 2")
+    if config.limits.deliveries_burst < config.limits.max_participants - 1:
+        # One message to a full conversation costs max_participants - 1 deliveries at once.
+        raise ConfigError(
+            f"limits.deliveries_burst ({config.limits.deliveries_burst}) must be at least"
+            f" limits.max_participants - 1 ({config.limits.max_participants - 1}), or a"
+            " message to a full conversation could never be sent"
+        )
     if not 0 <= config.server.port <= 65535:
         raise ConfigError(f"server.port: out of range: {config.server.port}")
     if config.server.log_level.upper() not in _LOG_LEVELS:

@@ -251,7 +251,7 @@ class Sessions:
 
     def reply_error(self, client: Client, exc: p.ProtocolError) -> None:
         self.metrics.errors[exc.code] += 1
-        client.send(p.error(exc.code, exc.message, exc.request_id))
+        client.send(p.error(exc.code, exc.message, exc.request_id, exc.retry_after_ms))
 
 
 def _token_from(request: Request, query: str) -> str | None:

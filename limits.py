@@ -33,6 +33,10 @@ class TokenBucket:
             return 0.0
         return (cost - self.tokens) / self.rate
 
+    def refund(self, cost: float) -> None:
+        """Give back what ``take`` granted for work that then did not happen."""
+        self.tokens = min(self.burst, self.tokens + cost)
+
 
 class FloodGuard:
     """Counts frames dropped on one connection; ``drop()`` says when it is time to disconnect."""

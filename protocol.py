@@ -67,13 +67,21 @@ SEND_MESSAGE_MISSING: Final = "Missing required fields for message"
 
 
 class ProtocolError(Exception):
-    """A frame the server answers with ``error {code, message, requestId?}``."""
+    """A frame the server answers with ``error {code, message, requestId?, retryAfterMs?}``."""
 
-    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        request_id: str | None = None,
+        *,
+        retry_after_ms: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.request_id = request_id
+        self.retry_after_ms = retry_after_ms
 
 
 def std_loads(text: str) -> Any:

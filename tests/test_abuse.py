@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from pathlib import Path
 from typing import Any
 
 from conftest import (
     Client,
     Connector,
+    Daemon,
     conversation,
+    new_user,
+    running,
 )
 from websockets.exceptions import ConnectionClosed
 
@@ -70,3 +74,56 @@ async def test_typing_flood_from_many_tabs_closes_each(connect_to: Connector) ->
     for tab in tabs:
         await tab.expect("error", code="rate_limited")
         assert await tab.closed() == 1008
+
+
+# -- 2. fan-out is budgeted --------------------------------------------------------------------
+
+# Ten recipients a message, a budget of 30 deliveries that does not refill during the test.
+BUDGET = {
+    "limits.deliveries_per_second": 0.01,
+    "limits.deliveries_burst": 30,
+    "limits.max_participants": 20,
+}
+
+
+async def test_fan_out_budget_refuses_before_storing(tmp_path: Path) -> None:
+    """Sends into a group past the user's delivery budget get rate_limited with retryAfterMs,
+    and nothing past the budget is stored; another user's budget is untouched."""
+    async with running(tmp_path, BUDGET) as connect:
+        daemon: Daemon = connect.daemon
+        sender = await connect()
+        members = [new_user() for _ in range(10)]
+        group = await conversation(sender, *members)  # 10 deliveries: 20 left
+        for i in range(2):  # 10 each: 0 left
+            await sender.request(
+                {"type": "send_message", "conversationId": group, "content": f"m{i}",
+                 "requestId": f"fan-{i}"}, "message_sent", requestId=f"fan-{i}")
+        await sender.send({"type": "send_message", "conversationId": group, "content": "over",
+                           "requestId": "fan-over"})
+        err = await sender.expect("error", requestId="fan-over")
+        assert err["code"] == "rate_limited", err
+        assert retry_after(err) > 1000  # 10 deliveries at 0.01 a second: long
+        assert "deliveries" in err["message"], err
+        # Creating another big conversation is a fan-out too.
+        await sender.send({"type": "create_conversation", "participantIds": members,
+                           "requestId": "fan-conv"})
+        err = await sender.expect("error", requestId="fan-conv")
+        assert err["code"] == "rate_limited", err
+        await sender.quiet("message_sent")
+        sent = daemon.query("SELECT content FROM messages WHERE sender_id = ? ORDER BY id",
+                            (sender.user_id,))
+        assert sent == [("m0",), ("m1",)]
+        receipts = daemon.query(
+            "SELECT COUNT(*) FROM message_read_receipts r JOIN messages m ON m.id = r.message_id"
+            " WHERE m.sender_id = ?", (sender.user_id,))
+        assert receipts == [(20,)]
+        assert daemon.query("SELECT COUNT(*) FROM conversations WHERE created_by_id = ?",
+                            (sender.user_id,)) == [(1,)]
+        # The frame bucket is not what stopped it, and the connection stays open.
+        assert (await sender.request({"type": "ping"}, "pong"))["userId"] == sender.user_id
+        # Another member of the group has a budget of their own.
+        other = await connect(members[0])
+        reply = await other.request(
+            {"type": "send_message", "conversationId": group, "content": "mine",
+             "requestId": "fan-other"}, "message_sent", requestId="fan-other")
+        assert reply["content"] == "mine"
