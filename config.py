@@ -89,6 +89,14 @@ class LimitsConfig:
     max_title_chars: int = 200
 
 
+CREATE_POLICIES = ("any", "backend")
+
+
+@dataclass(frozen=True)
+class ConversationsConfig:
+    create_policy: str = "any"
+
+
 @dataclass(frozen=True)
 class HistoryConfig:
     page_size: int = 50
@@ -107,6 +115,7 @@ class Config:
     presence: PresenceConfig = field(default_factory=PresenceConfig)
     typing: TypingConfig = field(default_factory=TypingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    conversations: ConversationsConfig = field(default_factory=ConversationsConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
 
@@ -206,6 +215,11 @@ def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{name}: must not be negative, got {value}")
+    if config.conversations.create_policy not in CREATE_POLICIES:
+        raise ConfigError(
+            f"conversations.create_policy: one of {', '.join(CREATE_POLICIES)},"
+            f" got {config.conversations.create_policy!r}"
+        )
     if not 0 < config.limits.typing_repeat_cost <= 1:
         raise ConfigError(
             "limits.typing_repeat_cost: must be above 0 (no frame is free) and at most 1,"

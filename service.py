@@ -34,6 +34,9 @@ from typing_indicators import TypingTracker
 log = logging.getLogger("pitchey.service")
 
 NOT_A_PARTICIPANT = "Not a participant of this conversation"
+CREATED_BY_BACKEND = "Conversations on this server are created by the backend, not by clients"
+NO_DIRECT = ("No conversation with this user yet; conversations on this server are created by"
+             " the backend, not by clients")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +90,7 @@ class Service:
         self.recent_requests: OrderedDict[tuple[int, str], int] = OrderedDict()
         # (message, reader) reads under way, so two tabs cannot both see it unread.
         self.reads_in_flight: set[tuple[int, int]] = set()
+        self.clients_create = config.conversations.create_policy == "any"
         # user -> delivery budget (limits.deliveries_*), least recently used first. Bounded like
         # the hub's frame buckets; a dropped bucket would have refilled by then in practice.
         self.delivery_buckets: OrderedDict[int, TokenBucket] = OrderedDict()
@@ -206,7 +210,13 @@ class Service:
             assert recipient_id is not None
             if recipient_id == sender:
                 raise p.ProtocolError(p.INVALID_MESSAGE, "recipientId must be another user")
-            conversation = await self.conversations.direct(sender, recipient_id, now)
+            if self.clients_create:
+                conversation = await self.conversations.direct(sender, recipient_id, now)
+            else:
+                found = await self.conversations.existing_direct(sender, recipient_id)
+                if found is None:
+                    raise p.ProtocolError(p.FORBIDDEN, NO_DIRECT)
+                conversation = found
             if sender not in conversation.members:
                 raise p.ProtocolError(p.FORBIDDEN, NOT_A_PARTICIPANT)
             self.hub.add_contacts(conversation.members)
@@ -242,9 +252,16 @@ class Service:
         request_id: str | None = None,
         pitch_id: int | None = None,
         origin: Client | None = None,
+        *,
+        by_backend: bool = False,
     ) -> Created:
         """A new conversation of the creator and ``participant_ids``; ``conversation_created``
-        to every other connection of every participant. Idempotent on ``request_id``."""
+        to every other connection of every participant. Idempotent on ``request_id``.
+
+        ``forbidden`` when ``conversations.create_policy`` is ``backend``, unless
+        ``by_backend`` (the backend's own API, which is not subject to it)."""
+        if not self.clients_create and not by_backend:
+            raise p.ProtocolError(p.FORBIDDEN, CREATED_BY_BACKEND)
         others = [uid for uid in dict.fromkeys(participant_ids) if uid != creator]
         if not others:
             raise p.ProtocolError(

@@ -16,6 +16,7 @@ from conftest import (
     conversation,
     new_user,
     running,
+    write_config,
 )
 from websockets.exceptions import ConnectionClosed
 
@@ -127,3 +128,63 @@ async def test_fan_out_budget_refuses_before_storing(tmp_path: Path) -> None:
             {"type": "send_message", "conversationId": group, "content": "mine",
              "requestId": "fan-other"}, "message_sent", requestId="fan-other")
         assert reply["content"] == "mine"
+
+
+# -- 3. conversations.create_policy ----------------------------------------------------------
+
+
+async def expect_forbidden(client: Client, frame: dict[str, Any]) -> dict[str, Any]:
+    await client.send(frame)
+    err = await client.expect("error", requestId=frame["requestId"])
+    assert err["code"] == "forbidden", err
+    return err
+
+
+async def test_backend_policy_refuses_new_conversations(tmp_path: Path) -> None:
+    """With create_policy "backend", create_conversation and a send by recipientId with no
+    direct conversation are forbidden and store nothing; existing conversations still work."""
+    daemon = Daemon(tmp_path)
+    connect = Connector(daemon)
+    try:
+        daemon.start()  # the default policy, "any": make the conversations over the socket
+        a = await connect()
+        b, c = new_user(), new_user()
+        group = await conversation(a, b, c)
+        first = await a.request(
+            {"type": "send_message", "recipientId": b, "content": "hi", "requestId": "d-1"},
+            "message_sent", requestId="d-1")
+        direct = first["conversationId"]
+        await connect.close_all()
+        await daemon.astop()
+        write_config(daemon.config, {"presence.offline_grace_seconds": 0,
+                                     "conversations.create_policy": "backend"})
+        connect = Connector(daemon)
+        daemon.start()
+        a = await connect(a.user_id)
+        err = await expect_forbidden(
+            a, {"type": "create_conversation", "participantIds": [c], "requestId": "cc-1"})
+        assert "backend" in err["message"], err
+        err = await expect_forbidden(
+            a, {"type": "send_message", "recipientId": c, "content": "new", "requestId": "d-2"})
+        assert "backend" in err["message"], err
+        again = await a.request(
+            {"type": "send_message", "recipientId": b, "content": "again", "requestId": "d-3"},
+            "message_sent", requestId="d-3")
+        assert again["conversationId"] == direct
+        in_group = await a.request(
+            {"type": "send_message", "conversationId": group, "content": "all",
+             "requestId": "g-1"}, "message_sent", requestId="g-1")
+        assert in_group["conversationId"] == group
+        # b may answer in the direct conversation by recipientId too.
+        bee = await connect(b)
+        back = await bee.request(
+            {"type": "send_message", "recipientId": a.user_id, "content": "yo",
+             "requestId": "d-4"}, "message_sent", requestId="d-4")
+        assert back["conversationId"] == direct
+        assert daemon.query("SELECT COUNT(*) FROM conversations") == [(2,)]
+        assert daemon.query("SELECT content FROM messages ORDER BY id") == [
+            ("hi",), ("again",), ("all",), ("yo",)]
+    finally:
+        await connect.close_all()
+        if daemon.proc is not None:
+            daemon.stop()
