@@ -19,6 +19,8 @@ from typing import Any
 
 import jwt.algorithms
 
+import protocol
+
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the offending key."""
@@ -215,6 +217,7 @@ def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{name}: must not be negative, got {value}")
+    _check_frame_limit(config)
     if config.conversations.create_policy not in CREATE_POLICIES:
         raise ConfigError(
             f"conversations.create_policy: one of {', '.join(CREATE_POLICIES)},"
@@ -265,6 +268,61 @@ def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -
     for claim in config.auth.name_claims:
         if not claim:
             raise ConfigError("auth.name_claims: claim names must not be empty")
+
+
+# The largest incoming frame the daemon will ever read, whatever the field limits say: each
+# connection may buffer websockets' 16 frames of this size.
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+
+def parser_limits(limits: LimitsConfig) -> protocol.Limits:
+    """The field limits ``protocol.parse`` enforces, from the ``limits`` section."""
+    return protocol.Limits(
+        max_content_chars=limits.max_content_chars,
+        max_attachments=limits.max_attachments,
+        max_attachment_field_chars=limits.max_attachment_field_chars,
+        max_request_id_chars=limits.max_request_id_chars,
+        max_participants=limits.max_participants,
+        max_title_chars=limits.max_title_chars,
+    )
+
+
+def frame_limit(config: Config) -> int:
+    """The largest incoming frame read (websockets' ``max_size``; bigger closes with 1009):
+    ``server.max_message_bytes``, or the largest ``send_message`` within every field limit when
+    that is larger, so such a message is never refused for its size (docs/protocol.md). Other
+    frames over ``server.max_message_bytes`` are closed with 1009 by the connection."""
+    worst = protocol.send_message_worst_case(parser_limits(config.limits))
+    return max(config.server.max_message_bytes, worst)
+
+
+def _check_frame_limit(config: Config) -> None:
+    """The field limits must add up to a frame the daemon can read (MAX_FRAME_BYTES)."""
+    worst = protocol.send_message_worst_case(parser_limits(config.limits))
+    if max(worst, config.server.max_message_bytes) <= MAX_FRAME_BYTES:
+        return
+    if config.server.max_message_bytes > MAX_FRAME_BYTES:
+        raise ConfigError(
+            f"server.max_message_bytes: at most {MAX_FRAME_BYTES}, got"
+            f" {config.server.max_message_bytes}"
+        )
+    lim = config.limits
+    escaped = 12  # bytes one character can take in JSON (an escaped surrogate pair)
+    parts = [
+        f"limits.max_content_chars ({lim.max_content_chars}: up to"
+        f" {lim.max_content_chars * escaped} bytes)",
+        f"limits.max_attachments x limits.max_attachment_field_chars ({lim.max_attachments} x"
+        f" 4 fields x {lim.max_attachment_field_chars}: up to"
+        f" {lim.max_attachments * 4 * lim.max_attachment_field_chars * escaped} bytes)",
+        f"limits.max_title_chars ({lim.max_title_chars}: up to"
+        f" {lim.max_title_chars * escaped} bytes)",
+        f"limits.max_request_id_chars ({lim.max_request_id_chars}: up to"
+        f" {lim.max_request_id_chars * escaped} bytes)",
+    ]
+    raise ConfigError(
+        f"the field limits allow a send_message frame of {worst} bytes, more than the"
+        f" {MAX_FRAME_BYTES} a frame may have; lower {', '.join(parts)}"
+    )
 
 
 def _check_public_key(auth: AuthConfig) -> None:

@@ -97,7 +97,7 @@ class App:
                 process_request=self.routes.process_request,
                 server_header="pitchey-ws",
                 compression=None,
-                max_size=self.config.server.max_message_bytes,
+                max_size=cfg.frame_limit(self.config),
                 ping_interval=ping_interval,
                 ping_timeout=ping_timeout,
                 close_timeout=self.config.server.close_timeout_seconds,

@@ -57,6 +57,7 @@ FLOODING: Final = Disconnect(CLOSE_POLICY, "flooding")
 NOT_AUTHENTICATED: Final = Disconnect(CLOSE_POLICY, "not authenticated")
 SERVER_RESTART: Final = Disconnect(CLOSE_RESTART, "server restart")
 SLOW_CONSUMER: Final = Disconnect(CLOSE_SLOW, "slow consumer: reconnect and sync")
+TOO_BIG: Final = Disconnect(CLOSE_TOO_BIG, "frame too big")
 TOO_MANY_CONNECTIONS: Final = Disconnect(CLOSE_SLOW, "too many connections; try again later")
 TOKEN_EXPIRED: Final = Disconnect(CLOSE_TOKEN_EXPIRED, "token expired")
 
@@ -64,6 +65,9 @@ TOKEN_EXPIRED: Final = Disconnect(CLOSE_TOKEN_EXPIRED, "token expired")
 MAX_ID: Final = 2**63 - 1
 
 SEND_MESSAGE_MISSING: Final = "Missing required fields for message"
+
+# Longest messageType, in characters.
+MAX_MESSAGE_TYPE_CHARS: Final = 32
 
 
 class ProtocolError(Exception):
@@ -133,6 +137,30 @@ class Limits:
     max_request_id_chars: int = 128
     max_participants: int = 1000
     max_title_chars: int = 200
+
+
+def send_message_worst_case(limits: Limits) -> int:
+    """Bytes of the largest ``send_message`` frame within every field limit: each known field
+    once, every string at its limit in characters outside the BMP, written as escaped surrogate
+    pairs (``\\ud83d\\ude00``: 12 bytes for one character, the most any character can take in
+    JSON), every id and size at :data:`MAX_ID`, and a space after each ``,`` and ``:`` (Python's
+    ``json.dumps``; ``JSON.stringify`` writes none). So a frame of these fields as common
+    encoders write it is never larger. Built, not estimated, so it is exact."""
+    def text(chars: int) -> str:
+        return "\U0001F600" * chars
+
+    cap = limits.max_attachment_field_chars
+    attachment = {"type": text(cap), "url": text(cap), "filename": text(cap), "size": MAX_ID,
+                  "mimeType": text(cap)}
+    frame = {
+        "type": "send_message", "conversationId": MAX_ID, "recipientId": MAX_ID,
+        "content": text(limits.max_content_chars),
+        "requestId": text(limits.max_request_id_chars),
+        "messageType": text(MAX_MESSAGE_TYPE_CHARS), "pitchId": MAX_ID,
+        "subject": text(limits.max_title_chars),
+        "attachments": [attachment] * limits.max_attachments,
+    }
+    return len(json.dumps(frame, ensure_ascii=True))  # ASCII: characters are bytes
 
 
 @dataclass(frozen=True)
@@ -362,7 +390,7 @@ def _send_message(f: _Fields, limits: Limits) -> SendMessage:
         raise f.fail(f"content is longer than {limits.max_content_chars} characters")
     message_type = "text"
     if "messageType" in frame:
-        message_type = f.text("messageType", 32) or "text"
+        message_type = f.text("messageType", MAX_MESSAGE_TYPE_CHARS) or "text"
     return SendMessage(
         conversation_id=conversation_id,
         recipient_id=None if conversation_id is not None else recipient_id,
