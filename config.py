@@ -19,6 +19,8 @@ from typing import Any
 
 import jwt.algorithms
 
+import protocol
+
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the offending key."""
@@ -74,6 +76,9 @@ class TypingConfig:
 class LimitsConfig:
     frames_per_second: float = 30
     frames_burst: int = 60
+    typing_repeat_cost: float = 0.1
+    deliveries_per_second: float = 1000
+    deliveries_burst: int = 10000
     flood_max_dropped: int = 50
     flood_window_seconds: float = 10
     max_connections_per_user: int = 10
@@ -84,6 +89,14 @@ class LimitsConfig:
     max_request_id_chars: int = 128
     max_participants: int = 1000
     max_title_chars: int = 200
+
+
+CREATE_POLICIES = ("any", "backend")
+
+
+@dataclass(frozen=True)
+class ConversationsConfig:
+    create_policy: str = "any"
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,7 @@ class Config:
     presence: PresenceConfig = field(default_factory=PresenceConfig)
     typing: TypingConfig = field(default_factory=TypingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    conversations: ConversationsConfig = field(default_factory=ConversationsConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -186,6 +200,8 @@ def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -
         "typing.ttl_seconds": config.typing.ttl_seconds,
         "limits.frames_per_second": config.limits.frames_per_second,
         "limits.frames_burst": config.limits.frames_burst,
+        "limits.deliveries_per_second": config.limits.deliveries_per_second,
+        "limits.deliveries_burst": config.limits.deliveries_burst,
         "limits.flood_max_dropped": config.limits.flood_max_dropped,
         "limits.flood_window_seconds": config.limits.flood_window_seconds,
         "limits.max_connections_per_user": config.limits.max_connections_per_user,
@@ -213,8 +229,26 @@ def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{name}: must not be negative, got {value}")
+    _check_frame_limit(config)
+    if config.conversations.create_policy not in CREATE_POLICIES:
+        raise ConfigError(
+            f"conversations.create_policy: one of {', '.join(CREATE_POLICIES)},"
+            f" got {config.conversations.create_policy!r}"
+        )
+    if not 0 < config.limits.typing_repeat_cost <= 1:
+        raise ConfigError(
+            "limits.typing_repeat_cost: must be above 0 (no frame is free) and at most 1,"
+            f" got {config.limits.typing_repeat_cost}"
+        )
     if config.limits.max_participants < 2:
         raise ConfigError("limits.max_participants: must be at least 2")
+    if config.limits.deliveries_burst < config.limits.max_participants - 1:
+        # One message to a full conversation costs max_participants - 1 deliveries at once.
+        raise ConfigError(
+            f"limits.deliveries_burst ({config.limits.deliveries_burst}) must be at least"
+            f" limits.max_participants - 1 ({config.limits.max_participants - 1}), or a"
+            " message to a full conversation could never be sent"
+        )
     if not 0 <= config.server.port <= 65535:
         raise ConfigError(f"server.port: out of range: {config.server.port}")
     if config.server.log_level.upper() not in _LOG_LEVELS:
@@ -246,6 +280,61 @@ def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -
     for claim in config.auth.name_claims:
         if not claim:
             raise ConfigError("auth.name_claims: claim names must not be empty")
+
+
+# The largest incoming frame the daemon will ever read, whatever the field limits say: each
+# connection may buffer websockets' 16 frames of this size.
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+
+def parser_limits(limits: LimitsConfig) -> protocol.Limits:
+    """The field limits ``protocol.parse`` enforces, from the ``limits`` section."""
+    return protocol.Limits(
+        max_content_chars=limits.max_content_chars,
+        max_attachments=limits.max_attachments,
+        max_attachment_field_chars=limits.max_attachment_field_chars,
+        max_request_id_chars=limits.max_request_id_chars,
+        max_participants=limits.max_participants,
+        max_title_chars=limits.max_title_chars,
+    )
+
+
+def frame_limit(config: Config) -> int:
+    """The largest incoming frame read (websockets' ``max_size``; bigger closes with 1009):
+    ``server.max_message_bytes``, or the largest ``send_message`` within every field limit when
+    that is larger, so such a message is never refused for its size (docs/protocol.md). Other
+    frames over ``server.max_message_bytes`` are closed with 1009 by the connection."""
+    worst = protocol.send_message_worst_case(parser_limits(config.limits))
+    return max(config.server.max_message_bytes, worst)
+
+
+def _check_frame_limit(config: Config) -> None:
+    """The field limits must add up to a frame the daemon can read (MAX_FRAME_BYTES)."""
+    worst = protocol.send_message_worst_case(parser_limits(config.limits))
+    if max(worst, config.server.max_message_bytes) <= MAX_FRAME_BYTES:
+        return
+    if config.server.max_message_bytes > MAX_FRAME_BYTES:
+        raise ConfigError(
+            f"server.max_message_bytes: at most {MAX_FRAME_BYTES}, got"
+            f" {config.server.max_message_bytes}"
+        )
+    lim = config.limits
+    escaped = 12  # bytes one character can take in JSON (an escaped surrogate pair)
+    parts = [
+        f"limits.max_content_chars ({lim.max_content_chars}: up to"
+        f" {lim.max_content_chars * escaped} bytes)",
+        f"limits.max_attachments x limits.max_attachment_field_chars ({lim.max_attachments} x"
+        f" 4 fields x {lim.max_attachment_field_chars}: up to"
+        f" {lim.max_attachments * 4 * lim.max_attachment_field_chars * escaped} bytes)",
+        f"limits.max_title_chars ({lim.max_title_chars}: up to"
+        f" {lim.max_title_chars * escaped} bytes)",
+        f"limits.max_request_id_chars ({lim.max_request_id_chars}: up to"
+        f" {lim.max_request_id_chars * escaped} bytes)",
+    ]
+    raise ConfigError(
+        f"the field limits allow a send_message frame of {worst} bytes, more than the"
+        f" {MAX_FRAME_BYTES} a frame may have; lower {', '.join(parts)}"
+    )
 
 
 def _check_public_key(auth: AuthConfig) -> None:

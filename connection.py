@@ -209,30 +209,38 @@ class Sessions:
             error: p.ProtocolError | None = None
         except p.ProtocolError as exc:
             command, error = None, exc
+        # Frames are read up to config.frame_limit, which is larger than max_message_bytes when
+        # a send_message within every field limit can be (12 bytes for an escaped emoji): that
+        # is the only frame let past max_message_bytes.
+        if not isinstance(command, p.SendMessage) and self.oversized(text):
+            self.metrics.frames_in["too_big"] += 1
+            client.close(p.TOO_BIG)
+            return
         service = self.service
-        # A typing frame that changes nothing is free, but only when membership is known
-        # without a database read (otherwise random ids would be free reads).
-        free = (
+        # No frame is free: a flood of anything empties the bucket and meets the flood guard.
+        # A typing frame that changes nothing (clients repeat typing_start on every keystroke)
+        # costs a fraction of a token, but only when membership is known without a database
+        # read (otherwise random ids would be cheap reads).
+        cheap = (
             isinstance(command, p.Typing)
             and service.typing.is_noop(command.conversation_id, client.user_id,
                                        command.is_typing)
             and service.conversations.cached_member(command.conversation_id, client.user_id)
         )
-        if not free:
-            wait = user.bucket.take()
-            if wait > 0:
-                self.metrics.errors[p.RATE_LIMITED] += 1
-                request_id = command.request_id if command is not None else None
-                if error is not None:
-                    request_id = error.request_id
-                client.send(
-                    p.error(p.RATE_LIMITED, "Too many frames; slow down",
-                            request_id, math.ceil(wait * 1000))
-                )
-                if client.flood.drop():
-                    log.warning("user %d flooding; closing with 1008", client.user_id)
-                    client.close(p.FLOODING)
-                return
+        wait = user.bucket.take(self.config.limits.typing_repeat_cost if cheap else 1.0)
+        if wait > 0:
+            self.metrics.errors[p.RATE_LIMITED] += 1
+            request_id = command.request_id if command is not None else None
+            if error is not None:
+                request_id = error.request_id
+            client.send(
+                p.error(p.RATE_LIMITED, "Too many frames; slow down",
+                        request_id, math.ceil(wait * 1000))
+            )
+            if client.flood.drop():
+                log.warning("user %d flooding; closing with 1008", client.user_id)
+                client.close(p.FLOODING)
+            return
         if error is not None:
             self.metrics.frames_in["invalid"] += 1
             self.reply_error(client, error)
@@ -253,9 +261,17 @@ class Sessions:
                 client, p.ProtocolError(p.INTERNAL, "Internal error", command.request_id)
             )
 
+    def oversized(self, text: str) -> bool:
+        """More than ``server.max_message_bytes`` bytes as UTF-8 (encoded only when unsure)."""
+        limit = self.config.server.max_message_bytes
+        chars = len(text)
+        if chars * 4 <= limit:
+            return False
+        return chars > limit or len(text.encode()) > limit
+
     def reply_error(self, client: Client, exc: p.ProtocolError) -> None:
         self.metrics.errors[exc.code] += 1
-        client.send(p.error(exc.code, exc.message, exc.request_id))
+        client.send(p.error(exc.code, exc.message, exc.request_id, exc.retry_after_ms))
 
 
 def _token_from(request: Request, query: str) -> str | None:

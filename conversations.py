@@ -65,7 +65,25 @@ class Conversations:
                 return row
         row = await self.store.direct_conversation(a, b, now)
         self.put(row)
-        self._pairs[key] = row.id
+        self._remember_pair(key, row.id)
+        return row
+
+    async def existing_direct(self, a: int, b: int) -> ConversationRow | None:
+        """The direct conversation of a and b if they have one; None, and nothing made, if
+        not (``conversations.create_policy = "backend"``)."""
+        key = (min(a, b), max(a, b))
+        found = self._pairs.get(key)
+        if found is None:
+            found = await self.store.find_direct(a, b)
+            if found is None:
+                return None
+        row = await self.get(found)
+        if row is not None:
+            self._remember_pair(key, row.id)
+        return row
+
+    def _remember_pair(self, key: tuple[int, int], conversation_id: int) -> None:
+        self._pairs[key] = conversation_id
+        self._pairs.move_to_end(key)
         while len(self._pairs) > self.capacity:
             self._pairs.popitem(last=False)
-        return row

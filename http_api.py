@@ -230,7 +230,10 @@ class HttpApi:
         except p.ProtocolError as exc:
             status = {p.FORBIDDEN: 403, p.RATE_LIMITED: 429, p.UNAVAILABLE: 503,
                       p.INTERNAL: 500}.get(exc.code, 400)
-            raise ApiError(status, exc.code, exc.message) from None
+            headers = []
+            if exc.retry_after_ms is not None:  # the delivery budget (429), say
+                headers.append(("Retry-After", str(max(1, math.ceil(exc.retry_after_ms / 1000)))))
+            raise ApiError(status, exc.code, exc.message, headers) from None
 
     async def list_conversations(self, call: Call) -> Answer:
         limit = _int_query(call.query, "limit", INBOX_DEFAULT, 1, INBOX_MAX)

@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 
 class TokenBucket:
-    """``rate`` tokens a second up to ``burst``; each accepted frame takes one."""
+    """``rate`` tokens a second up to ``burst``; each accepted request takes its cost (one for
+    a frame; a fraction for a cheap frame; the recipient count for a delivery budget)."""
 
     __slots__ = ("burst", "clock", "rate", "stamp", "tokens")
 
@@ -21,15 +22,20 @@ class TokenBucket:
         self.clock = clock
         self.stamp = clock()
 
-    def take(self) -> float:
-        """Take a token. Returns 0 when granted, else the seconds until one is available."""
+    def take(self, cost: float = 1.0) -> float:
+        """Take ``cost`` tokens. Returns 0 when granted, else the seconds until that many are
+        available (nothing is taken then). A cost above ``burst`` is never granted."""
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+        if self.tokens >= cost:
+            self.tokens -= cost
             return 0.0
-        return (1 - self.tokens) / self.rate
+        return (cost - self.tokens) / self.rate
+
+    def refund(self, cost: float) -> None:
+        """Give back what ``take`` granted for work that then did not happen."""
+        self.tokens = min(self.burst, self.tokens + cost)
 
 
 class FloodGuard:

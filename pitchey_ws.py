@@ -116,7 +116,7 @@ class App:
                 create_connection=self.front.connection_class(),
                 server_header="pitchey-ws",
                 compression=None,
-                max_size=self.config.server.max_message_bytes,
+                max_size=cfg.frame_limit(self.config),
                 ping_interval=ping_interval,
                 ping_timeout=ping_timeout,
                 close_timeout=self.config.server.close_timeout_seconds,

@@ -15,6 +15,7 @@ import base64
 import binascii
 import functools
 import json
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -58,6 +59,7 @@ FLOODING: Final = Disconnect(CLOSE_POLICY, "flooding")
 NOT_AUTHENTICATED: Final = Disconnect(CLOSE_POLICY, "not authenticated")
 SERVER_RESTART: Final = Disconnect(CLOSE_RESTART, "server restart")
 SLOW_CONSUMER: Final = Disconnect(CLOSE_SLOW, "slow consumer: reconnect and sync")
+TOO_BIG: Final = Disconnect(CLOSE_TOO_BIG, "frame too big")
 TOO_MANY_CONNECTIONS: Final = Disconnect(CLOSE_SLOW, "too many connections; try again later")
 TOKEN_EXPIRED: Final = Disconnect(CLOSE_TOKEN_EXPIRED, "token expired")
 
@@ -66,15 +68,26 @@ MAX_ID: Final = 2**63 - 1
 
 SEND_MESSAGE_MISSING: Final = "Missing required fields for message"
 
+# Longest messageType, in characters.
+MAX_MESSAGE_TYPE_CHARS: Final = 32
+
 
 class ProtocolError(Exception):
-    """A frame the server answers with ``error {code, message, requestId?}``."""
+    """A frame the server answers with ``error {code, message, requestId?, retryAfterMs?}``."""
 
-    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        request_id: str | None = None,
+        *,
+        retry_after_ms: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.request_id = request_id
+        self.retry_after_ms = retry_after_ms
 
 
 def std_loads(text: str) -> Any:
@@ -85,9 +98,18 @@ def std_dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+# 19 digits in a row: maybe an integer orjson cannot hold (beyond -2**63..2**64-1), which it
+# would read as a float. Every integer of 18 digits or fewer fits.
+_LONG_DIGITS: Final = re.compile(r"[0-9]{19}")
+
+
 def fast_loads(text: str) -> Any:
-    """orjson, deferring to ``json`` on anything orjson refuses: integers beyond 64 bits,
-    NaN, unpaired surrogate escapes. So both codecs accept and refuse the same frames."""
+    """orjson, deferring to ``json`` on anything orjson refuses (NaN, unpaired surrogate
+    escapes, numbers too large for a double) or would read differently: an integer beyond
+    64 bits, which orjson turns into a float and ``json`` keeps an exact ``int``. So both
+    codecs accept and refuse the same frames, with the same values."""
+    if _LONG_DIGITS.search(text) is not None:
+        return json.loads(text)
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -117,6 +139,30 @@ class Limits:
     max_request_id_chars: int = 128
     max_participants: int = 1000
     max_title_chars: int = 200
+
+
+def send_message_worst_case(limits: Limits) -> int:
+    """Bytes of the largest ``send_message`` frame within every field limit: each known field
+    once, every string at its limit in characters outside the BMP, written as escaped surrogate
+    pairs (``\\ud83d\\ude00``: 12 bytes for one character, the most any character can take in
+    JSON), every id and size at :data:`MAX_ID`, and a space after each ``,`` and ``:`` (Python's
+    ``json.dumps``; ``JSON.stringify`` writes none). So a frame of these fields as common
+    encoders write it is never larger. Built, not estimated, so it is exact."""
+    def text(chars: int) -> str:
+        return "\U0001F600" * chars
+
+    cap = limits.max_attachment_field_chars
+    attachment = {"type": text(cap), "url": text(cap), "filename": text(cap), "size": MAX_ID,
+                  "mimeType": text(cap)}
+    frame = {
+        "type": "send_message", "conversationId": MAX_ID, "recipientId": MAX_ID,
+        "content": text(limits.max_content_chars),
+        "requestId": text(limits.max_request_id_chars),
+        "messageType": text(MAX_MESSAGE_TYPE_CHARS), "pitchId": MAX_ID,
+        "subject": text(limits.max_title_chars),
+        "attachments": [attachment] * limits.max_attachments,
+    }
+    return len(json.dumps(frame, ensure_ascii=True))  # ASCII: characters are bytes
 
 
 @dataclass(frozen=True)
@@ -354,7 +400,7 @@ def _send_message(f: _Fields, limits: Limits) -> SendMessage:
         raise f.fail(f"content is longer than {limits.max_content_chars} characters")
     message_type = "text"
     if "messageType" in frame:
-        message_type = f.text("messageType", 32) or "text"
+        message_type = f.text("messageType", MAX_MESSAGE_TYPE_CHARS) or "text"
     return SendMessage(
         conversation_id=conversation_id,
         recipient_id=None if conversation_id is not None else recipient_id,
@@ -393,6 +439,8 @@ def _get_messages(f: _Fields) -> GetMessages:
             raise f.fail("limit must be an integer")
         if limit < 1:
             raise f.fail("limit must be at least 1")
+        if limit > MAX_ID:
+            raise f.fail(f"limit must be at most {MAX_ID}")
     return GetMessages(
         request_id=f.request_id,
         conversation_id=f.required_id("conversationId"),

@@ -12,8 +12,11 @@ connection gets the reply instead of the fan-out frame (``message_sent`` instead
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +25,7 @@ from config import Config
 from conversations import Conversations
 from delivery import DeliveryLog
 from hub import Client, Hub
+from limits import TokenBucket
 from metrics import Metrics
 from rows import (
     ConversationRow,
@@ -41,6 +45,9 @@ NOT_A_PARTICIPANT = "Not a participant of this conversation"
 INBOX_MAX = 200
 INBOX_DEFAULT = 50
 READ_ALL_MAX = 1000
+CREATED_BY_BACKEND = "Conversations on this server are created by the backend, not by clients"
+NO_DIRECT = ("No conversation with this user yet; conversations on this server are created by"
+             " the backend, not by clients")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +101,37 @@ class Service:
         self.recent_requests: OrderedDict[tuple[int, str], int] = OrderedDict()
         # (message, reader) reads under way, so two tabs cannot both see it unread.
         self.reads_in_flight: set[tuple[int, int]] = set()
+        self.clients_create = config.conversations.create_policy == "any"
+        # user -> delivery budget (limits.deliveries_*), least recently used first. Bounded like
+        # the hub's frame buckets; a dropped bucket would have refilled by then in practice.
+        self.delivery_buckets: OrderedDict[int, TokenBucket] = OrderedDict()
+
+    # -- budgets ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def delivery_budget(self, user_id: int, recipients: int) -> Iterator[None]:
+        """Charge ``recipients`` deliveries to the user's budget for the work in the block, or
+        raise ``rate_limited`` (with retryAfterMs) before any of it is done. Given back when
+        the block fails, so only what was stored is charged."""
+        bucket = self.delivery_buckets.pop(user_id, None)
+        if bucket is None:
+            limits = self.config.limits
+            bucket = TokenBucket(limits.deliveries_per_second, limits.deliveries_burst)
+        self.delivery_buckets[user_id] = bucket
+        if len(self.delivery_buckets) > self.config.limits.max_connections:
+            self.delivery_buckets.popitem(last=False)
+        wait = bucket.take(recipients)
+        if wait > 0:
+            raise p.ProtocolError(
+                p.RATE_LIMITED,
+                f"Too many deliveries: this would reach {recipients} recipient(s); slow down",
+                retry_after_ms=math.ceil(wait * 1000),
+            )
+        try:
+            yield
+        except BaseException:
+            bucket.refund(recipients)
+            raise
 
     # -- membership ------------------------------------------------------------------------
 
@@ -183,17 +221,24 @@ class Service:
             assert recipient_id is not None
             if recipient_id == sender:
                 raise p.ProtocolError(p.INVALID_MESSAGE, "recipientId must be another user")
-            conversation = await self.conversations.direct(sender, recipient_id, now)
+            if self.clients_create:
+                conversation = await self.conversations.direct(sender, recipient_id, now)
+            else:
+                found = await self.conversations.existing_direct(sender, recipient_id)
+                if found is None:
+                    raise p.ProtocolError(p.FORBIDDEN, NO_DIRECT)
+                conversation = found
             if sender not in conversation.members:
                 raise p.ProtocolError(p.FORBIDDEN, NOT_A_PARTICIPANT)
             self.hub.add_contacts(conversation.members)
         members = conversation.members
         recipients = [m for m in members if m != sender]
         receiver = recipients[0] if not conversation.is_group and len(recipients) == 1 else None
-        message_id = await self.store.add_message(NewMessage(
-            conversation.id, sender, receiver, recipients, content, message_type, attachments,
-            pitch_id, subject, request_id, now,
-        ))
+        with self.delivery_budget(sender, len(recipients)):
+            message_id = await self.store.add_message(NewMessage(
+                conversation.id, sender, receiver, recipients, content, message_type,
+                attachments, pitch_id, subject, request_id, now,
+            ))
         self.metrics.messages_stored += 1
         if request_id is not None:
             self.recent_requests[(sender, request_id)] = message_id
@@ -218,9 +263,16 @@ class Service:
         request_id: str | None = None,
         pitch_id: int | None = None,
         origin: Client | None = None,
+        *,
+        by_backend: bool = False,
     ) -> Created:
         """A new conversation of the creator and ``participant_ids``; ``conversation_created``
-        to every other connection of every participant. Idempotent on ``request_id``."""
+        to every other connection of every participant. Idempotent on ``request_id``.
+
+        ``forbidden`` when ``conversations.create_policy`` is ``backend``, unless
+        ``by_backend`` (the backend's own API, which is not subject to it)."""
+        if not self.clients_create and not by_backend:
+            raise p.ProtocolError(p.FORBIDDEN, CREATED_BY_BACKEND)
         others = [uid for uid in dict.fromkeys(participant_ids) if uid != creator]
         if not others:
             raise p.ProtocolError(
@@ -252,9 +304,11 @@ class Service:
         request_id: str | None,
         pitch_id: int | None,
     ) -> ConversationRow:
-        row = await self.store.create_conversation(
-            creator, members, title, request_id, pitch_id, p.now_iso()
-        )
+        # Every other member gets a participant row now and conversation_created.
+        with self.delivery_budget(creator, len(members) - 1):
+            row = await self.store.create_conversation(
+                creator, members, title, request_id, pitch_id, p.now_iso()
+            )
         self.conversations.put(row)
         self.hub.add_contacts(members)
         return row

@@ -144,6 +144,9 @@ class Store(Protocol):
     async def direct_conversation(self, a: int, b: int, now: str) -> ConversationRow:
         """The direct (1:1) conversation of a and b, created and committed if missing."""
 
+    async def find_direct(self, a: int, b: int) -> int | None:
+        """The id of the direct conversation of a and b, if they have one (never creates)."""
+
     async def contacts(self, user_id: int) -> set[int]:
         """Users who share an active conversation with ``user_id`` (not the user)."""
 

@@ -418,6 +418,9 @@ class SqliteStore:
         )
         return rows[0][0] if rows else None
 
+    async def find_direct(self, a: int, b: int) -> int | None:
+        return await self._direct_id(min(a, b), max(a, b))
+
     async def direct_conversation(self, a: int, b: int, now: str) -> ConversationRow:
         low, high = min(a, b), max(a, b)
         found = await self._direct_id(low, high)

@@ -234,15 +234,18 @@ def free_port() -> int:
 
 
 def bench_config(path: Path, synchronous: str) -> None:
-    """The shipped defaults, but rate limits out of the way (they are per user)."""
+    """The shipped defaults, but rate limits and delivery budgets out of the way (they are
+    per user)."""
     path.write_text(
-        "# Written by bench/run.py: defaults, except the per-user rate limit is out of the way.\n"
+        "# Written by bench/run.py: defaults, except the per-user rate limits are out of the way.\n"
         "[database]\n"
         f'synchronous = "{synchronous}"\n'
         "[limits]\n"
         "frames_per_second = 1000000\n"
         "frames_burst = 1000000\n"
         "flood_max_dropped = 1000000\n"
+        "deliveries_per_second = 1000000000\n"
+        "deliveries_burst = 1000000000\n"
         "max_connections = 20000\n"
     )
 

@@ -293,6 +293,8 @@ def outcome_with(codec: Any, text: str) -> Any:
 @given(st.one_of(json_values.map(json.dumps), typed_frames().map(json.dumps), st.text(chars)))
 @example('{"type": "send_message", "conversationId": NaN, "content": "x"}')
 @example('{"type": "sync", "sinceMessageId": ' + str(2**64) + "}")
+@example('{"type": "mark_read", "messageId": ' + str(2**64 + 1) + "}")
+@example('{"type": "get_messages", "conversationId": 1, "limit": ' + str(-(10**23)) + "}")
 @example('{"type": "send_message", "conversationId": 1, "content": "\\ud800"}')
 @example("[" * 5000 + "]" * 5000)
 @example('{"type": "ping", "requestId": "a", "requestId": "b"}')

@@ -125,22 +125,22 @@ async def test_other_users_keep_their_own_bucket(connect_tight: Connector) -> No
     await still_open(other)
 
 
-async def test_repeated_typing_start_costs_no_tokens(connect_tight: Connector) -> None:
-    """typing_start repeats within the TTL are coalesced: no token spent, one broadcast."""
+async def test_repeated_typing_start_costs_a_fraction(connect_tight: Connector) -> None:
+    """typing_start repeats within the TTL are coalesced: one broadcast, and each repeat costs
+    limits.typing_repeat_cost (a tenth of a token), not a whole one and not nothing."""
     a = await connect_tight()
     b = await connect_tight()
     conv = await conversation(a, b.user_id)  # 1 token
     await a.send({"type": "typing_start", "conversationId": conv})  # 1 token
     await b.expect("user_typing", userId=a.user_id, isTyping=True)
-    for _ in range(30):  # five times the burst
+    for _ in range(20):  # more than three times the burst, 2 tokens at a tenth each
         await a.send({"type": "typing_start", "conversationId": conv})
     # Frames on one socket are handled in order, so the pong comes after all the repeats.
     await still_open(a)
     assert not [f for f in a.seen if f.get("type") == "error"], a.seen
     await b.absent("user_typing")
-    # 3 tokens spent so far (conversation, first typing_start, ping): 3 left, then limited.
-    for _ in range(3):
-        await still_open(a)
+    # 5 tokens spent so far (conversation, first typing_start, 20 repeats, ping): 1 left.
+    await still_open(a)
     await expect_error(a, {"type": "ping"}, "rate_limited")
 
 

@@ -135,3 +135,105 @@ def test_timestamps() -> None:
     stamp = p.iso_from_epoch(1764104400.1234)
     assert stamp == "2025-11-25T21:00:00.123Z"
     assert p.now_iso().endswith("Z") and len(p.now_iso()) == 24
+
+
+# -- numbers: the same answer from both JSON paths ------------------------------------------
+
+BOTH_CODECS = pytest.mark.parametrize(
+    "codec",
+    [p.std_loads, pytest.param(p.fast_loads, marks=pytest.mark.skipif(
+        p.orjson is None, reason="orjson is not installed"))],
+    ids=["json", "orjson"],
+)
+
+OUT_OF_RANGE = "must be a positive integer"
+NOT_INTEGER = "must be an integer"
+
+
+def outcome_with(codec: object, text: str) -> tuple[str, str]:
+    """(code, message) of the error ``parse`` raises with ``codec`` as the JSON reader."""
+    saved = p.loads
+    p.loads = codec  # type: ignore[assignment]
+    try:
+        with pytest.raises(p.ProtocolError) as info:
+            p.parse(text, LIMITS)
+    finally:
+        p.loads = saved
+    return info.value.code, info.value.message
+
+
+@BOTH_CODECS
+@pytest.mark.parametrize(
+    ("literal", "expected"),
+    [
+        ("18446744073709551617", OUT_OF_RANGE),  # 2**64 + 1: orjson made it a float
+        ("18446744073709551616", OUT_OF_RANGE),
+        ("9223372036854775808", OUT_OF_RANGE),  # 2**63: past SQLite's integers
+        ("-9223372036854775809", OUT_OF_RANGE),
+        ("-99999999999999999999999", OUT_OF_RANGE),
+        ("123456789012345678901234567890", OUT_OF_RANGE),
+        ("-0", OUT_OF_RANGE),
+        ("0", OUT_OF_RANGE),
+        ("1e3", NOT_INTEGER),
+        ("1.0", NOT_INTEGER),
+        ("-0.0", NOT_INTEGER),
+        ("1E400", None),  # infinity as a double: the std reader takes it as inf
+    ],
+)
+def test_ids_must_be_integers_in_range(codec: object, literal: str, expected: str | None) -> None:
+    """An id out of range or not an integer is the same invalid_message on both JSON paths."""
+    for frame in (
+        '{"type":"send_message","conversationId":%s,"content":"x"}',
+        '{"type":"send_message","recipientId":%s,"content":"x"}',
+        '{"type":"typing_start","conversationId":%s}',
+        '{"type":"mark_read","messageId":%s}',
+        '{"type":"join_conversation","conversationId":%s}',
+        '{"type":"get_messages","conversationId":%s}',
+        '{"type":"get_messages","conversationId":1,"beforeMessageId":%s}',
+        '{"type":"send_message","conversationId":1,"content":"x","pitchId":%s}',
+    ):
+        code, message = outcome_with(codec, frame % literal)
+        assert code == p.INVALID_MESSAGE, (frame, literal)
+        assert message.endswith(expected or NOT_INTEGER), (frame, literal, message)
+        assert (code, message) == outcome_with(p.std_loads, frame % literal)
+
+
+@BOTH_CODECS
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type":"create_conversation","participantIds":[2,18446744073709551617]}',
+        '{"type":"create_conversation","participantIds":[2,1e3]}',
+        '{"type":"sync","sinceMessageId":18446744073709551617}',
+        '{"type":"sync","sinceMessageId":-99999999999999999999999}',
+        '{"type":"sync","sinceMessageId":1.0}',
+        '{"type":"get_messages","conversationId":1,"limit":18446744073709551617}',
+        '{"type":"get_messages","conversationId":1,"limit":-99999999999999999999999}',
+        '{"type":"get_messages","conversationId":1,"limit":1e3}',
+        '{"type":"send_message","conversationId":1,"content":"x",'
+        '"attachments":[{"type":"f","url":"u","filename":"f","size":18446744073709551617}]}',
+        '{"type":"send_message","conversationId":1,"content":"x",'
+        '"attachments":[{"type":"f","url":"u","filename":"f","size":1.0}]}',
+    ],
+)
+def test_numbers_refused_alike(codec: object, text: str) -> None:
+    """Huge, negative and fractional numbers in lists, cursors, limits and sizes are the same
+    invalid_message on both JSON paths."""
+    code, message = outcome_with(codec, text)
+    assert code == p.INVALID_MESSAGE
+    assert (code, message) == outcome_with(p.std_loads, text)
+
+
+@BOTH_CODECS
+def test_big_integers_in_content_stay_text(codec: object) -> None:
+    """Long digit runs inside strings and in-range 19-digit ids parse the same on both paths."""
+    saved = p.loads
+    p.loads = codec  # type: ignore[assignment]
+    try:
+        cmd = p.parse('{"type":"send_message","conversationId":9223372036854775807,'
+                      '"content":"call 123456789012345678901234567890"}', LIMITS)
+    finally:
+        p.loads = saved
+    assert isinstance(cmd, p.SendMessage)
+    assert cmd.conversation_id == 2**63 - 1
+    assert cmd.content == "call 123456789012345678901234567890"
