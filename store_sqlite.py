@@ -196,12 +196,14 @@ class SqliteStore:
     def _open_writer(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
+            # Refuse before changing anything: setting WAL mode already writes the header.
+            version = self._check_version(db)
+            _check_pages(db)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.execute("PRAGMA foreign_keys=ON")
             db.execute("PRAGMA busy_timeout=5000")
-            self._migrate(db)
-            _check_pages(db)
+            self._migrate(db, version)
             for name in (self.path, self.path + "-wal"):
                 with contextlib.suppress(OSError):  # ":memory:", or no WAL: nothing to watch
                     st = os.stat(name)
@@ -211,7 +213,9 @@ class SqliteStore:
             raise
         return db
 
-    def _migrate(self, db: sqlite3.Connection) -> None:
+    def _check_version(self, db: sqlite3.Connection) -> int:
+        """The file's schema version; raises StoreError for a newer one, or for another
+        program's database (tables, but no pitchey-ws version)."""
         (version,) = db.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
             raise StoreError(
@@ -230,6 +234,9 @@ class SqliteStore:
                     f" tables ({', '.join(foreign[:5])}): another program's database?"
                     " Refusing to add pitchey-ws tables to it"
                 )
+        return int(version)
+
+    def _migrate(self, db: sqlite3.Connection, version: int) -> None:
         db.executescript(SCHEMA_PATH.read_text())
         if version < 2:
             # Direct conversations get their own key. Existing ones: the oldest untitled,
@@ -911,7 +918,10 @@ _EDGE_KEYS = {"direct_conversations": "user_low, user_high",
 def _check_pages(db: sqlite3.Connection) -> None:
     """Read each pitchey-ws table's first and last pages; raises sqlite3.DatabaseError
     (corrupt, not a database) when one does not parse."""
-    for table in sorted(_OWN_TABLES):
+    present = {name for (name,) in db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' LIMIT 1000"
+    )}
+    for table in sorted(_OWN_TABLES & present):
         key = _EDGE_KEYS.get(table, "rowid")
         for order in ("ASC", "DESC"):
             db.execute(f"SELECT * FROM {table} ORDER BY {key} {order} LIMIT 1").fetchall()
