@@ -140,33 +140,40 @@ async def chat(daemon: Daemon) -> tuple[Connector, Client, int]:
     return connect, alice, await conversation(alice, bob.user_id)
 
 
-def started(tmp_path: Path, db_dir: Path) -> Daemon:
+@contextlib.contextmanager
+def started(tmp_path: Path, db_dir: Path) -> Iterator[Daemon]:
+    """A daemon whose database is in ``db_dir``; killed at the end if a stop failed."""
     daemon = Daemon(tmp_path)
     daemon.db = db_dir / "pitchey.db"
     daemon.start()
-    return daemon
+    try:
+        yield daemon
+    finally:
+        if daemon.proc is not None:
+            daemon.proc.kill()
+            daemon.proc.wait()
 
 
 async def test_disk_full_answers_unavailable_and_recovers(tmp_path: Path, small_fs: Path) -> None:
     """A full disk: sends answer unavailable and store nothing, health is 503 with the reason;
     once space is freed health is 200 again and sends are acknowledged (and kept)."""
-    daemon = started(tmp_path, small_fs)
-    connect, alice, cid = await chat(daemon)
-    try:
-        assert (await send(alice, cid, "before"))["type"] == "message_sent"
-        filler = fill(small_fs)
-        refused = [f"full-{i}" for i in range(10)]
-        for request_id in refused:
-            assert_unavailable(await send(alice, cid, request_id))
-        assert "full" in await unhealthy(daemon)
-        filler.unlink()
-        await eventually(lambda: health(daemon)[0] == 200)
-        assert (await send(alice, cid, "after"))["type"] == "message_sent"
-    finally:
-        await connect.close_all()
-        assert daemon.stop() == 0
-    assert stored_requests(daemon.db) == {"before", "after"}
-    assert daemon.log_text().count("CANNOT TAKE WRITES") == 1
+    with started(tmp_path, small_fs) as daemon:
+        connect, alice, cid = await chat(daemon)
+        try:
+            assert (await send(alice, cid, "before"))["type"] == "message_sent"
+            filler = fill(small_fs)
+            refused = [f"full-{i}" for i in range(10)]
+            for request_id in refused:
+                assert_unavailable(await send(alice, cid, request_id))
+            assert "full" in await unhealthy(daemon)
+            filler.unlink()
+            await eventually(lambda: health(daemon)[0] == 200)
+            assert (await send(alice, cid, "after"))["type"] == "message_sent"
+        finally:
+            await connect.close_all()
+            assert daemon.stop() == 0
+        assert stored_requests(daemon.db) == {"before", "after"}
+        assert daemon.log_text().count("CANNOT TAKE WRITES") == 1
 
 
 async def test_read_only_file_system_answers_unavailable(
@@ -175,94 +182,94 @@ async def test_read_only_file_system_answers_unavailable(
     """The file system goes read-only under the daemon (ext4 errors=remount-ro): sends answer
     unavailable, nothing is acknowledged, health is 503."""
     mnt, trigger = ext4_fs
-    daemon = started(tmp_path, mnt)
-    connect, alice, cid = await chat(daemon)
-    try:
-        assert (await send(alice, cid, "before"))["type"] == "message_sent"
-        trigger.write_text("pitchey-ws test: force read-only\n")
-        for i in range(5):
-            assert_unavailable(await send(alice, cid, f"ro-{i}"))
-        await unhealthy(daemon)
-    finally:
-        await connect.close_all()
-        daemon.stop()
-    assert stored_requests(daemon.db) == {"before"}
+    with started(tmp_path, mnt) as daemon:
+        connect, alice, cid = await chat(daemon)
+        try:
+            assert (await send(alice, cid, "before"))["type"] == "message_sent"
+            trigger.write_text("pitchey-ws test: force read-only\n")
+            for i in range(5):
+                assert_unavailable(await send(alice, cid, f"ro-{i}"))
+            await unhealthy(daemon)
+        finally:
+            await connect.close_all()
+            daemon.stop()
+        assert stored_requests(daemon.db) == {"before"}
 
 
 async def test_deleted_database_acknowledges_nothing(tmp_path: Path) -> None:
     """The database, its WAL and shm unlinked under the daemon: 20 sends all answer
     unavailable (none message_sent), health says deleted, one ERROR line; after a restart
     none of them is in the database."""
-    daemon = started(tmp_path, tmp_path)
-    connect, alice, cid = await chat(daemon)
-    try:
-        assert (await send(alice, cid, "before"))["type"] == "message_sent"
-        for suffix in ("", "-wal", "-shm"):
-            os.unlink(f"{daemon.db}{suffix}")
-        answers = [await send(alice, cid, f"gone-{i}") for i in range(20)]
-        assert [a["type"] for a in answers] == ["error"] * 20, answers
-        for answer in answers:
-            assert_unavailable(answer)
-        assert "deleted" in await unhealthy(daemon)
-        assert daemon.log_text().count("CANNOT TAKE WRITES") == 1
-    finally:
-        await connect.close_all()
-    await daemon.arestart()
-    assert stored_requests(daemon.db) & {f"gone-{i}" for i in range(20)} == set()
-    daemon.stop()
+    with started(tmp_path, tmp_path) as daemon:
+        connect, alice, cid = await chat(daemon)
+        try:
+            assert (await send(alice, cid, "before"))["type"] == "message_sent"
+            for suffix in ("", "-wal", "-shm"):
+                os.unlink(f"{daemon.db}{suffix}")
+            answers = [await send(alice, cid, f"gone-{i}") for i in range(20)]
+            assert [a["type"] for a in answers] == ["error"] * 20, answers
+            for answer in answers:
+                assert_unavailable(answer)
+            assert "deleted" in await unhealthy(daemon)
+            assert daemon.log_text().count("CANNOT TAKE WRITES") == 1
+        finally:
+            await connect.close_all()
+        await daemon.arestart()
+        assert stored_requests(daemon.db) & {f"gone-{i}" for i in range(20)} == set()
+        daemon.stop()
 
 
 async def test_deleted_wal_alone_is_noticed(tmp_path: Path) -> None:
     """Only the WAL unlinked (commits would land in a file gone at restart): unavailable."""
-    daemon = started(tmp_path, tmp_path)
-    connect, alice, cid = await chat(daemon)
-    try:
-        os.unlink(f"{daemon.db}-wal")
-        assert_unavailable(await send(alice, cid, "wal-gone"))
-        assert "deleted" in await unhealthy(daemon)
-    finally:
-        await connect.close_all()
-        daemon.stop()
+    with started(tmp_path, tmp_path) as daemon:
+        connect, alice, cid = await chat(daemon)
+        try:
+            os.unlink(f"{daemon.db}-wal")
+            assert_unavailable(await send(alice, cid, "wal-gone"))
+            assert "deleted" in await unhealthy(daemon)
+        finally:
+            await connect.close_all()
+            daemon.stop()
 
 
 async def test_replaced_database_answers_unavailable(tmp_path: Path) -> None:
     """Another file renamed over the database: sends answer unavailable, health says
     replaced, and the file put in its place is left as it was."""
-    daemon = started(tmp_path, tmp_path)
-    connect, alice, cid = await chat(daemon)
-    other = tmp_path / "other.db"
-    with contextlib.closing(sqlite3.connect(other)) as conn:
-        conn.execute("CREATE TABLE keep (x)")
-        conn.commit()
-    try:
-        os.replace(other, daemon.db)
-        assert_unavailable(await send(alice, cid, "replaced"))
-        assert "replaced" in await unhealthy(daemon)
-    finally:
-        await connect.close_all()
-        daemon.stop()
-    with contextlib.closing(sqlite3.connect(daemon.db)) as conn:
-        tables = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
-    assert tables == [("keep",)]
+    with started(tmp_path, tmp_path) as daemon:
+        connect, alice, cid = await chat(daemon)
+        other = tmp_path / "other.db"
+        with contextlib.closing(sqlite3.connect(other)) as conn:
+            conn.execute("CREATE TABLE keep (x)")
+            conn.commit()
+        try:
+            os.replace(other, daemon.db)
+            assert_unavailable(await send(alice, cid, "replaced"))
+            assert "replaced" in await unhealthy(daemon)
+        finally:
+            await connect.close_all()
+            daemon.stop()
+        with contextlib.closing(sqlite3.connect(daemon.db)) as conn:
+            tables = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        assert tables == [("keep",)]
 
 
 async def test_corrupted_pages_make_health_unhealthy(tmp_path: Path) -> None:
     """Garbage over the database's pages (after a checkpoint) under the running daemon:
     health is 503 and says the database is damaged."""
-    daemon = started(tmp_path, tmp_path)
-    connect, alice, cid = await chat(daemon)
-    try:
-        for i in range(20):
-            assert (await send(alice, cid, f"c-{i}"))["type"] == "message_sent"
-        assert health(daemon)[0] == 200
-        with contextlib.closing(sqlite3.connect(daemon.db)) as conn:
-            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        assert busy == 0
-        scribble(daemon.db)
-        assert "damaged" in await unhealthy(daemon)
-    finally:
-        await connect.close_all()
-        daemon.stop()
+    with started(tmp_path, tmp_path) as daemon:
+        connect, alice, cid = await chat(daemon)
+        try:
+            for i in range(20):
+                assert (await send(alice, cid, f"c-{i}"))["type"] == "message_sent"
+            assert health(daemon)[0] == 200
+            with contextlib.closing(sqlite3.connect(daemon.db)) as conn:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            assert busy == 0
+            scribble(daemon.db)
+            assert "damaged" in await unhealthy(daemon)
+        finally:
+            await connect.close_all()
+            daemon.stop()
 
 
 def _serve(db: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
