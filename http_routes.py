@@ -22,7 +22,7 @@ import protocol as p
 from demo import Demo
 from hub import Hub
 from metrics import Metrics
-from store import Store
+from store import Store, StoreError
 
 log = logging.getLogger("pitchey.http")
 
@@ -72,17 +72,25 @@ class Routes:
         return json_response(ws, 404, {"error": "not_found", "message": "Not found"})
 
     async def health(self, ws: ServerConnection) -> Response:
+        """200 when the database answers, its pages parse and it takes writes; otherwise 503
+        with the reason (the store's error text: disk full, read-only, deleted, corrupt)."""
+        reason: str | None = None
         try:
-            ok = await asyncio.wait_for(self.store.healthy(), 2)
+            if not await asyncio.wait_for(self.store.healthy(), 2):
+                reason = "the database does not answer"
         except TimeoutError:
-            ok = False
-        body = {
-            "status": "healthy" if ok else "unhealthy",
+            reason = "the database did not answer within 2 s"
+        except StoreError as exc:
+            reason = str(exc)
+        body: dict[str, Any] = {
+            "status": "healthy" if reason is None else "unhealthy",
             "timestamp": p.now_iso(),
             "connections": self.hub.connections,
             "usersOnline": len(self.hub.users),
         }
-        return json_response(ws, 200 if ok else 503, body)
+        if reason is not None:
+            body["reason"] = reason
+        return json_response(ws, 200 if reason is None else 503, body)
 
     def render_metrics(self) -> str:
         gauges = {

@@ -33,7 +33,7 @@ from http_routes import WS_PATH, Routes
 from hub import Background, Hub
 from metrics import Metrics
 from service import Service
-from store import open_store
+from store import StoreError, open_store
 from typing_indicators import TypingTracker
 
 log = logging.getLogger("pitchey.server")
@@ -231,6 +231,11 @@ async def serve_until_signal(config: cfg.Config) -> int:
     app = App(config)
     try:
         await app.start()
+    except StoreError as exc:
+        # Not a usable database (its text names the file and why): a setup error, like a
+        # bad config, so exit 2 with one line and no traceback.
+        log.error("cannot use the database: %s", exc)
+        return 2
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port,
                   exc.strerror or exc)

@@ -63,6 +63,21 @@ class ConstraintViolation(StoreError):
     """The write contradicts the stored data (an unknown conversation, say)."""
 
 
+class Unavailable(StoreError):
+    """The database cannot take writes right now: the disk is full, the file or its file
+    system is read-only, or the file was deleted or replaced under the daemon. Nothing of the
+    write was stored. ``retry_after`` (seconds) is a hint for the client; the condition may
+    clear by itself (space freed), and the engine notices when a later write succeeds."""
+
+    def __init__(self, message: str, retry_after: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Corrupt(StoreError):
+    """The database file is damaged (pages that do not parse). It does not heal by itself."""
+
+
 @dataclass(frozen=True, slots=True)
 class NewMessage:
     """A message to store, with one receipt per recipient (the other active participants)."""
@@ -93,7 +108,8 @@ class Store(Protocol):
         """Commit what is queued, then close; every later call raises StoreClosed."""
 
     async def healthy(self) -> bool:
-        """The database answers a read."""
+        """True when the database answers a read and can take writes. Otherwise False, or
+        (better) a StoreError whose text is the reason: Unavailable, Corrupt."""
 
     @property
     def queued(self) -> int:

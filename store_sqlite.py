@@ -24,6 +24,14 @@ When a batch fails (a repeated requestId is normal after a restart), it is run a
 transaction with a savepoint per write: the bad write is rolled back alone and fails, the others
 commit together. Message and conversation ids are assigned here, in order, before the commit;
 a failed write leaves a gap that is never filled, so ids become visible in increasing order.
+
+A failing disk: SQLite's "disk full", "read-only", I/O and "cannot open" errors become
+``store.Unavailable``, and so does a database file (or its WAL) that was deleted or replaced
+under the daemon: before BEGIN and after COMMIT the writer compares the path's (st_dev,
+st_ino) with those of the file it opened, one ``stat`` each, so a write that went into an
+unlinked file is never acknowledged. While writes fail the store says why in ``healthy()``,
+logs it once at ERROR, and the first write that commits again clears it. Pages that do not
+parse become ``store.Corrupt``, which stays (corruption does not heal).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import queue
 import re
 import sqlite3
@@ -60,17 +69,25 @@ from rows import (
 from store import (
     MAX_ROWS,
     ConstraintViolation,
+    Corrupt,
     DuplicateRequest,
     KeyedLock,
     NewMessage,
     StoreClosed,
     StoreError,
+    Unavailable,
 )
 
 log = logging.getLogger("pitchey.store")
 
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 SCHEMA_VERSION = 2
+# The tables schema.sql creates: a version-0 file holding only these is a first start that
+# stopped before recording its version; any other table means another program's database.
+_OWN_TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA_PATH.read_text()))
+
+# The health check probes with a write when no write committed for this long (seconds).
+PROBE_AFTER = 5.0
 
 Params = tuple[Any, ...]
 
@@ -116,13 +133,25 @@ class SqliteStore:
         self.next_conversation_id = 1
         # Committed transactions (the savepoint retry of a failed batch counts as one).
         self.transactions = 0
+        # (st_dev, st_ino) of the database file and its WAL as opened, by path.
+        self._identity: dict[str, tuple[int, int]] = {}
+        # Why writes fail right now (cleared by the next commit), and corruption (kept).
+        self._failing: Unavailable | None = None
+        self._corrupt: Corrupt | None = None
+        self._last_commit = time.monotonic()
+        # One health check of the pages, and one probe write, at a time, shared by callers.
+        self._page_check: asyncio.Task[None] | None = None
+        self._probe: asyncio.Future[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
         """Open both connections, apply the schema and migrations, start the writer.
 
+        Raises StoreError naming the file and the reason when it is not a usable database
+        (not SQLite, damaged, newer schema, another program's, not writable, a directory...).
         On failure everything opened so far is closed again (no thread is left running)."""
+        self._preflight()
         try:
             self._writer = await self._on_writer(self._open_writer)
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
@@ -133,6 +162,9 @@ class SqliteStore:
                 "SELECT (SELECT COALESCE(MAX(id), 0) FROM messages),"
                 " (SELECT COALESCE(MAX(id), 0) FROM conversations)"
             )
+        except sqlite3.Error as exc:
+            await self.close()
+            raise StoreError(f"database {self.path}: {_describe(exc)}") from exc
         except BaseException:
             await self.close()
             raise
@@ -149,26 +181,72 @@ class SqliteStore:
         self._jobs.put((fn, args, future))
         return await future
 
+    def _preflight(self) -> None:
+        """Refuse, with the reason, a path SQLite would open badly or read-only: a directory,
+        a missing parent, a file this process cannot open for writing (SQLite would silently
+        fall back to read-only, and every write would fail later)."""
+        if self.path == ":memory:" or self.path.startswith("file:"):
+            return
+        path = Path(self.path)
+        if path.is_dir():
+            raise StoreError(f"database {path} is a directory")
+        parent = path.parent
+        if not parent.is_dir():
+            raise StoreError(f"database {path}: directory {parent} does not exist")
+        if path.exists():
+            try:
+                os.close(os.open(path, os.O_RDWR))
+            except OSError as exc:
+                raise StoreError(
+                    f"database {path} cannot be opened for writing: {exc.strerror}"
+                ) from exc
+        elif not os.access(parent, os.W_OK | os.X_OK):
+            raise StoreError(f"database {path}: directory {parent} is not writable")
+
     def _open_writer(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
+            # Refuse before changing anything: setting WAL mode already writes the header.
+            version = self._check_version(db)
+            _check_pages(db)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.execute("PRAGMA foreign_keys=ON")
             db.execute("PRAGMA busy_timeout=5000")
-            self._migrate(db)
+            self._migrate(db, version)
+            for name in (self.path, self.path + "-wal"):
+                with contextlib.suppress(OSError):  # ":memory:", or no WAL: nothing to watch
+                    st = os.stat(name)
+                    self._identity[name] = (st.st_dev, st.st_ino)
         except BaseException:
             db.close()
             raise
         return db
 
-    def _migrate(self, db: sqlite3.Connection) -> None:
+    def _check_version(self, db: sqlite3.Connection) -> int:
+        """The file's schema version; raises StoreError for a newer one, or for another
+        program's database (tables, but no pitchey-ws version)."""
         (version,) = db.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"database {self.path} has schema version {version}, newer than this daemon's"
                 f" {SCHEMA_VERSION}"
             )
+        if version == 0:
+            tables = {name for (name,) in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+                " AND name NOT LIKE 'sqlite_%' LIMIT 1000"
+            )}
+            foreign = sorted(tables - _OWN_TABLES)
+            if foreign:
+                raise StoreError(
+                    f"database {self.path} has no pitchey-ws schema version but holds other"
+                    f" tables ({', '.join(foreign[:5])}): another program's database?"
+                    " Refusing to add pitchey-ws tables to it"
+                )
+        return int(version)
+
+    def _migrate(self, db: sqlite3.Connection, version: int) -> None:
         db.executescript(SCHEMA_PATH.read_text())
         if version < 2:
             # Direct conversations get their own key. Existing ones: the oldest untitled,
@@ -212,15 +290,97 @@ class SqliteStore:
 
     @staticmethod
     def _close_writer(db: sqlite3.Connection) -> None:
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        db.close()
+        try:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:  # a failing disk: the WAL keeps what it holds
+            log.warning("WAL checkpoint at close failed: %s", exc)
+        finally:
+            db.close()
 
     async def healthy(self) -> bool:
-        try:
-            rows = await self._fetch("SELECT 1")
-        except (sqlite3.Error, StoreError):
+        """True, or raise the reason: Corrupt when pages do not parse (each main table's
+        first and last pages, read by a fresh connection, so no cached page hides damage),
+        Unavailable when the file was deleted or replaced or writes fail. When no write
+        committed for PROBE_AFTER seconds, or while writes fail, a small write (the
+        ``health_probe`` setting) checks that the database takes writes; that probe is also
+        how the store notices that space came back."""
+        rows = await self._fetch("SELECT 1")
+        if rows != [(1,)]:
             return False
-        return rows == [(1,)]
+        if self._corrupt is not None:
+            raise self._corrupt
+        try:
+            self._check_file()
+        except Unavailable as exc:
+            self._note_failure(exc)
+            raise
+        if self._page_check is None or self._page_check.done():
+            self._page_check = asyncio.create_task(
+                asyncio.to_thread(self._read_pages), name="store-page-check"
+            )
+        try:
+            await asyncio.shield(self._page_check)
+        except sqlite3.Error as exc:
+            raise self._noted(_store_error(exc)) from exc
+        if self._failing is not None or time.monotonic() - self._last_commit > PROBE_AFTER:
+            if self._probe is None or self._probe.done():
+                self._probe = self._submit(_Write().add(
+                    "INSERT INTO settings (key, value) VALUES ('health_probe', ?)"
+                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (now_iso(),),
+                ))
+            await asyncio.shield(self._probe)
+        if self._failing is not None:
+            raise self._failing
+        return True
+
+    def _read_pages(self) -> None:
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=2)
+        try:
+            _check_pages(db)
+        finally:
+            db.close()
+
+    def _check_file(self) -> None:
+        """Raise Unavailable when the database file or its WAL is not the one opened."""
+        for name, opened in self._identity.items():
+            try:
+                st = os.stat(name)
+            except FileNotFoundError:
+                raise Unavailable(f"database file {name} was deleted", 30.0) from None
+            except OSError as exc:
+                raise Unavailable(f"database file {name}: {exc.strerror}") from None
+            if (st.st_dev, st.st_ino) != opened:
+                raise Unavailable(f"database file {name} was replaced by another file", 30.0)
+
+    def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the writer thread, between two checks of the file: a commit that
+        went into a deleted or replaced file raises instead of being acknowledged."""
+        self._check_file()
+        result = fn(*args)
+        self._check_file()
+        return result
+
+    def _noted(self, error: StoreError) -> StoreError:
+        """Remember a failing disk or a corrupt file (logged once), and return ``error``."""
+        if isinstance(error, Unavailable):
+            self._note_failure(error)
+        elif isinstance(error, Corrupt) and self._corrupt is None:
+            self._corrupt = error
+            log.error("DATABASE %s IS CORRUPT: %s; restore it from a backup", self.path, error)
+        return error
+
+    def _note_failure(self, error: Unavailable) -> None:
+        if self._failing is None:
+            log.error("DATABASE %s CANNOT TAKE WRITES: %s; answering 'unavailable' and storing"
+                      " nothing until a write succeeds", self.path, error)
+        self._failing = error
+
+    def _note_commit(self) -> None:
+        self._last_commit = time.monotonic()
+        if self._failing is not None:
+            log.warning("database %s takes writes again (was: %s)", self.path, self._failing)
+            self._failing = None
 
     # -- the writer ------------------------------------------------------------------------
 
@@ -261,46 +421,60 @@ class SqliteStore:
             batch = [queue.popleft() for _ in range(min(len(queue), self.max_batch))]
             started = time.perf_counter()
             try:
-                await self._commit([w for w, _ in batch])
+                wrote = await self._commit([w for w, _ in batch])
             except asyncio.CancelledError:
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(StoreClosed("store closed"))
                 raise
-            except Exception:
-                # One bad write must not fail its neighbours: run the batch again in one
-                # transaction, each write in a savepoint of its own.
-                log.debug("batch of %d writes failed; retrying with savepoints", len(batch))
-                try:
-                    errors = await self._on_writer(
-                        _savepoint_transaction, self._writer, [w for w, _ in batch]
-                    )
-                except asyncio.CancelledError:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(StoreClosed("store closed"))
-                    raise
-                except Exception as exc:
-                    log.exception("batch failed")
-                    errors = [exc] * len(batch)
+            except Exception as first:
+                errors: list[Exception | None]
+                failed = _store_error(first)
+                if isinstance(failed, Unavailable | Corrupt):
+                    # The disk, not one write: retrying each write would fail the same way.
+                    errors = [failed] * len(batch)
                 else:
-                    self.transactions += 1
-                for (_, future), error in zip(batch, errors, strict=True):
+                    # One bad write must not fail its neighbours: run the batch again in one
+                    # transaction, each write in a savepoint of its own.
+                    log.debug("batch of %d writes failed; retrying with savepoints", len(batch))
+                    try:
+                        errors = await self._on_writer(
+                            self._guarded, _savepoint_transaction, self._writer,
+                            [w for w, _ in batch],
+                        )
+                    except asyncio.CancelledError:
+                        for _, future in batch:
+                            if not future.done():
+                                future.set_exception(StoreClosed("store closed"))
+                        raise
+                    except Exception as exc:
+                        if not isinstance(_store_error(exc), Unavailable | Corrupt):
+                            log.exception("batch failed")
+                        errors = [exc] * len(batch)
+                    else:
+                        self.transactions += 1
+                mapped = [None if e is None else self._noted(_store_error(e)) for e in errors]
+                if not any(isinstance(e, Unavailable) for e in mapped):
+                    self._note_commit()
+                for (_, future), error in zip(batch, mapped, strict=True):
                     if future.done():
                         continue
                     if error is None:
                         future.set_result(None)
                     else:
-                        future.set_exception(_store_error(error))
+                        future.set_exception(error)
             else:
                 self.transactions += 1
+                if wrote:  # a batch of flushes only proves nothing about the disk
+                    self._note_commit()
                 for _, future in batch:
                     if not future.done():
                         future.set_result(None)
             if self.on_commit is not None:
                 self.on_commit(len(batch), time.perf_counter() - started)
 
-    async def _commit(self, writes: Sequence[_Write]) -> None:
+    async def _commit(self, writes: Sequence[_Write]) -> bool:
+        """Commit the writes as one transaction; False when they held no statement."""
         db = self._writer
         assert db is not None
         grouped: dict[str, list[Params]] = {}
@@ -309,7 +483,8 @@ class SqliteStore:
                 grouped.setdefault(sql, []).append(params)
         if grouped:
             ordered = sorted(grouped.items(), key=_statement_rank)  # stable: ties keep order
-            await self._on_writer(_transaction, db, ordered)
+            await self._on_writer(self._guarded, _transaction, db, ordered)
+        return bool(grouped)
 
     async def _write(self, write: _Write) -> None:
         await self._submit(write)
@@ -319,7 +494,10 @@ class SqliteStore:
     async def _fetch(self, sql: str, params: Params = ()) -> list[Any]:
         if self._reader is None:
             raise StoreClosed("store is not open")
-        return list(await self._reader.execute_fetchall(sql, params))
+        try:
+            return list(await self._reader.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise self._noted(_store_error(exc)) from exc
 
     async def setting(self, key: str) -> str | None:
         rows = await self._fetch("SELECT value FROM settings WHERE key = ?", (key,))
@@ -759,8 +937,18 @@ def _transaction(db: sqlite3.Connection, grouped: list[tuple[str, list[Params]]]
             db.executemany(sql, rows)
         db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        _rollback(db)
         raise
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """Roll back what is open. SQLite may have rolled back already (a full disk does), and a
+    failing ROLLBACK must not replace the error that says why the transaction failed."""
+    if db.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.warning("ROLLBACK failed: %s", exc)
 
 
 def _savepoint_transaction(
@@ -784,10 +972,39 @@ def _savepoint_transaction(
             db.execute("RELEASE w")
         db.execute("COMMIT")
     except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
+        _rollback(db)
         raise
     return errors
+
+
+# SQLite primary result codes (the low byte of an extended code) that mean the disk or the
+# file, not the write: the database cannot take writes right now. (BUSY: another process
+# holds the write lock past busy_timeout.)
+_SQLITE_BUSY, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 5, 8, 10, 13, 14
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+_UNAVAILABLE_CODES = {
+    _SQLITE_BUSY: "the database is locked by another process",
+    _SQLITE_READONLY: "the database is read-only (file, directory or file system)",
+    _SQLITE_IOERR: "disk I/O error",
+    _SQLITE_FULL: "the disk is full",
+    _SQLITE_CANTOPEN: "the database file cannot be opened",
+}
+
+
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    code: int | None = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+def _describe(exc: sqlite3.Error) -> str:
+    code = _primary_code(exc)
+    if code == _SQLITE_NOTADB:
+        return "not a SQLite database (random bytes, text, or a damaged header)"
+    if code == _SQLITE_CORRUPT:
+        return f"the database is damaged ({exc})"
+    if code in _UNAVAILABLE_CODES:
+        return f"{_UNAVAILABLE_CODES[code]} ({exc})"
+    return str(exc)
 
 
 def _store_error(exc: BaseException) -> StoreError:
@@ -799,12 +1016,41 @@ def _store_error(exc: BaseException) -> StoreError:
         if "UNIQUE" in text and "request_id" in text:
             return DuplicateRequest(text)
         return ConstraintViolation(text)
+    if isinstance(exc, sqlite3.Error):
+        code = _primary_code(exc)
+        if code in _UNAVAILABLE_CODES:
+            return Unavailable(_describe(exc), 1.0 if code == _SQLITE_BUSY else 5.0)
+        if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            return Corrupt(_describe(exc))
     return StoreError(f"{type(exc).__name__}: {exc}")
 
 
+# The first and the last row of each table (min and max of its key): a few pages each, root
+# to leaf on both edges, so a health probe reads tens of pages whatever the database's size.
+# (PRAGMA quick_check reads every page: seconds on a large file, too slow for a probe.)
+_EDGE_KEYS = {"direct_conversations": "user_low, user_high",
+              "message_read_receipts": "message_id, user_id"}
+
+
+def _check_pages(db: sqlite3.Connection) -> None:
+    """Read each pitchey-ws table's first and last pages; raises sqlite3.DatabaseError
+    (corrupt, not a database) when one does not parse."""
+    present = {name for (name,) in db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' LIMIT 1000"
+    )}
+    for table in sorted(_OWN_TABLES & present):
+        key = _EDGE_KEYS.get(table, "rowid")
+        for order in ("ASC", "DESC"):
+            db.execute(f"SELECT * FROM {table} ORDER BY {key} {order} LIMIT 1").fetchall()
+
+
 def _log_failure(future: asyncio.Future[None]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("background write failed", exc_info=future.exception())
+    if future.cancelled():
+        return
+    exc = future.exception()
+    # A failing disk is logged once by the store, not once per background write.
+    if exc is not None and not isinstance(exc, Unavailable | Corrupt):
+        log.error("background write failed", exc_info=exc)
 
 
 def _pending_order(event: PendingEvent) -> tuple[str, int, int]:
