@@ -30,7 +30,7 @@ from http_routes import json_response
 from hub import Client, Hub, expiry_delay
 from metrics import Metrics
 from rows import Event, EventKind, PendingMessage, PendingRead
-from service import Service
+from service import Service, store_error_reply
 from store import Corrupt, Store, StoreError, Unavailable
 
 log = logging.getLogger("pitchey.connection")
@@ -279,17 +279,6 @@ class Sessions:
     def reply_error(self, client: Client, exc: p.ProtocolError) -> None:
         self.metrics.errors[exc.code] += 1
         client.send(p.error(exc.code, exc.message, exc.request_id, exc.retry_after_ms))
-
-
-def store_error_reply(exc: StoreError) -> tuple[str, str, int | None]:
-    """The one mapping from the store's errors to the wire: (code, message, retryAfterMs).
-
-    Unavailable (disk full, read-only, the file gone) is ``unavailable`` with a retry hint:
-    nothing was stored and the client may retry. Anything else is ``internal``."""
-    if isinstance(exc, Unavailable):
-        return (p.UNAVAILABLE, "The database cannot take writes right now; nothing was stored",
-                max(1, math.ceil(exc.retry_after * 1000)))
-    return p.INTERNAL, "Internal error", None
 
 
 def _token_from(request: Request, query: str) -> str | None:

@@ -30,7 +30,8 @@ from http_front import (
 )
 from http_routes import HERE, STATIC, WS_PATH, Routes
 from hub import Hub
-from service import INBOX_DEFAULT, INBOX_MAX, Service
+from service import INBOX_DEFAULT, INBOX_MAX, Service, store_error_reply
+from store import StoreError
 
 ALLOW_HEADERS = "Authorization, Content-Type, Idempotency-Key"
 EXPOSE_HEADERS = "Retry-After, ETag"
@@ -48,6 +49,13 @@ class Call:
     params: tuple[int, ...]
     identity: Identity
     name: str  # the caller's display name
+
+
+def _retry_after(milliseconds: int | None) -> list[tuple[str, str]]:
+    """A Retry-After header (whole seconds, at least 1) for a retry hint, if there is one."""
+    if milliseconds is None:
+        return []
+    return [("Retry-After", str(max(1, math.ceil(milliseconds / 1000))))]
 
 
 class ApiError(Exception):
@@ -230,10 +238,13 @@ class HttpApi:
         except p.ProtocolError as exc:
             status = {p.FORBIDDEN: 403, p.RATE_LIMITED: 429, p.UNAVAILABLE: 503,
                       p.INTERNAL: 500}.get(exc.code, 400)
-            headers = []
-            if exc.retry_after_ms is not None:  # the delivery budget (429), say
-                headers.append(("Retry-After", str(max(1, math.ceil(exc.retry_after_ms / 1000)))))
-            raise ApiError(status, exc.code, exc.message, headers) from None
+            raise ApiError(status, exc.code, exc.message, _retry_after(exc.retry_after_ms)
+                           ) from None
+        except StoreError as exc:
+            code, message, retry_after_ms = store_error_reply(exc)
+            if code == p.INTERNAL:
+                raise  # logged with its traceback by the front, answered 500
+            raise ApiError(503, code, message, _retry_after(retry_after_ms)) from None
 
     async def list_conversations(self, call: Call) -> Answer:
         limit = _int_query(call.query, "limit", INBOX_DEFAULT, 1, INBOX_MAX)

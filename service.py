@@ -35,7 +35,7 @@ from rows import (
     MessageRow,
     PendingEvent,
 )
-from store import DuplicateRequest, KeyedLock, NewMessage, Store, StoreError
+from store import DuplicateRequest, KeyedLock, NewMessage, Store, StoreError, Unavailable
 from typing_indicators import TypingTracker
 
 log = logging.getLogger("pitchey.service")
@@ -48,6 +48,18 @@ READ_ALL_MAX = 1000
 CREATED_BY_BACKEND = "Conversations on this server are created by the backend, not by clients"
 NO_DIRECT = ("No conversation with this user yet; conversations on this server are created by"
              " the backend, not by clients")
+
+
+def store_error_reply(exc: StoreError) -> tuple[str, str, int | None]:
+    """The one mapping from the store's errors to the wire, for every door (socket, HTTP):
+    (code, message, retryAfterMs).
+
+    Unavailable (disk full, read-only, the file gone) is ``unavailable`` with a retry hint:
+    nothing was stored and the client may retry. Anything else is ``internal``."""
+    if isinstance(exc, Unavailable):
+        return (p.UNAVAILABLE, "The database cannot take writes right now; nothing was stored",
+                max(1, math.ceil(exc.retry_after * 1000)))
+    return p.INTERNAL, "Internal error", None
 
 
 @dataclass(frozen=True, slots=True)

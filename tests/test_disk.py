@@ -21,7 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, SECRET, TIMEOUT, Client, Connector, Daemon, conversation, eventually
+from conftest import (
+    ROOT,
+    SECRET,
+    TIMEOUT,
+    Client,
+    Connector,
+    Daemon,
+    conversation,
+    eventually,
+    make_token,
+)
+from test_http_api import call
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -212,10 +223,19 @@ async def test_deleted_database_acknowledges_nothing(tmp_path: Path) -> None:
                 assert_unavailable(answer)
             assert "deleted" in await unhealthy(daemon)
             assert daemon.log_text().count("CANNOT TAKE WRITES") == 1
+            # The HTTP door says the same: 503 unavailable with Retry-After, nothing stored.
+            status, headers, body = await asyncio.to_thread(
+                call, daemon.port, "POST", "/api/messages/send",
+                {"conversationId": cid, "content": "over http", "requestId": "gone-http"},
+                token=make_token(alice.user_id),
+            )
+            assert (status, body["error"]) == (503, "unavailable"), body
+            assert int(headers["retry-after"]) >= 1
         finally:
             await connect.close_all()
         await daemon.arestart()
-        assert stored_requests(daemon.db) & {f"gone-{i}" for i in range(20)} == set()
+        gone = {f"gone-{i}" for i in range(20)} | {"gone-http"}
+        assert stored_requests(daemon.db) & gone == set()
         daemon.stop()
 
 
