@@ -58,10 +58,8 @@ class Handlers:
         assert user is not None
         sent = await self.service.send_message(
             client.user_id, user.username, cmd.conversation_id, cmd.recipient_id, cmd.content,
-            message_type=cmd.message_type,
-            attachments=[a.to_wire() for a in cmd.attachments] if cmd.attachments else None,
-            pitch_id=cmd.pitch_id, subject=cmd.subject, request_id=cmd.request_id,
-            origin=client,
+            cmd.message_type, [a.to_wire() for a in cmd.attachments] if cmd.attachments else None,
+            cmd.pitch_id, cmd.subject, cmd.request_id, client,
         )
         self.reply(client, p.message_sent(sent.fields, sent.delivered, cmd.request_id),
                    "message_sent")

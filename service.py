@@ -12,13 +12,11 @@ connection gets the reply instead of the fan-out frame (``message_sent`` instead
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import protocol as p
 from config import Config
@@ -62,8 +60,7 @@ def store_error_reply(exc: StoreError) -> tuple[str, str, int | None]:
     return p.INTERNAL, "Internal error", None
 
 
-@dataclass(frozen=True, slots=True)
-class Sent:
+class Sent(NamedTuple):
     """A stored message: its wire fields (``protocol.message_fields``) and whether a
     recipient's connection was written to. ``repeated``: an earlier send with the same
     requestId stored it, and nothing was fanned out now."""
@@ -120,11 +117,11 @@ class Service:
 
     # -- budgets ---------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def delivery_budget(self, user_id: int, recipients: int) -> Iterator[None]:
-        """Charge ``recipients`` deliveries to the user's budget for the work in the block, or
-        raise ``rate_limited`` (with retryAfterMs) before any of it is done. Given back when
-        the block fails, so only what was stored is charged."""
+    def charge_deliveries(self, user_id: int, recipients: int) -> TokenBucket:
+        """Charge ``recipients`` deliveries to the user's budget before the work is done, or
+        raise ``rate_limited`` (with retryAfterMs). The caller gives them back
+        (``bucket.refund``) when the work then fails, so only what was stored is charged.
+        (Not a context manager: this is on the send path, and a generator per send costs.)"""
         bucket = self.delivery_buckets.pop(user_id, None)
         if bucket is None:
             limits = self.config.limits
@@ -139,11 +136,7 @@ class Service:
                 f"Too many deliveries: this would reach {recipients} recipient(s); slow down",
                 retry_after_ms=math.ceil(wait * 1000),
             )
-        try:
-            yield
-        except BaseException:
-            bucket.refund(recipients)
-            raise
+        return bucket
 
     # -- membership ------------------------------------------------------------------------
 
@@ -163,7 +156,6 @@ class Service:
         conversation_id: int | None,
         recipient_id: int | None,
         content: str,
-        *,
         message_type: str = "text",
         attachments: list[dict[str, Any]] | None = None,
         pitch_id: int | None = None,
@@ -178,7 +170,9 @@ class Service:
                                     origin)
         # The same request may be under way right now (another tab, or a fast retry): wait
         # for it, then answer from what it stored (if it stored anything).
-        async with self.in_flight.hold(("message", sender, request_id)):
+        key = ("message", sender, request_id)
+        await self.in_flight.claim(key)
+        try:
             known = self.recent_requests.get((sender, request_id))
             if known is not None:
                 repeat = await self._repeat(sender, request_id, known)
@@ -194,6 +188,8 @@ class Service:
                 if repeat is None:
                     raise StoreError("duplicate request with no stored message") from None
                 return repeat
+        finally:
+            self.in_flight.release(key)
 
     async def _repeat(self, sender: int, request_id: str, message_id: int | None) -> Sent | None:
         """The original message of a repeated requestId; None if there is none."""
@@ -246,11 +242,15 @@ class Service:
         members = conversation.members
         recipients = [m for m in members if m != sender]
         receiver = recipients[0] if not conversation.is_group and len(recipients) == 1 else None
-        with self.delivery_budget(sender, len(recipients)):
+        budget = self.charge_deliveries(sender, len(recipients))
+        try:
             message_id = await self.store.add_message(NewMessage(
                 conversation.id, sender, receiver, recipients, content, message_type,
                 attachments, pitch_id, subject, request_id, now,
             ))
+        except BaseException:
+            budget.refund(len(recipients))
+            raise
         self.metrics.messages_stored += 1
         if request_id is not None:
             self.recent_requests[(sender, request_id)] = message_id
@@ -317,10 +317,14 @@ class Service:
         pitch_id: int | None,
     ) -> ConversationRow:
         # Every other member gets a participant row now and conversation_created.
-        with self.delivery_budget(creator, len(members) - 1):
+        budget = self.charge_deliveries(creator, len(members) - 1)
+        try:
             row = await self.store.create_conversation(
                 creator, members, title, request_id, pitch_id, p.now_iso()
             )
+        except BaseException:
+            budget.refund(len(members) - 1)
+            raise
         self.conversations.put(row)
         self.hub.add_contacts(members)
         return row

@@ -632,7 +632,7 @@ class SqliteStore:
     async def add_message(self, message: NewMessage) -> int:
         message_id = self.next_message_id
         self.next_message_id += 1
-        await self._write(_insert_message(_Write(), message_id, message))
+        await self._submit(_insert_message(_Write(), message_id, message))
         return message_id
 
     async def message_by_request(self, sender_id: int, request_id: str) -> MessageRow | None:

@@ -73,6 +73,10 @@ class Target:
     request_ids: bool = True  # the driver's send_message frames carry a requestId
     synchronous: str | None = None  # overrides --synchronous for this target
     about: str = ""
+    # Run pitchey_ws.py from the checkout named by this environment variable instead (an
+    # older commit, for before/after figures in one run); the config then has only the keys
+    # every version knows.
+    root_env: str | None = None
 
 
 TARGETS = {
@@ -90,6 +94,8 @@ TARGETS = {
                             about="GIL switch interval 0.5 ms instead of 5 ms"),
     "daemon-norid": Target("daemon", request_ids=False,
                            about="driver sends no requestId"),
+    "daemon@base": Target("daemon", root_env="PITCHEY_BENCH_BASE",
+                          about="pitchey_ws.py of the checkout in $PITCHEY_BENCH_BASE"),
 }
 DEFAULT_TARGETS = ["daemon", "relay", "daemon+uvloop", "daemon+stdjson", "daemon+normal"]
 SCENARIOS = ["storm", "one_to_one", "latency", "fanout"]
@@ -233,9 +239,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def bench_config(path: Path, synchronous: str) -> None:
+def bench_config(path: Path, synchronous: str, *, portable: bool = False) -> None:
     """The shipped defaults, but rate limits and delivery budgets out of the way (they are
-    per user)."""
+    per user). ``portable``: only keys older versions know too (no delivery budget)."""
+    budget = "" if portable else (
+        "deliveries_per_second = 1000000000\n"
+        "deliveries_burst = 1000000000\n"
+    )
     path.write_text(
         "# Written by bench/run.py: defaults, except the per-user rate limits are out of the way.\n"
         "[database]\n"
@@ -244,8 +254,7 @@ def bench_config(path: Path, synchronous: str) -> None:
         "frames_per_second = 1000000\n"
         "frames_burst = 1000000\n"
         "flood_max_dropped = 1000000\n"
-        "deliveries_per_second = 1000000000\n"
-        "deliveries_burst = 1000000000\n"
+        f"{budget}"
         "max_connections = 20000\n"
     )
 
@@ -268,13 +277,19 @@ class Server:
             argv = [py, str(HERE / "relay.py"), "--host", HOST, "--port", str(self.port), *flags]
         else:
             config = work / f"{label}-config.toml"
-            bench_config(config, spec.synchronous or settings.synchronous)
+            root = ROOT
+            if spec.root_env is not None:
+                if not os.environ.get(spec.root_env):
+                    raise RuntimeError(f"{target} needs ${spec.root_env}: a checkout to run")
+                root = Path(os.environ[spec.root_env])
+            bench_config(config, spec.synchronous or settings.synchronous,
+                         portable=spec.root_env is not None)
             serve = ["serve", "--config", str(config), "--host", HOST, "--port",
                      str(self.port), "--db", str(self.db)]
             if flags:
                 argv = [py, str(HERE / "serve_variant.py"), *flags, *serve]
             else:
-                argv = [py, str(ROOT / "pitchey_ws.py"), *serve]
+                argv = [py, str(root / "pitchey_ws.py"), *serve]
         env = dict(os.environ, JWT_SECRET=SECRET)
         self.proc = Proc(target, argv, OUT / f"{label}.log", SERVER_CORE, env)
 
