@@ -252,6 +252,8 @@ class SqliteStore:
             # Direct conversations get their own key. Existing ones: the oldest untitled,
             # pitchless non-group conversation whose active participants are the two users.
             db.execute("BEGIN IMMEDIATE")
+            # receipts_unread (schema.sql) replaces version 1's undelivered-only index.
+            db.execute("DROP INDEX IF EXISTS receipts_undelivered")
             db.execute(
                 "INSERT OR IGNORE INTO direct_conversations (user_low, user_high,"
                 " conversation_id)"
@@ -266,9 +268,14 @@ class SqliteStore:
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     async def close(self) -> None:
-        """Commit what is queued, checkpoint the WAL and close both connections."""
+        """Commit what is queued, checkpoint the WAL and close both connections. Everything
+        is closed even when the last writes fail (a failing disk): their callers got the error,
+        and a reader or writer thread left open would keep the process from exiting."""
         if self._task is not None:
-            await self.flush()
+            try:
+                await self.flush()
+            except StoreError as exc:
+                log.error("closing with writes that failed: %s", exc)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -713,7 +720,8 @@ class SqliteStore:
     async def pending(self, user_id: int, limit: int) -> list[PendingEvent]:
         messages = await self._fetch(
             _MESSAGE_SELECT + " JOIN message_read_receipts r ON r.message_id = m.id"
-            " WHERE r.user_id = ? AND r.delivered_at IS NULL ORDER BY r.message_id LIMIT ?",
+            " WHERE r.user_id = ? AND (r.delivered_at IS NULL) = 1 AND r.read_at IS NULL"
+            " ORDER BY r.message_id LIMIT ?",
             (user_id, limit),
         )
         reads = await self._fetch(

@@ -14,7 +14,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
 import store_sqlite as engine
-from store import ConstraintViolation, DuplicateRequest, NewMessage, StoreClosed
+from store import ConstraintViolation, DuplicateRequest, NewMessage, StoreClosed, StoreError
 
 NOW = "2026-11-26T00:00:00.000Z"
 
@@ -160,3 +160,33 @@ async def test_version_1_database_is_migrated(tmp_path: Path) -> None:
 def test_statement_rank(sql: str, rank: int) -> None:
     """INSERTs rank by table in foreign-key order, other tables after, everything else last."""
     assert engine._rank_of(sql) == rank
+
+
+async def test_replay_and_unread_queries_use_the_unread_index(store: engine.SqliteStore) -> None:
+    """The offline replay walks receipts_unread by (user, undelivered) in message order: no
+    scan of other users' receipts, no temporary sort."""
+    assert store._reader is not None
+    plan = await store._reader.execute_fetchall(
+        "EXPLAIN QUERY PLAN SELECT r.message_id FROM message_read_receipts r"
+        " WHERE r.user_id = ? AND (r.delivered_at IS NULL) = 1 AND r.read_at IS NULL"
+        " ORDER BY r.message_id LIMIT ?", (1, 10),
+    )
+    details = " ".join(row[3] for row in plan)
+    assert "USING INDEX receipts_unread (user_id=? AND <expr>=?)" in details, details
+    assert "TEMP B-TREE" not in details, details
+
+
+async def test_close_finishes_when_the_last_writes_fail(tmp_path: Path) -> None:
+    """close() with the database deleted underneath: the queued write fails, and both
+    connections and the writer thread are still closed (nothing keeps the process alive)."""
+    store = engine.SqliteStore(str(tmp_path / "t.db"))
+    await store.open()
+    await store.put_setting("k", "v")
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{store.path}{suffix}").unlink(missing_ok=True)
+    late = asyncio.ensure_future(store.put_setting("k", "w"))
+    await asyncio.wait_for(store.close(), 10)
+    with pytest.raises(StoreError):
+        await late
+    assert store._reader is None and store._writer is None
+    assert not store._thread.is_alive()
