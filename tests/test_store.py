@@ -4,6 +4,8 @@ retry, direct conversations, closing, and the version-1 migration."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
@@ -183,7 +185,8 @@ async def test_close_finishes_when_the_last_writes_fail(tmp_path: Path) -> None:
     await store.open()
     await store.put_setting("k", "v")
     for suffix in ("", "-wal", "-shm"):
-        Path(f"{store.path}{suffix}").unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{store.path}{suffix}")
     late = asyncio.ensure_future(store.put_setting("k", "w"))
     await asyncio.wait_for(store.close(), 10)
     with pytest.raises(StoreError):
