@@ -327,6 +327,14 @@ async def test_cors_and_origin(tmp_path: Path) -> None:
         allowed = headers["access-control-allow-headers"].lower()
         assert {"authorization", "content-type", "idempotency-key"} <= {
             h.strip() for h in allowed.split(",")}
+        # Each CORS header once: a browser refuses an answer with two Allow-Origin values.
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+        conn.request("OPTIONS", "/api/messages/send", headers={
+            "Origin": ORIGIN, "Access-Control-Request-Method": "POST"})
+        names = [k.lower() for k, _ in conn.getresponse().getheaders()]
+        conn.close()
+        cors = [n for n in names if n.startswith("access-control") or n == "vary"]
+        assert len(cors) == len(set(cors)), names
         status, headers, _ = await acall(port, "OPTIONS", "/api/messages/send",
                                          headers={"Origin": "https://evil.test"})
         assert status == 204 and not any(k.startswith("access-control") for k in headers)
