@@ -430,9 +430,7 @@ class SqliteStore:
             try:
                 wrote = await self._commit([w for w, _ in batch])
             except asyncio.CancelledError:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(StoreClosed("store closed"))
+                _close_all(batch)
                 raise
             except Exception as first:
                 errors: list[Exception | None]
@@ -450,9 +448,7 @@ class SqliteStore:
                             [w for w, _ in batch],
                         )
                     except asyncio.CancelledError:
-                        for _, future in batch:
-                            if not future.done():
-                                future.set_exception(StoreClosed("store closed"))
+                        _close_all(batch)
                         raise
                     except Exception as exc:
                         if not isinstance(_store_error(exc), Unavailable | Corrupt):
@@ -907,6 +903,13 @@ def _writer_thread(jobs: queue.SimpleQueue[_Job | None]) -> None:
             future.get_loop().call_soon_threadsafe(_settle, future, None, exc)
         else:
             future.get_loop().call_soon_threadsafe(_settle, future, result, None)
+
+
+def _close_all(batch: list[tuple[_Write, asyncio.Future[None]]]) -> None:
+    """The writer was cancelled (the store is closing): every caller of the batch is told."""
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(StoreClosed("store closed"))
 
 
 def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:

@@ -221,13 +221,9 @@ async def test_ack_just_before_sigterm_is_stored(fresh_daemon: Daemon) -> None:
         conn.close()
 
 
-async def test_shutdown_with_unresponsive_client_exits_in_time(tmp_path: Path) -> None:
-    """A client that never answers the closing handshake does not hold up the exit."""
-    close_timeout, shutdown_timeout = 1, 2
-    d = Daemon(tmp_path, {"server.close_timeout_seconds": close_timeout,
-                          "server.shutdown_timeout_seconds": shutdown_timeout})
-    d.start()
-    # A raw socket that completes the handshake and then never reads nor answers a close.
+async def stop_with_a_stuck_client(d: Daemon) -> tuple[int, float]:
+    """SIGTERM while a raw socket that completed the handshake never reads nor answers a
+    close: the exit code and the seconds the exit took."""
     reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
     token = make_token(new_user(), exp=3600)
     writer.write(
@@ -242,11 +238,20 @@ async def test_shutdown_with_unresponsive_client_exits_in_time(tmp_path: Path) -
     try:
         started = time.monotonic()
         exit_code = await asyncio.to_thread(d.stop, signal.SIGTERM)
-        elapsed = time.monotonic() - started
+        return exit_code, time.monotonic() - started
     finally:
         writer.close()
         if d.proc is not None:
             d.kill()
+
+
+async def test_shutdown_with_unresponsive_client_exits_in_time(tmp_path: Path) -> None:
+    """A client that never answers the closing handshake does not hold up the exit."""
+    close_timeout, shutdown_timeout = 1, 2
+    d = Daemon(tmp_path, {"server.close_timeout_seconds": close_timeout,
+                          "server.shutdown_timeout_seconds": shutdown_timeout})
+    d.start()
+    exit_code, elapsed = await stop_with_a_stuck_client(d)
     assert exit_code == 0
     assert elapsed < (shutdown_timeout + 2) * SCALE, f"exit took {elapsed:.1f}s"
     check_db(d.db).close()
@@ -258,25 +263,7 @@ async def test_shutdown_drops_what_remains_at_the_deadline(tmp_path: Path) -> No
     d = Daemon(tmp_path, {"server.close_timeout_seconds": 30,
                           "server.shutdown_timeout_seconds": 1})
     d.start()
-    reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
-    token = make_token(new_user(), exp=3600)
-    writer.write(
-        (f"GET /api/messages/ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{d.port}\r\n"
-         "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-         ).encode()
-    )
-    await writer.drain()
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    try:
-        started = time.monotonic()
-        exit_code = await asyncio.to_thread(d.stop, signal.SIGTERM)
-        elapsed = time.monotonic() - started
-    finally:
-        writer.close()
-        if d.proc is not None:
-            d.kill()
+    exit_code, elapsed = await stop_with_a_stuck_client(d)
     assert exit_code == 0
     assert elapsed < 4 * SCALE, f"exit took {elapsed:.1f}s: the 30 s close timeout was awaited"
     errors = [line for line in d.log_text().splitlines() if " ERROR " in line]
