@@ -38,6 +38,8 @@ class ServerConfig:
     shutdown_timeout_seconds: float = 5
     backlog: int = 4096
     demo: bool = False
+    # Host names (besides loopback ones) whose requests may get demo tokens.
+    demo_hosts: tuple[str, ...] = ()
     log_level: str = "INFO"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import ipaddress
 import json
 import logging
 from collections.abc import Callable
@@ -42,8 +43,9 @@ Admit = Callable[[ServerConnection, Request, str], Response | None]
 class Routes:
     def __init__(
         self, store: Store, hub: Hub, metrics: Metrics, admit: Admit,
-        demo: Callable[[], Demo | None],
+        demo: Callable[[], Demo | None], demo_hosts: tuple[str, ...] = (),
     ) -> None:
+        self.demo_hosts = demo_hosts
         self.store = store
         self.hub = hub
         self.metrics = metrics
@@ -62,6 +64,11 @@ class Routes:
         if path in STATIC:
             return file_response(ws, *STATIC[path])
         demo = self.demo()
+        if demo is not None and path.startswith("/demo/") and not self.demo_caller(request):
+            # A page on another site, or one reached through a rebinding DNS name, must not
+            # mint tokens of the demo users.
+            return json_response(ws, 403, {"error": "host_not_allowed",
+                                           "message": "Demo routes answer loopback hosts only"})
         if demo is not None:
             if path in DEMO_STATIC:
                 return file_response(ws, *DEMO_STATIC[path])
@@ -70,6 +77,15 @@ class Routes:
             if path == "/demo/token":
                 return json_response(ws, *demo.token_response(parse_qs(url.query)))
         return json_response(ws, 404, {"error": "not_found", "message": "Not found"})
+
+    def demo_caller(self, request: Request) -> bool:
+        """A request for a demo route: its Host (and Origin, when sent) name a loopback host
+        or one of ``server.demo_hosts``."""
+        hosts = request.headers.get_all("Host")
+        if len(hosts) != 1:
+            return False
+        names = [hosts[0], *(urlsplit(o).netloc for o in request.headers.get_all("Origin"))]
+        return all(_host_allowed(n, self.demo_hosts) for n in names)
 
     async def health(self, ws: ServerConnection) -> Response:
         """200 when the database answers, its pages parse and it takes writes; otherwise 503
@@ -112,6 +128,17 @@ class Routes:
             ),
         }
         return self.metrics.render(gauges, counters)
+
+
+def _host_allowed(netloc: str, extra: tuple[str, ...]) -> bool:
+    """``netloc`` (host, host:port, [v6]:port) is a loopback host or one of ``extra``."""
+    host = urlsplit(f"//{netloc}").hostname or ""
+    if host == "localhost" or host.endswith(".localhost") or host in extra:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def text_response(ws: ServerConnection, status: int, body: str, content_type: str) -> Response:

@@ -73,7 +73,7 @@ class App:
                                  lambda: self.verifier)
         self.demo: demo.Demo | None = None
         self.routes = Routes(self.store, self.hub, self.metrics, self.sessions.admit,
-                             lambda: self.demo)
+                             lambda: self.demo, config.server.demo_hosts)
         self.api = HttpApi(self.routes, self.service, self.hub, lambda: self.verifier,
                            self.sessions.profile, self._cors_origins, self.sessions.limits)
         self.front = Front(

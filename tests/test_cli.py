@@ -134,3 +134,36 @@ def test_taken_port_exits_with_a_clear_message(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_demo_token_only_for_loopback_hosts(fresh_daemon: Daemon) -> None:
+    """/demo/token refuses a foreign Host (DNS rebinding) or Origin with 403, answers loopback
+    names, and names in server.demo_hosts."""
+    import http.client
+    import json
+
+    write_config(fresh_daemon.config, {"presence.offline_grace_seconds": 0,
+                                       "server.demo_hosts": ["demo.test"]})
+    fresh_daemon.start("--demo", env={"JWT_SECRET": ""})
+
+    def get(headers: dict[str, str]) -> tuple[int, dict[str, str]]:
+        conn = http.client.HTTPConnection("127.0.0.1", fresh_daemon.port, timeout=10)
+        conn.putrequest("GET", "/demo/token?userId=1", skip_host=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        body = json.loads(response.read())
+        conn.close()
+        return response.status, body
+
+    port = fresh_daemon.port
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "demo.test"):
+        status, body = get({"Host": host})
+        assert status == 200 and body["token"], (host, body)
+    for headers in ({"Host": "attacker.example"}, {"Host": f"evil.test:{port}"},
+                    {"Host": f"127.0.0.1:{port}", "Origin": "http://attacker.example"}):
+        status, body = get(headers)
+        assert (status, body["error"]) == (403, "host_not_allowed"), (headers, body)
+    status, body = get({"Host": f"127.0.0.1:{port}", "Origin": f"http://localhost:{port}"})
+    assert status == 200
