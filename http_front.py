@@ -80,8 +80,9 @@ class LogSummary:
     counted and reported in one line when the second ends."""
 
     def __init__(self, logger: logging.Logger, per_second: int = 3,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, level: int = logging.INFO) -> None:
         self.logger = logger
+        self.level = level
         self.per_second = per_second
         self.clock = clock
         # kind -> [window start, lines logged in it, lines suppressed in it]
@@ -96,7 +97,7 @@ class LogSummary:
             window = self.windows[kind] = [now, 0, 0]
         if window[1] < self.per_second:
             window[1] += 1
-            self.logger.info(message, *args)
+            self.logger.log(self.level, message, *args)
             return
         window[2] += 1
         if kind not in self.timers:
@@ -113,8 +114,8 @@ class LogSummary:
             timer.cancel()
         window = self.windows.pop(kind, None)
         if window is not None and window[2]:
-            self.logger.info("%s: %d more like it in the last second, not logged", kind,
-                             int(window[2]))
+            self.logger.log(self.level, "%s: %d more like it in the last second, not logged",
+                            kind, int(window[2]))
 
     def close(self) -> None:
         for kind in list(self.timers):

@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import re
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -227,7 +229,63 @@ def load_config(args: argparse.Namespace) -> cfg.Config:
     return config
 
 
+# Descriptors kept for everything that is not a connection: the listeners, the database (two
+# connections with their WAL and shared-memory files, the health check's), the event loop.
+RESERVED_FDS = 32
+
+
+def fit_descriptors(config: cfg.Config) -> cfg.Config:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, and keep ``limits.max_connections``
+    and ``http.max_in_progress`` within what the descriptors allow, so that the daemon
+    refuses clients (503 server_full) before it runs out of descriptors. Logs what it got."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if wanted > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, wanted, exc)
+    available = max(soft - RESERVED_FDS, 2)
+    in_progress = min(config.http.max_in_progress, max(available // 4, 1))
+    connections = min(config.limits.max_connections, available - in_progress)
+    log.info("file descriptors: %d; up to %d connections and %d requests in progress",
+             soft, connections, in_progress)
+    if connections < config.limits.max_connections:
+        log.warning("limits.max_connections %d is more than %d descriptors allow: using %d",
+                    config.limits.max_connections, soft, connections)
+        config = config.replace("limits", max_connections=connections)
+    if in_progress < config.http.max_in_progress:
+        config = config.replace("http", max_in_progress=in_progress)
+    return config
+
+
+class LoopErrors:
+    """The event loop's exception handler: what asyncio reports itself, summarised.
+
+    At the descriptor limit asyncio's accept loop reports ``accept() out of system resource``
+    once per queued connection (up to the listen backlog) and again at every retry: hundreds of
+    thousands of tracebacks a minute. Each kind of report is logged at most a few times a
+    second, with a count of the rest; descriptor exhaustion in one line, no traceback."""
+
+    def __init__(self) -> None:
+        self.summary = LogSummary(logging.getLogger("pitchey.loop"), level=logging.ERROR)
+
+    def handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        message = str(context.get("message", "event loop error"))
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            self.summary.note("descriptors", "%s: %s (at the descriptor limit; new"
+                              " connections wait)", message, exc.strerror)
+            return
+        if isinstance(exc, BaseException):
+            self.summary.note(message, "%s: %s: %s", message, type(exc).__name__, exc)
+        else:
+            self.summary.note(message, "%s", message)
+
+
 async def serve_until_signal(config: cfg.Config) -> int:
+    config = fit_descriptors(config)
     app = App(config)
     try:
         await app.start()
@@ -241,6 +299,7 @@ async def serve_until_signal(config: cfg.Config) -> int:
                   exc.strerror or exc)
         return 1
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(LoopErrors().handle)
     stop = asyncio.Event()
 
     def on_signal(signum: int) -> None:
