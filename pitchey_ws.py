@@ -252,8 +252,9 @@ def fit_descriptors(config: cfg.Config) -> cfg.Config:
     log.info("file descriptors: %d; up to %d connections and %d requests in progress",
              soft, connections, in_progress)
     if connections < config.limits.max_connections:
-        log.warning("limits.max_connections %d is more than %d descriptors allow: using %d",
-                    config.limits.max_connections, soft, connections)
+        log.warning("limits.max_connections %d does not fit in %d descriptors (%d kept for the"
+                    " database and listeners, %d for requests in progress): using %d",
+                    config.limits.max_connections, soft, RESERVED_FDS, in_progress, connections)
         config = config.replace("limits", max_connections=connections)
     if in_progress < config.http.max_in_progress:
         config = config.replace("http", max_in_progress=in_progress)
