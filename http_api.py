@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import demo
 import protocol as p
 from auth import AuthError, Identity, Verifier
 from config import ApiConfig
@@ -191,6 +192,8 @@ class HttpApi:
             return ("GET",), None, ()
         if self.routes.demo() is not None and path in ("/", "/demo/users", "/demo/token"):
             return ("GET",), None, ()
+        if self.routes.demo() is not None and path == "/demo/sign-nda":
+            return ("POST",), None, ()
         return (), None, ()
 
     async def _route(self, conn: FrontConnection, request: HttpRequest) -> Answer:
@@ -220,6 +223,8 @@ class HttpApi:
                 return error(exc.status, exc.code, exc.message, exc.headers)
         if path in STATIC:
             return self.static_file(request, path)
+        if path == "/demo/sign-nda":
+            return await self.demo_sign_nda(conn)
         # health, metrics, the demo routes: answered by the routes of before the front.
         response = await self.routes.process_request(conn, to_websockets(request))
         if response is None:  # only the WebSocket path, which is not routed here
@@ -394,6 +399,17 @@ class HttpApi:
         fields = await self.service.pitch_activity(call.identity.user_id, call.params[0],
                                                    before, limit)
         return json_answer(200, {"success": True, **fields})
+
+    async def demo_sign_nda(self, conn: FrontConnection) -> Answer:
+        """Demo mode only, loopback only: publish nda_signed to the demo creator through the
+        backend's publish path, so a person sees it arrive in the creator's tab."""
+        peer = conn.raw.get_extra_info("peername") if conn.raw is not None else None
+        host = peer[0] if isinstance(peer, tuple) and peer else ""
+        if host not in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
+            return error(403, p.FORBIDDEN, "The demo routes answer loopback clients only")
+        answer = await self.service.publish([demo.NDA_TO], None, None, "nda_signed",
+                                            dict(demo.NDA_EVENT), True, None)
+        return json_answer(200, answer)
 
     # -- the backend's API (PROTOCOL.md 11) ------------------------------------------------
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from backend import KEY, call, put_pitch
@@ -196,3 +198,24 @@ async def test_bad_pitch_registrations_are_refused(daemon: Daemon) -> None:
         status, body = call(daemon, "PUT", f"/api/pitches/{pitch}", bad)
         assert status == 400 and body["error"] == "invalid_message", (bad, body)
     assert daemon.query("SELECT COUNT(*) FROM pitches WHERE id = ?", (pitch,)) == [(0,)]
+
+
+async def test_demo_seeds_pitches_and_signs_an_nda(tmp_path: Path) -> None:
+    """Demo mode seeds a public and a private pitch; POST /demo/sign-nda reaches the creator."""
+    d = Daemon(tmp_path)
+    d.start("--demo")
+    try:
+        status, _, raw = d.get("/demo/token?userId=1")
+        token = json.loads(raw)["token"]
+        creator = await Connector(d)(1, token=token)
+        await creator.request({"type": "ping"}, "pong")
+        activity = await creator.request({"type": "get_pitch_activity", "pitchId": 2},
+                                         "pitch_activity")
+        assert activity["ownerId"] == 1 and activity["title"]
+        status, body = call(d, "POST", "/demo/sign-nda", {}, key=None)
+        assert status == 200 and body["stored"] == 1
+        frame = await creator.expect("nda_signed", pitchId=2)
+        assert frame["signedBy"].startswith("Victor") and "notificationId" in frame
+        await creator.close()
+    finally:
+        d.stop()
