@@ -91,6 +91,7 @@ class LimitsConfig:
     max_request_id_chars: int = 128
     max_participants: int = 1000
     max_title_chars: int = 200
+    max_pitch_subscriptions: int = 50
 
 
 CREATE_POLICIES = ("any", "backend")
@@ -120,6 +121,22 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class NotificationsConfig:
+    max_per_user: int = 1000
+    retention_days: float = 90
+    prune_interval_seconds: float = 3600
+    page_size: int = 50
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    key: str = ""
+    max_publish_users: int = 1000
+    max_event_bytes: int = 16384
+    max_allowed_users: int = 10000
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
@@ -131,6 +148,8 @@ class Config:
     history: HistoryConfig = field(default_factory=HistoryConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
 
     def replace(self, section: str, **changes: Any) -> Config:
         """Return a copy with some keys of one section changed (used for CLI overrides)."""
@@ -217,6 +236,14 @@ def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -
         "http.max_header_bytes": config.http.max_header_bytes,
         "http.max_in_progress": config.http.max_in_progress,
         "http.header_timeout_seconds": config.http.header_timeout_seconds,
+        "limits.max_pitch_subscriptions": config.limits.max_pitch_subscriptions,
+        "notifications.max_per_user": config.notifications.max_per_user,
+        "notifications.retention_days": config.notifications.retention_days,
+        "notifications.prune_interval_seconds": config.notifications.prune_interval_seconds,
+        "notifications.page_size": config.notifications.page_size,
+        "api.max_publish_users": config.api.max_publish_users,
+        "api.max_event_bytes": config.api.max_event_bytes,
+        "api.max_allowed_users": config.api.max_allowed_users,
     }
     for name, value in positive.items():
         if value <= 0:

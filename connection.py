@@ -29,7 +29,7 @@ from http_front import LogSummary
 from http_routes import json_response
 from hub import Client, Hub, expiry_delay
 from metrics import Metrics
-from rows import Event, EventKind, PendingMessage, PendingRead
+from rows import Event, EventKind, PendingMessage, PendingNotification, PendingRead
 from service import Service, store_error_reply
 from store import Corrupt, Store, StoreError, Unavailable
 
@@ -61,6 +61,7 @@ class Sessions:
             max_request_id_chars=config.limits.max_request_id_chars,
             max_participants=config.limits.max_participants,
             max_title_chars=config.limits.max_title_chars,
+            max_notification_ids=config.notifications.max_per_user,
         )
         self.handlers = Handlers(service, metrics, verifier, self.arm_expiry)
         self.identities: weakref.WeakKeyDictionary[ServerConnection, Identity] = (
@@ -192,12 +193,18 @@ class Sessions:
                                            pending.queued_at)
                     frame = p.queued_message("message_read", pending.queued_at, fields)
                     event = (EventKind.READ, pending.message_id, pending.reader_id)
+                case PendingNotification(queued_at=queued_at, notification=notification):
+                    # Its own type with queuedAt, not a queued_message (PROTOCOL.md 10).
+                    frame = p.notification_frame(notification, queued_at)
+                    event = (EventKind.NOTIFICATION, notification.id, user_id)
                 case _:
                     assert_never(pending)
             await client.write_now(frame)
             carried.add(event)
             record(event, user_id)
-            self.metrics.frames_out["queued_message"] += 1
+            self.metrics.frames_out[
+                "notification" if event[0] is EventKind.NOTIFICATION else "queued_message"
+            ] += 1
         return carried
 
     async def dispatch(self, client: Client, text: str) -> None:

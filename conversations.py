@@ -87,3 +87,9 @@ class Conversations:
         self._pairs.move_to_end(key)
         while len(self._pairs) > self.capacity:
             self._pairs.popitem(last=False)
+
+    def forget_pairs(self, conversation_id: int) -> None:
+        """The conversation's members changed (the backend's API): it is no longer the direct
+        conversation of any pair (the store drops its key too)."""
+        for key in [k for k, v in self._pairs.items() if v == conversation_id]:
+            del self._pairs[key]

@@ -22,6 +22,7 @@ class DeliveryLog:
         self.store = store
         self.messages: dict[int, list[int]] = {}  # message id -> recipients written to
         self.reads: list[tuple[int, int]] = []  # (message id, reader id) notices written
+        self.notifications: list[int] = []  # notification ids written to their user
         self.users: set[int] = set()
         # user id -> the commit carrying that user's latest delivery records
         self.in_flight: dict[int, asyncio.Future[None]] = {}
@@ -41,6 +42,8 @@ class DeliveryLog:
                 self.messages.setdefault(message_id, []).append(who)
             case EventKind.READ:
                 self.reads.append((message_id, who))
+            case EventKind.NOTIFICATION:
+                self.notifications.append(message_id)
         self.users.add(recipient)
 
     def record_messages(self, message_id: int, recipients: list[int]) -> None:
@@ -53,10 +56,11 @@ class DeliveryLog:
         self.scheduled = False
         messages, self.messages = self.messages, {}
         reads, self.reads = self.reads, []
+        notifications, self.notifications = self.notifications, []
         users, self.users = self.users, set()
-        if not messages and not reads:
+        if not messages and not reads and not notifications:
             return
-        future = self.store.record_deliveries(messages, reads)
+        future = self.store.record_deliveries(messages, reads, notifications)
         for user_id in users:
             self.in_flight[user_id] = future
         future.add_done_callback(lambda f: self._done(f, users))

@@ -14,6 +14,7 @@ from typing import Any
 import config as cfg
 from auth import Verifier
 from protocol import iso_from_epoch, now_iso
+from rows import PitchRow
 from store import DuplicateRequest, NewMessage, Store, read_setting
 
 SECRET_KEY = "demo_jwt_secret"
@@ -30,6 +31,15 @@ CONVERSATIONS: tuple[tuple[str | None, tuple[int, ...]], ...] = (
     (None, (1, 3)),
     ("The Last Lighthouse: financing", (1, 2, 3)),
 )
+# One public pitch and one private pitch of the creator; the investor may see the private one.
+PITCHES = (
+    PitchRow(1, 1, "The Last Lighthouse", "public", frozenset()),
+    PitchRow(2, 1, "Salt and Static (private)", "private", frozenset({2})),
+)
+# The demo's "sign the NDA" button: the investor signs for the private pitch, and the creator
+# gets nda_signed through the same publish path the backend uses.
+NDA_EVENT = {"pitchId": 2, "signedBy": "Victor Hale (investor)", "signedById": 2}
+NDA_TO = 1
 WELCOME = (
     (0, 1, "Hi Victor! Thanks for looking at The Last Lighthouse. Happy to answer questions."),
     (0, 2, "Loved the pitch deck. What budget range are you targeting?"),
@@ -98,6 +108,8 @@ async def setup(store: Store, config: cfg.Config) -> Demo:
                     recipients, text, "text", [], None, None, f"demo-message-{number}", now,
                 ))
         await store.put_setting(SEEDED_KEY, now)
+    for pitch in PITCHES:  # an upsert: also databases seeded before pitches existed
+        await store.put_pitch(pitch, now_iso())
     auth = dataclasses.replace(config.auth, jwt_secret=secret, algorithms=("HS256",))
     return Demo(auth)
 

@@ -44,6 +44,14 @@ class Handlers:
             p.Sync: self.on_sync,
             p.RefreshToken: self.on_refresh_token,
             p.GetConversations: self.on_get_conversations,
+            p.PitchView: self.on_pitch_view,
+            p.PitchLeave: self.on_pitch_leave,
+            p.PitchLike: self.on_pitch_like,
+            p.PitchComment: self.on_pitch_comment,
+            p.PitchTyping: self.on_pitch_typing,
+            p.GetPitchActivity: self.on_get_pitch_activity,
+            p.GetNotifications: self.on_get_notifications,
+            p.MarkNotificationsRead: self.on_mark_notifications_read,
         }
 
     def reply(self, client: Client, frame: str, kind: str) -> None:
@@ -122,3 +130,50 @@ class Handlers:
             client.user_id, cmd.before, cmd.limit if cmd.limit is not None else INBOX_DEFAULT
         )
         self.reply(client, p.conversations(rows, cursor, cmd.request_id), "conversations")
+
+    # -- pitch activity (PROTOCOL.md 9) ----------------------------------------------------
+
+    async def on_pitch_view(self, client: Client, cmd: p.PitchView) -> None:
+        user = client.user
+        assert user is not None
+        await self.service.pitch_view(client, user.username, cmd.pitch_id)
+
+    async def on_pitch_leave(self, client: Client, cmd: p.PitchLeave) -> None:
+        await self.service.pitch_leave(client, cmd.pitch_id)
+
+    async def on_pitch_like(self, client: Client, cmd: p.PitchLike) -> None:
+        user = client.user
+        assert user is not None
+        await self.service.pitch_like(client.user_id, user.username, cmd.pitch_id, cmd.liked)
+
+    async def on_pitch_comment(self, client: Client, cmd: p.PitchComment) -> None:
+        user = client.user
+        assert user is not None
+        fields = await self.service.pitch_comment(
+            client.user_id, user.username, cmd.pitch_id, cmd.comment, cmd.request_id, client
+        )
+        self.reply(client, p.comment_sent(fields, cmd.request_id), "comment_sent")
+
+    async def on_pitch_typing(self, client: Client, cmd: p.PitchTyping) -> None:
+        await self.service.pitch_typing_in(client.user_id, cmd.pitch_id, cmd.is_typing)
+
+    async def on_get_pitch_activity(self, client: Client, cmd: p.GetPitchActivity) -> None:
+        fields = await self.service.pitch_activity(
+            client.user_id, cmd.pitch_id, cmd.before_comment_id, cmd.limit
+        )
+        self.reply(client, p.pitch_activity(fields, cmd.request_id), "pitch_activity")
+
+    # -- notifications (PROTOCOL.md 10) ----------------------------------------------------
+
+    async def on_get_notifications(self, client: Client, cmd: p.GetNotifications) -> None:
+        rows, unread, more = await self.service.notifications(
+            client.user_id, cmd.before_id, cmd.limit, cmd.unread_only
+        )
+        self.reply(client, p.notifications_page(rows, unread, more, cmd.request_id),
+                   "notifications")
+
+    async def on_mark_notifications_read(
+        self, client: Client, cmd: p.MarkNotificationsRead
+    ) -> None:
+        # notifications_read goes to every connection of the user, this one included.
+        await self.service.mark_notifications_read(client.user_id, cmd.notification_ids)

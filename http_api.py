@@ -9,6 +9,7 @@ nothing here touches the store or the hub's connections directly.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import re
@@ -17,8 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import demo
 import protocol as p
 from auth import AuthError, Identity, Verifier
+from config import ApiConfig
 from http_front import (
     Answer,
     DuplicateHeader,
@@ -30,14 +33,21 @@ from http_front import (
 )
 from http_routes import HERE, STATIC, WS_PATH, Routes
 from hub import Hub
+from rows import ConversationRow, PitchRow
 from service import INBOX_DEFAULT, INBOX_MAX, Service, store_error_reply
-from store import StoreError
+from store import ConstraintViolation, StoreError
 
 ALLOW_HEADERS = "Authorization, Content-Type, Idempotency-Key"
 EXPOSE_HEADERS = "Retry-After, ETag"
 _ID = r"([1-9][0-9]{0,18})"
 
 Handler = Callable[["Call"], Awaitable[Answer]]
+# A backend API handler: the request and the ids in its path.
+BackendHandler = Callable[[HttpRequest, tuple[int, ...]], Awaitable[Answer]]
+# Longest profile field and idempotencyKey of the backend's API, in characters.
+MAX_PROFILE_CHARS = 200
+MAX_IDEMPOTENCY_KEY_CHARS = 128
+VISIBILITIES = ("public", "private")
 
 
 @dataclass
@@ -87,6 +97,8 @@ class HttpApi:
         profile: Callable[[Identity], Awaitable[tuple[str, str | None]]],
         cors_origins: Callable[[], tuple[str, ...]],
         limits: p.Limits,
+        backend: ApiConfig | None = None,
+        forget_profile: Callable[[int], None] | None = None,
     ) -> None:
         self.routes = routes
         self.service = service
@@ -95,6 +107,8 @@ class HttpApi:
         self.profile = profile
         self.cors_origins = cors_origins
         self.limits = limits
+        self.backend = backend if backend is not None else ApiConfig()
+        self.forget_profile = forget_profile
         self.static: dict[str, tuple[bytes, str, str]] = {}
         # (pattern, methods, handler); HEAD is allowed wherever GET is.
         self.api: list[tuple[re.Pattern[str], tuple[str, ...], Handler]] = [
@@ -103,6 +117,19 @@ class HttpApi:
             (re.compile(r"/api/messages/send"), ("POST",), self.send),
             (re.compile(rf"/api/messages/{_ID}/read"), ("POST",), self.read),
             (re.compile(rf"/api/creator/conversations/{_ID}/read"), ("POST",), self.read),
+            (re.compile(r"/api/notifications"), ("GET",), self.notifications),
+            (re.compile(r"/api/notifications/read"), ("POST",), self.notifications_read),
+            (re.compile(rf"/api/pitches/{_ID}/activity"), ("GET",), self.pitch_activity),
+        ]
+        # The backend's API (PROTOCOL.md 11): only when api.key is set; its own key.
+        self.backend_api: list[tuple[re.Pattern[str], tuple[str, ...], BackendHandler]] = [
+            (re.compile(r"/api/publish"), ("POST",), self.publish),
+            (re.compile(rf"/api/users/{_ID}"), ("PUT",), self.put_user),
+            (re.compile(r"/api/users"), ("POST",), self.post_users),
+            (re.compile(r"/api/conversations"), ("POST",), self.post_conversation),
+            (re.compile(rf"/api/conversations/{_ID}/participants"), ("POST",),
+             self.participants),
+            (re.compile(rf"/api/pitches/{_ID}"), ("PUT",), self.put_pitch),
         ]
 
     # -- CORS and Origin -------------------------------------------------------------------
@@ -140,6 +167,19 @@ class HttpApi:
         answer.headers.extend(self.cors(request))
         return answer
 
+    def _backend_route(
+        self, path: str
+    ) -> tuple[tuple[str, ...], BackendHandler, tuple[int, ...]] | None:
+        """The backend API's route for ``path``; None when unknown or the API is off (no
+        ``api.key``: then those paths are unknown, 404)."""
+        if not self.backend.key:
+            return None
+        for pattern, methods, handler in self.backend_api:
+            match = pattern.fullmatch(path)
+            if match is not None:
+                return methods, handler, tuple(int(g) for g in match.groups())
+        return None
+
     def _allowed(self, path: str) -> tuple[tuple[str, ...], Handler | None, tuple[int, ...]]:
         """Methods allowed on ``path`` (empty when unknown), the API handler, its ids."""
         for pattern, methods, handler in self.api:
@@ -152,12 +192,16 @@ class HttpApi:
             return ("GET",), None, ()
         if self.routes.demo() is not None and path in ("/", "/demo/users", "/demo/token"):
             return ("GET",), None, ()
+        if self.routes.demo() is not None and path == "/demo/sign-nda":
+            return ("POST",), None, ()
         return (), None, ()
 
     async def _route(self, conn: FrontConnection, request: HttpRequest) -> Answer:
         url = urlsplit(request.target)
         path = url.path
-        methods, handler, params = self._allowed(path)
+        backend = self._backend_route(path)
+        methods, handler, params = self._allowed(path) if backend is None else (
+            backend[0], None, backend[2])
         if not methods:
             return error(404, "not_found", "Not found")
         allow = ", ".join([*methods, *(("HEAD",) if "GET" in methods else ()), "OPTIONS"])
@@ -167,6 +211,11 @@ class HttpApi:
         if method not in methods and not (method == "HEAD" and "GET" in methods):
             return error(405, "method_not_allowed", f"{method} is not allowed here",
                          [("Allow", allow)])
+        if backend is not None:
+            try:
+                return await self.backend_call(backend[1], request, params)
+            except ApiError as exc:
+                return error(exc.status, exc.code, exc.message, exc.headers)
         if handler is not None:
             try:
                 return await self.call(handler, request, parse_qs(url.query), params)
@@ -174,6 +223,8 @@ class HttpApi:
                 return error(exc.status, exc.code, exc.message, exc.headers)
         if path in STATIC:
             return self.static_file(request, path)
+        if path == "/demo/sign-nda":
+            return await self.demo_sign_nda(conn)
         # health, metrics, the demo routes: answered by the routes of before the front.
         response = await self.routes.process_request(conn, to_websockets(request))
         if response is None:  # only the WebSocket path, which is not routed here
@@ -314,6 +365,236 @@ class HttpApi:
         )
         return json_answer(200, {"success": True, "read": count})
 
+    # -- notifications and pitch activity (user routes) ------------------------------------
+
+    async def notifications(self, call: Call) -> Answer:
+        page = self.service.config.notifications.page_size
+        limit = _int_query(call.query, "limit", page, 1, page)
+        before = _int_query(call.query, "before", None, 1, p.MAX_ID)
+        unread = (call.query.get("unread") or ["0"])[0]
+        if unread not in ("0", "1", "true", "false"):
+            raise ApiError(400, p.INVALID_MESSAGE, "unread must be 1 or 0")
+        rows, count, more = await self.service.notifications(
+            call.identity.user_id, before, limit, unread in ("1", "true")
+        )
+        return json_answer(200, {
+            "success": True,
+            "notifications": [p.notification_entry(r) for r in rows],
+            "unreadCount": count,
+            "hasMore": more,
+        })
+
+    async def notifications_read(self, call: Call) -> Answer:
+        body = _json_body(call.request)
+        ids = p.notification_ids(body.get("notificationIds"), body.get("all"), self.limits)
+        changed, unread = await self.service.mark_notifications_read(call.identity.user_id, ids)
+        return json_answer(200, {"success": True, "notificationIds": changed,
+                                 "unreadCount": unread})
+
+    async def pitch_activity(self, call: Call) -> Answer:
+        page = self.service.config.history.page_size
+        limit = _int_query(call.query, "limit", page, 1, page)
+        before = _int_query(call.query, "before", None, 1, p.MAX_ID)
+        fields = await self.service.pitch_activity(call.identity.user_id, call.params[0],
+                                                   before, limit)
+        return json_answer(200, {"success": True, **fields})
+
+    async def demo_sign_nda(self, conn: FrontConnection) -> Answer:
+        """Demo mode only, loopback only: publish nda_signed to the demo creator through the
+        backend's publish path, so a person sees it arrive in the creator's tab."""
+        peer = conn.raw.get_extra_info("peername") if conn.raw is not None else None
+        host = peer[0] if isinstance(peer, tuple) and peer else ""
+        if host not in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
+            return error(403, p.FORBIDDEN, "The demo routes answer loopback clients only")
+        answer = await self.service.publish([demo.NDA_TO], None, None, "nda_signed",
+                                            dict(demo.NDA_EVENT), True, None)
+        return json_answer(200, answer)
+
+    # -- the backend's API (PROTOCOL.md 11) ------------------------------------------------
+
+    async def backend_call(self, handler: BackendHandler, request: HttpRequest,
+                           params: tuple[int, ...]) -> Answer:
+        """Check the API key (constant time; a user JWT never passes), then call."""
+        try:
+            header = request.header("authorization")
+        except DuplicateHeader:
+            raise ApiError(400, "invalid_request", "More than one Authorization header") from None
+        scheme, _, value = (header or "").partition(" ")
+        given = value.strip().encode() if scheme.lower() == "bearer" else b""
+        if not hmac.compare_digest(given, self.backend.key.encode()):
+            raise ApiError(401, "invalid_api_key", "This route needs the backend's API key",
+                           [("WWW-Authenticate", "Bearer")])
+        try:
+            return await handler(request, params)
+        except p.ProtocolError as exc:
+            status = {p.FORBIDDEN: 403, p.RATE_LIMITED: 429, p.UNAVAILABLE: 503,
+                      p.INTERNAL: 500}.get(exc.code, 400)
+            raise ApiError(status, exc.code, exc.message, _retry_after(exc.retry_after_ms)
+                           ) from None
+        except StoreError as exc:
+            code, message, retry_after_ms = store_error_reply(exc)
+            if code == p.INTERNAL:
+                raise
+            raise ApiError(503, code, message, _retry_after(retry_after_ms)) from None
+
+    async def publish(self, request: HttpRequest, _: tuple[int, ...]) -> Answer:
+        body = _json_body(request)
+        targets = [name for name in ("users", "pitchId", "conversationId") if name in body]
+        if len(targets) != 1:
+            raise ApiError(400, p.INVALID_MESSAGE,
+                           "give exactly one of users, pitchId, conversationId")
+        users = None
+        pitch_id = conversation_id = None
+        if "users" in body:
+            users = _ids(body["users"], "users", self.backend.max_publish_users, required=True)
+        elif "pitchId" in body:
+            pitch_id = _id(body["pitchId"], "pitchId")
+        else:
+            conversation_id = _id(body["conversationId"], "conversationId")
+        event = body.get("event")
+        if not isinstance(event, dict):
+            raise ApiError(400, p.INVALID_MESSAGE, "event must be an object with a type")
+        kind = event.get("type")
+        if not isinstance(kind, str) or p.EVENT_TYPE.fullmatch(kind) is None:
+            raise ApiError(400, p.INVALID_MESSAGE,
+                           "event.type must match ^[a-z][a-z0-9_]{0,63}$")
+        if kind in p.SERVER_FRAME_TYPES:
+            raise ApiError(400, p.INVALID_MESSAGE,
+                           f"event.type {kind!r} is one of the daemon's own frame types")
+        fields = {k: v for k, v in event.items() if k != "type"}
+        reserved = sorted(set(fields) & p.NOTIFICATION_FIELDS)
+        if reserved:
+            raise ApiError(400, p.INVALID_MESSAGE,
+                           f"event fields {', '.join(reserved)} are set by the daemon")
+        if len(p.dumps(fields).encode()) > self.backend.max_event_bytes:
+            raise ApiError(413, "too_large",
+                           f"event is over {self.backend.max_event_bytes} bytes")
+        durable = body.get("durable", users is not None)
+        if not isinstance(durable, bool):
+            raise ApiError(400, p.INVALID_MESSAGE, "durable must be true or false")
+        if durable and users is None:
+            raise ApiError(400, p.INVALID_MESSAGE,
+                           "durable events go to users (notifications); a pitch's or a"
+                           " conversation's live connections get non-durable ones")
+        key = body.get("idempotencyKey")
+        if key is not None and (not isinstance(key, str) or not key
+                                or len(key) > MAX_IDEMPOTENCY_KEY_CHARS):
+            raise ApiError(400, p.INVALID_MESSAGE,
+                           f"idempotencyKey must be a string of 1-{MAX_IDEMPOTENCY_KEY_CHARS}"
+                           " characters")
+        answer = await self.service.publish(users, pitch_id, conversation_id, kind, fields,
+                                            durable, key)
+        return json_answer(200, answer)
+
+    def _profile(self, item: Any, user_id: int) -> tuple[str | None, str | None]:
+        if not isinstance(item, dict):
+            raise ApiError(400, p.INVALID_MESSAGE, "a profile must be an object")
+        values: list[str | None] = []
+        for field in ("username", "name", "userType"):
+            value = item.get(field)
+            if value is not None and (not isinstance(value, str) or not value.strip()
+                                      or len(value) > MAX_PROFILE_CHARS):
+                raise ApiError(400, p.INVALID_MESSAGE,
+                               f"{field} must be a non-empty string of at most"
+                               f" {MAX_PROFILE_CHARS} characters")
+            values.append(value)
+        username, name, user_type = values
+        return username or name, user_type
+
+    async def _save_profiles(self, profiles: list[tuple[int, str | None, str | None]]) -> None:
+        for user_id, username, user_type in profiles:
+            await self.service.store.save_profile(user_id, username, user_type)
+            if self.forget_profile is not None:
+                self.forget_profile(user_id)
+
+    async def put_user(self, request: HttpRequest, params: tuple[int, ...]) -> Answer:
+        body = _json_body(request)
+        username, user_type = self._profile(body, params[0])
+        await self._save_profiles([(params[0], username, user_type)])
+        return json_answer(200, {"success": True, "user": {
+            "id": params[0], "username": username, "userType": user_type}})
+
+    async def post_users(self, request: HttpRequest, _: tuple[int, ...]) -> Answer:
+        raw = _json_value(request)
+        items = raw.get("users") if isinstance(raw, dict) else raw
+        if not isinstance(items, list) or not items:
+            raise ApiError(400, p.INVALID_MESSAGE,
+                           "the body is a list of profiles, or {users: [...]}")
+        if len(items) > self.backend.max_publish_users:
+            raise ApiError(400, p.INVALID_MESSAGE,
+                           f"at most {self.backend.max_publish_users} users at once")
+        profiles = []
+        for item in items:
+            user_id = _id(item.get("id") if isinstance(item, dict) else None, "id")
+            profiles.append((user_id, *self._profile(item, user_id)))
+        await self._save_profiles(profiles)
+        return json_answer(200, {"success": True, "saved": len(profiles)})
+
+    async def post_conversation(self, request: HttpRequest, _: tuple[int, ...]) -> Answer:
+        body = _json_body(request)
+        wanted = _id(body["id"], "id") if body.get("id") is not None else None
+        created_by = _id(body.get("createdBy"), "createdBy")
+        participants = _ids(body.get("participantIds"), "participantIds",
+                            self.limits.max_participants, required=True)
+        title = body.get("title")
+        if title is not None and (not isinstance(title, str)
+                                  or len(title) > self.limits.max_title_chars):
+            raise ApiError(400, p.INVALID_MESSAGE,
+                           f"title must be a string of at most {self.limits.max_title_chars}"
+                           " characters")
+        pitch_id = _id(body["pitchId"], "pitchId") if body.get("pitchId") is not None else None
+        members = frozenset([created_by, *participants])
+        if wanted is not None:
+            existing = await self.service.conversations.get(wanted)
+            if existing is not None:
+                if (existing.members, existing.title, existing.created_by) != (
+                        members, title, created_by):
+                    raise ApiError(409, "conflict",
+                                   f"conversation {wanted} exists with other values")
+                return json_answer(201, {"success": True,
+                                         "conversation": _conversation(existing, pitch_id)})
+        try:
+            created = await self.service.create_conversation(
+                created_by, participants, title, None, pitch_id, by_backend=True,
+                conversation_id=wanted,
+            )
+        except ConstraintViolation:
+            raise ApiError(409, "conflict", f"conversation {wanted} exists") from None
+        return json_answer(201, {"success": True,
+                                 "conversation": _conversation(created.conversation, pitch_id)})
+
+    async def participants(self, request: HttpRequest, params: tuple[int, ...]) -> Answer:
+        body = _json_body(request)
+        cap = self.limits.max_participants
+        add = _ids(body.get("add"), "add", cap, required=False)
+        remove = _ids(body.get("remove"), "remove", cap, required=False)
+        if not add and not remove:
+            raise ApiError(400, p.INVALID_MESSAGE, "add or remove at least one user")
+        row = await self.service.change_participants(params[0], add, remove)
+        if row is None:
+            raise ApiError(404, "not_found", f"no conversation {params[0]}")
+        return json_answer(200, {"success": True, "conversation": _conversation(row, None)})
+
+    async def put_pitch(self, request: HttpRequest, params: tuple[int, ...]) -> Answer:
+        body = _json_body(request)
+        owner = _id(body.get("ownerId"), "ownerId")
+        title = body.get("title")
+        if (not isinstance(title, str) or not title.strip()
+                or len(title) > self.limits.max_title_chars):
+            raise ApiError(400, p.INVALID_MESSAGE,
+                           f"title must be a non-empty string of at most"
+                           f" {self.limits.max_title_chars} characters")
+        visibility = body.get("visibility")
+        if visibility not in VISIBILITIES:
+            raise ApiError(400, p.INVALID_MESSAGE, "visibility must be public or private")
+        allowed = _ids(body.get("allowedUserIds"), "allowedUserIds",
+                       self.backend.max_allowed_users, required=False)
+        row = PitchRow(params[0], owner, title, str(visibility), frozenset(allowed))
+        await self.service.put_pitch(row)
+        return json_answer(200, {"success": True, "pitch": {
+            "id": row.id, "ownerId": owner, "title": title, "visibility": visibility,
+            "allowedUserIds": sorted(row.allowed)}})
+
 
 def error(status: int, code: str, message: str,
           headers: list[tuple[str, str]] | None = None) -> Answer:
@@ -342,3 +623,34 @@ def _int_query(query: dict[str, list[str]], name: str, default: Any, low: int, h
     if not text.isdigit() or len(text) > 19 or not low <= int(text):
         raise ApiError(400, p.INVALID_MESSAGE, f"{name} must be an integer of at least {low}")
     return min(int(text), high)
+
+
+def _json_value(request: HttpRequest) -> Any:
+    try:
+        return json.loads(request.body)
+    except (ValueError, RecursionError):
+        raise ApiError(400, p.INVALID_JSON, "The request body is not valid JSON") from None
+
+
+def _id(value: Any, name: str) -> int:
+    if type(value) is not int or not 0 < value <= p.MAX_ID:
+        raise ApiError(400, p.INVALID_MESSAGE, f"{name} must be a positive integer id")
+    return value
+
+
+def _ids(value: Any, name: str, cap: int, *, required: bool) -> list[int]:
+    """A list of positive ids (de-duplicated, in order), at most ``cap``."""
+    if value is None and not required:
+        return []
+    if not isinstance(value, list) or (required and not value):
+        raise ApiError(400, p.INVALID_MESSAGE, f"{name} must be a non-empty list of ids")
+    if len(value) > cap:
+        raise ApiError(400, p.INVALID_MESSAGE, f"{name}: at most {cap} ids")
+    return list(dict.fromkeys(_id(v, name) for v in value))
+
+
+def _conversation(row: ConversationRow, pitch_id: int | None) -> dict[str, Any]:
+    """A conversation as the backend's API answers it (conversation_created's fields)."""
+    return {"id": row.id, "conversationId": row.id, "title": row.title,
+            "isGroup": row.is_group, "participantIds": sorted(row.members),
+            "createdBy": row.created_by, "pitchId": pitch_id}

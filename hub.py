@@ -227,6 +227,8 @@ class Hub:
         self.slow_consumer_closes = 0
         # Called with a user id when the user's last connection closes (typing cleanup).
         self.on_last_close: list[Callable[[int], None]] = []
+        # Called with each connection that closes (pitch subscriptions).
+        self.on_detach: list[Callable[[Client], None]] = []
         # Rate-limit buckets of users who went offline lately, newest last, so that
         # reconnecting does not refill a flooding user's bucket.
         self.recent_buckets: OrderedDict[int, TokenBucket] = OrderedDict()
@@ -311,6 +313,8 @@ class Hub:
         self.connections -= 1
         if client.expiry is not None:
             client.expiry.cancel()
+        for on_detach in self.on_detach:
+            on_detach(client)
         if user.clients:
             return
         user.last_seen = now_iso()
@@ -410,6 +414,27 @@ class Hub:
                 for uid in live:
                     self.recorder.record((kind, event_id, uid if who is None else who), uid)
         return reached
+
+    def send_clients(self, clients: Iterable[Client], text: str) -> int:
+        """Write ``text`` (an untagged frame) to these connections, each once; return how
+        many were written to (or held during their replay)."""
+        count = 0
+        sockets = []
+        written: list[Client] = []
+        for client in dict.fromkeys(clients):
+            if not client.is_open:
+                continue
+            count += 1
+            if client.replaying or client.ws is None:
+                client.send(text)
+            else:
+                sockets.append(client.ws)
+                written.append(client)
+        if sockets:
+            broadcast(sockets, text)
+        for client in written:
+            client.check_backlog()
+        return count
 
     def all_clients(self) -> list[Client]:
         return [c for user in self.users.values() for c in user.clients]

@@ -77,7 +77,8 @@ class App:
         self.routes = Routes(self.store, self.hub, self.metrics, self.sessions.admit,
                              lambda: self.demo, config.server.demo_hosts)
         self.api = HttpApi(self.routes, self.service, self.hub, lambda: self.verifier,
-                           self.sessions.profile, self._cors_origins, self.sessions.limits)
+                           self.sessions.profile, self._cors_origins, self.sessions.limits,
+                           config.api, self._forget_profile)
         self.front = Front(
             self.api.respond, is_websocket, self.api.websocket_refusal,
             max_header_bytes=config.http.max_header_bytes,
@@ -87,6 +88,10 @@ class App:
             summary=LogSummary(logging.getLogger("pitchey.http")),
         )
         self.server: Server | None = None
+
+    def _forget_profile(self, user_id: int) -> None:
+        # The backend registered a new profile: read it again at the user's next handshake.
+        self.sessions.profiles.pop(user_id, None)
 
     def _cors_origins(self) -> tuple[str, ...]:
         # Demo mode's page and tokens are for local use; any origin may try them.
@@ -128,6 +133,7 @@ class App:
         except BaseException:
             await self.store.close()
             raise
+        self.background.spawn(self.service.prune_loop(), name="notification-prune")
         for sock in self.server.sockets:
             name = sock.getsockname()
             log.info("listening on http://%s:%d (ws path %s)", name[0], name[1], WS_PATH)
@@ -159,6 +165,7 @@ class App:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(server.wait_closed(), 1)
         self.typing.cancel_all()
+        self.service.pitch_typing.cancel_all()
         self.hub.flush_presence()
         await self.background.wait(1)
         await self.store.close()
@@ -365,6 +372,55 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    """POST /api/publish with the key from PITCHEY_WS_API_KEY (standard library only)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    key = os.environ.get("PITCHEY_WS_API_KEY", "")
+    if not key:
+        print("pitchey-ws: set PITCHEY_WS_API_KEY to the daemon's api.key", file=sys.stderr)
+        return 2
+    try:
+        data = json.loads(args.data)
+    except ValueError as exc:
+        print(f"pitchey-ws: --data is not JSON: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(data, dict):
+        print("pitchey-ws: --data must be a JSON object", file=sys.stderr)
+        return 2
+    body: dict[str, object] = {"event": {**data, "type": args.type}}
+    if args.user:
+        body["users"] = args.user
+    elif args.pitch is not None:
+        body["pitchId"] = args.pitch
+    elif args.conversation is not None:
+        body["conversationId"] = args.conversation
+    else:
+        print("pitchey-ws: give --user, --pitch or --conversation", file=sys.stderr)
+        return 2
+    if args.idempotency_key:
+        body["idempotencyKey"] = args.idempotency_key
+    if args.durable is not None:
+        body["durable"] = args.durable == "true"
+    request = urllib.request.Request(
+        args.url.rstrip("/") + "/api/publish", data=json.dumps(body).encode(), method="POST",
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            print(response.read().decode())
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(f"pitchey-ws: HTTP {exc.code}: {exc.read().decode(errors='replace')}",
+              file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"pitchey-ws: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if not 0 < value < 2**63:
@@ -400,6 +456,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--db", metavar="PATH",
                    help="database of a demo daemon, to sign with its generated secret")
     t.set_defaults(run=cmd_token)
+    pub = sub.add_parser(
+        "publish", help="publish an event through the backend API",
+        description="POST /api/publish (the API key from PITCHEY_WS_API_KEY).")
+    pub.add_argument("--url", default="http://127.0.0.1:8000", help="the daemon's base URL")
+    pub.add_argument("--user", type=positive_int, action="append",
+                     help="a user to notify (repeat for several)")
+    pub.add_argument("--pitch", type=positive_int, help="a pitch's watchers instead")
+    pub.add_argument("--conversation", type=positive_int,
+                     help="a conversation's participants instead")
+    pub.add_argument("--type", required=True, help="the event type, e.g. nda_signed")
+    pub.add_argument("--data", default="{}", help="the event's fields as a JSON object")
+    pub.add_argument("--idempotency-key", help="repeat-safe key")
+    pub.add_argument("--durable", choices=("true", "false"),
+                     help="store as notifications (default: true for --user)")
+    pub.add_argument("--timeout", type=float, default=10, help="seconds (default 10)")
+    pub.set_defaults(run=cmd_publish)
     return parser
 
 

@@ -21,7 +21,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple, TypeGuard
 
-from rows import ConversationRow, ConversationSummary, MessageDetail, MessageRow
+from rows import (
+    CommentRow,
+    ConversationRow,
+    ConversationSummary,
+    MessageDetail,
+    MessageRow,
+    NotificationRow,
+    PitchRow,
+    PitchStats,
+)
 
 try:
     import orjson
@@ -139,6 +148,7 @@ class Limits:
     max_request_id_chars: int = 128
     max_participants: int = 1000
     max_title_chars: int = 200
+    max_notification_ids: int = 1000  # notifications.max_per_user: more ids can never match
 
 
 def send_message_worst_case(limits: Limits) -> int:
@@ -259,6 +269,53 @@ class GetConversations(Frame):
     before: tuple[str, int] | None  # the decoded cursor
 
 
+@dataclass(frozen=True)
+class PitchView(Frame):
+    pitch_id: int
+
+
+@dataclass(frozen=True)
+class PitchLeave(Frame):
+    pitch_id: int
+
+
+@dataclass(frozen=True)
+class PitchLike(Frame):
+    pitch_id: int
+    liked: bool  # pitch_like (True) or pitch_unlike (False)
+
+
+@dataclass(frozen=True)
+class PitchComment(Frame):
+    pitch_id: int
+    comment: str
+
+
+@dataclass(frozen=True)
+class PitchTyping(Frame):
+    pitch_id: int
+    is_typing: bool
+
+
+@dataclass(frozen=True)
+class GetPitchActivity(Frame):
+    pitch_id: int
+    before_comment_id: int | None
+    limit: int | None
+
+
+@dataclass(frozen=True)
+class GetNotifications(Frame):
+    before_id: int | None
+    limit: int | None
+    unread_only: bool
+
+
+@dataclass(frozen=True)
+class MarkNotificationsRead(Frame):
+    notification_ids: tuple[int, ...] | None  # None: all of them
+
+
 Command = (
     Ping
     | SendMessage
@@ -271,6 +328,14 @@ Command = (
     | Sync
     | RefreshToken
     | GetConversations
+    | PitchView
+    | PitchLeave
+    | PitchLike
+    | PitchComment
+    | PitchTyping
+    | GetPitchActivity
+    | GetNotifications
+    | MarkNotificationsRead
 )
 
 
@@ -285,6 +350,13 @@ _WIRE_TYPES: Final[dict[type, str]] = {
     Sync: "sync",
     RefreshToken: "refresh_token",
     GetConversations: "get_conversations",
+    PitchView: "pitch_view",
+    PitchLeave: "pitch_leave",
+    PitchComment: "pitch_comment",
+    PitchTyping: "typing",
+    GetPitchActivity: "get_pitch_activity",
+    GetNotifications: "get_notifications",
+    MarkNotificationsRead: "mark_notifications_read",
 }
 
 
@@ -292,6 +364,8 @@ def wire_type(command: Command) -> str:
     """The ``type`` the command arrived with (metrics label frames by it)."""
     if isinstance(command, Typing):
         return "typing_start" if command.is_typing else "typing_stop"
+    if isinstance(command, PitchLike):
+        return "pitch_like" if command.liked else "pitch_unlike"
     return _WIRE_TYPES[type(command)]
 
 
@@ -478,6 +552,85 @@ def _get_conversations(f: _Fields) -> GetConversations:
     return GetConversations(limit, before, request_id=f.request_id)
 
 
+def _optional_limit(f: _Fields) -> int | None:
+    limit = f.frame.get("limit")
+    if limit is None:
+        return None
+    if not _is_int(limit) or not 1 <= limit <= MAX_ID:
+        raise f.fail("limit must be a positive integer")
+    return int(limit)
+
+
+def comment_text(value: Any, limits: Limits) -> str:
+    """A pitch comment follows the rules of a message's content (PROTOCOL.md 4.1, 6):
+    a string with something besides white space, at most ``max_content_chars``."""
+    if type(value) is not str or not value.strip():
+        raise ProtocolError(INVALID_MESSAGE, "comment must be a non-empty string")
+    if len(value) > limits.max_content_chars:
+        raise ProtocolError(
+            INVALID_MESSAGE, f"comment is longer than {limits.max_content_chars} characters"
+        )
+    return value
+
+
+def _pitch_comment(f: _Fields, limits: Limits) -> PitchComment:
+    pitch_id = f.required_id("pitchId")
+    try:
+        comment = comment_text(f.frame.get("comment"), limits)
+    except ProtocolError as exc:
+        raise f.fail(exc.message) from None
+    return PitchComment(pitch_id, comment, request_id=f.request_id)
+
+
+def _pitch_typing(f: _Fields) -> PitchTyping:
+    pitch_id = f.required_id("pitchId")
+    is_typing = f.frame.get("isTyping")
+    if not isinstance(is_typing, bool):
+        raise f.fail("isTyping must be true or false")
+    return PitchTyping(pitch_id, is_typing, request_id=f.request_id)
+
+
+def _get_notifications(f: _Fields) -> GetNotifications:
+    unread = f.frame.get("unreadOnly", False)
+    if unread is None:
+        unread = False
+    if not isinstance(unread, bool):
+        raise f.fail("unreadOnly must be true or false")
+    return GetNotifications(f.id("beforeId", required=False), _optional_limit(f), unread,
+                            request_id=f.request_id)
+
+
+def notification_ids(raw: Any, every: Any, limits: Limits) -> tuple[int, ...] | None:
+    """``{notificationIds: [...]}`` or ``{all: true}`` (socket and HTTP alike); None = all.
+    Raises ProtocolError (invalid_message) for anything else."""
+    if every is not None and raw is not None:
+        raise ProtocolError(INVALID_MESSAGE, "give notificationIds or all, not both")
+    if every is not None:
+        if every is not True:
+            raise ProtocolError(INVALID_MESSAGE, "all must be true")
+        return None
+    if not isinstance(raw, list) or not raw:
+        raise ProtocolError(INVALID_MESSAGE,
+                            "notificationIds must be a non-empty list of ids, or all: true")
+    if len(raw) > limits.max_notification_ids:
+        raise ProtocolError(INVALID_MESSAGE,
+                            f"at most {limits.max_notification_ids} notificationIds")
+    ids: dict[int, None] = {}
+    for value in raw:
+        if not _is_int(value) or not 1 <= value <= MAX_ID:
+            raise ProtocolError(INVALID_MESSAGE, "notificationIds must hold positive integers")
+        ids[int(value)] = None
+    return tuple(ids)
+
+
+def _mark_notifications_read(f: _Fields, limits: Limits) -> MarkNotificationsRead:
+    try:
+        ids = notification_ids(f.frame.get("notificationIds"), f.frame.get("all"), limits)
+    except ProtocolError as exc:
+        raise f.fail(exc.message) from None
+    return MarkNotificationsRead(ids, request_id=f.request_id)
+
+
 def _has_lone_surrogate(value: Any) -> bool:
     """True if any string (key or value) in a decoded JSON value cannot be encoded as UTF-8."""
     stack = [value]
@@ -536,6 +689,23 @@ def parse(text: str, limits: Limits) -> Command:
         return _refresh(f)
     if kind == "get_conversations":
         return _get_conversations(f)
+    if kind == "pitch_view":
+        return PitchView(f.required_id("pitchId"), request_id=request_id)
+    if kind == "pitch_leave":
+        return PitchLeave(f.required_id("pitchId"), request_id=request_id)
+    if kind in ("pitch_like", "pitch_unlike"):
+        return PitchLike(f.required_id("pitchId"), kind == "pitch_like", request_id=request_id)
+    if kind == "pitch_comment":
+        return _pitch_comment(f, limits)
+    if kind == "typing":
+        return _pitch_typing(f)
+    if kind == "get_pitch_activity":
+        return GetPitchActivity(f.required_id("pitchId"), f.id("beforeCommentId", required=False),
+                                _optional_limit(f), request_id=request_id)
+    if kind == "get_notifications":
+        return _get_notifications(f)
+    if kind == "mark_notifications_read":
+        return _mark_notifications_read(f, limits)
     raise ProtocolError(UNKNOWN_TYPE, f"unknown message type: {kind[:64]}", request_id)
 
 
@@ -853,3 +1023,107 @@ def detailed_history_entry(row: MessageRow, detail: MessageDetail | None) -> dic
         for r in (detail.receipts if detail else [])
     ]
     return entry
+
+
+# -- pitch activity and notifications (PROTOCOL.md 9, 10) ------------------------------------
+
+
+def pitch_viewed(pitch_id: int, view_count: int, viewer: tuple[int, str] | None = None) -> str:
+    """``viewer`` (id, name) only in the owner's frame: only the owner learns who viewed."""
+    if viewer is None:
+        return encode("pitch_viewed", pitchId=pitch_id, viewCount=view_count,
+                      timestamp=now_iso())
+    return encode("pitch_viewed", pitchId=pitch_id, viewCount=view_count, timestamp=now_iso(),
+                  userId=viewer[0], username=viewer[1])
+
+
+def like_fields(pitch_id: int, like_count: int, user_id: int, username: str,
+                timestamp: str) -> dict[str, Any]:
+    """The fields of ``pitch_liked`` / ``pitch_unliked`` (and of the owner's notification)."""
+    return {"pitchId": pitch_id, "likeCount": like_count, "userId": user_id,
+            "username": username, "timestamp": timestamp}
+
+
+def comment_fields(row: CommentRow) -> dict[str, Any]:
+    """The fields of ``new_comment``, ``comment_sent`` and a ``pitch_activity`` comment."""
+    return {"pitchId": row.pitch_id, "commentId": row.id, "userId": row.user_id,
+            "username": display_name(row.user_id, row.username), "comment": row.content,
+            "timestamp": row.created_at}
+
+
+def comment_sent(fields: dict[str, Any], request_id: str | None) -> str:
+    if request_id is None:
+        return encode("comment_sent", **fields)
+    return encode("comment_sent", **fields, requestId=request_id)
+
+
+def pitch_user_typing(pitch_id: int, user_id: int, username: str | None,
+                      is_typing: bool) -> str:
+    return encode("user_typing", pitchId=pitch_id, userId=user_id,
+                  username=display_name(user_id, username), isTyping=is_typing,
+                  timestamp=now_iso())
+
+
+def pitch_activity_fields(pitch: PitchRow, stats: PitchStats, comments: list[CommentRow],
+                          has_more: bool) -> dict[str, Any]:
+    return {"pitchId": pitch.id, "title": pitch.title, "ownerId": pitch.owner_id,
+            "viewCount": stats.view_count, "likeCount": stats.like_count,
+            "likedByMe": stats.liked_by_me, "comments": [comment_fields(c) for c in comments],
+            "hasMore": has_more}
+
+
+def pitch_activity(fields: dict[str, Any], request_id: str | None) -> str:
+    if request_id is None:
+        return encode("pitch_activity", **fields)
+    return encode("pitch_activity", **fields, requestId=request_id)
+
+
+def event(kind: str, fields: dict[str, Any]) -> str:
+    """A frame of a type this module does not name (a backend event, a daemon-made
+    notification): ``kind`` first, then the fields."""
+    return encode(kind, **fields)
+
+
+def notification_frame(row: NotificationRow, queued_at: str | None = None) -> str:
+    """A notification as a frame of its own type: its fields, ``notificationId`` and
+    ``createdAt`` (and ``queuedAt`` when replayed after ``connected``)."""
+    fields: dict[str, Any] = {**loads(row.fields), "notificationId": row.id,
+                              "createdAt": row.created_at}
+    if queued_at is not None:
+        fields["queuedAt"] = queued_at
+    return encode(row.type, **fields)
+
+
+def notification_entry(row: NotificationRow) -> dict[str, Any]:
+    """One entry of ``notifications`` and of ``GET /api/notifications``."""
+    return {**loads(row.fields), "notificationId": row.id, "type": row.type,
+            "createdAt": row.created_at, "readAt": row.read_at}
+
+
+def notifications_page(rows: list[NotificationRow], unread: int, has_more: bool,
+                       request_id: str | None) -> str:
+    fields: dict[str, Any] = {"notifications": [notification_entry(r) for r in rows],
+                              "unreadCount": unread, "hasMore": has_more}
+    if request_id is not None:
+        fields["requestId"] = request_id
+    return encode("notifications", **fields)
+
+
+def notifications_read(ids: list[int], unread: int) -> str:
+    return encode("notifications_read", notificationIds=ids, unreadCount=unread)
+
+
+# Every frame type the server sends (each builder above; a test checks the list against them).
+# The backend may not publish events of these types (PROTOCOL.md 11): it cannot forge chat,
+# presence, pitch or error frames.
+SERVER_FRAME_TYPES: Final = frozenset({
+    "error", "connected", "pong", "new_message", "message_sent", "message_read",
+    "queued_message", "conversation_joined", "messages", "conversation_created",
+    "user_typing", "user_online", "user_offline", "online_users", "sync_complete",
+    "token_refreshed", "conversations", "pitch_viewed", "pitch_liked", "pitch_unliked",
+    "new_comment", "comment_sent", "pitch_activity", "notifications", "notifications_read",
+})
+# Fields a notification frame gets from the daemon; an event may not bring its own.
+NOTIFICATION_FIELDS: Final = frozenset({"type", "notificationId", "createdAt", "queuedAt",
+                                        "readAt"})
+EVENT_TYPE: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")

@@ -43,10 +43,12 @@ class EventKind(enum.Enum):
 
     MESSAGE = "new_message"  # a message to one of its recipients
     READ = "message_read"  # a read notice to a message's sender
+    NOTIFICATION = "notification"  # a stored notification to its user (PROTOCOL.md 10)
 
 
 # (kind, message id, who): for MESSAGE, who is the recipient; for READ, the reader. The user
 # the event is owed to is the recipient for MESSAGE and the message's sender for READ.
+# For NOTIFICATION: (kind, notification id, its user).
 Event = tuple[EventKind, int, int]
 
 
@@ -69,7 +71,64 @@ class PendingRead:
     reader_name: str | None
 
 
-PendingEvent = PendingMessage | PendingRead
+class NotificationRow(NamedTuple):
+    """A stored notification (PROTOCOL.md 10). ``fields`` is the event's JSON object (text),
+    without ``type``."""
+
+    id: int
+    user_id: int
+    type: str
+    fields: str
+    created_at: str
+    read_at: str | None
+
+
+class NewNotification(NamedTuple):
+    """A notification to store: its user, its type and its fields (a JSON object as text)."""
+
+    user_id: int
+    type: str
+    fields: str
+
+
+@dataclass(frozen=True, slots=True)
+class PendingNotification:
+    """A notification its user has not been sent; queued since it was created."""
+
+    queued_at: str  # = created_at
+    notification: NotificationRow
+
+
+PendingEvent = PendingMessage | PendingRead | PendingNotification
+
+
+class PitchRow(NamedTuple):
+    """A pitch the backend (or the demo seed) registered (PROTOCOL.md 9)."""
+
+    id: int
+    owner_id: int
+    title: str
+    visibility: str  # "public" or "private"
+    allowed: frozenset[int]  # who may see a private pitch besides its owner
+
+    def visible_to(self, user_id: int) -> bool:
+        return (self.visibility == "public" or user_id == self.owner_id
+                or user_id in self.allowed)
+
+
+class CommentRow(NamedTuple):
+    id: int
+    pitch_id: int
+    user_id: int
+    username: str | None
+    content: str
+    created_at: str
+
+
+class PitchStats(NamedTuple):
+    view_count: int
+    like_count: int
+    liked_by_me: bool
 
 
 class ConversationSummary(NamedTuple):

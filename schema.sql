@@ -1,4 +1,4 @@
--- pitchey-ws schema, version 2. Applied idempotently at every start (CREATE ... IF NOT EXISTS).
+-- pitchey-ws schema, version 3. Applied idempotently at every start (CREATE ... IF NOT EXISTS).
 -- Later changes are numbered migrations in store.py, keyed on PRAGMA user_version.
 -- Timestamps are ISO-8601 UTC strings with milliseconds and Z, so they sort as text.
 -- Ids are assigned by the single writer (see store.py), so INTEGER PRIMARY KEY without AUTOINCREMENT.
@@ -105,6 +105,71 @@ CREATE TABLE IF NOT EXISTS typing_indicators (
     is_typing       INTEGER NOT NULL DEFAULT 0,
     updated_at      TEXT NOT NULL,
     UNIQUE(conversation_id, user_id)
+);
+
+-- Pitches (PROTOCOL.md 9), registered by the backend (PUT /api/pitches/{id}) or the demo seed.
+-- Added in version 3, like every table below down to settings.
+CREATE TABLE IF NOT EXISTS pitches (
+    id         INTEGER PRIMARY KEY,
+    owner_id   INTEGER NOT NULL,
+    title      TEXT NOT NULL,
+    visibility TEXT NOT NULL CHECK (visibility IN ('public', 'private')),
+    updated_at TEXT NOT NULL
+);
+-- Who may see a private pitch besides its owner.
+CREATE TABLE IF NOT EXISTS pitch_allowed (
+    pitch_id INTEGER NOT NULL REFERENCES pitches(id),
+    user_id  INTEGER NOT NULL,
+    PRIMARY KEY (pitch_id, user_id)
+) WITHOUT ROWID;
+-- One row per distinct viewer: viewCount is COUNT(*) of a pitch's prefix.
+CREATE TABLE IF NOT EXISTS pitch_views (
+    pitch_id  INTEGER NOT NULL REFERENCES pitches(id),
+    user_id   INTEGER NOT NULL,
+    viewed_at TEXT NOT NULL,
+    PRIMARY KEY (pitch_id, user_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pitch_likes (
+    pitch_id INTEGER NOT NULL REFERENCES pitches(id),
+    user_id  INTEGER NOT NULL,
+    liked_at TEXT NOT NULL,
+    PRIMARY KEY (pitch_id, user_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pitch_comments (
+    id         INTEGER PRIMARY KEY,
+    pitch_id   INTEGER NOT NULL REFERENCES pitches(id),
+    user_id    INTEGER NOT NULL,
+    content    TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    request_id TEXT
+);
+CREATE INDEX IF NOT EXISTS pitch_comments_pitch ON pitch_comments(pitch_id, id);
+-- pitch_comment idempotency: one comment per (user, requestId), across restarts.
+CREATE UNIQUE INDEX IF NOT EXISTS pitch_comments_request
+    ON pitch_comments(user_id, request_id) WHERE request_id IS NOT NULL;
+
+-- Notifications (PROTOCOL.md 10): durable events for one user. delivered_at is set when one was
+-- written to a live connection; until then it is replayed on the user's next connection.
+CREATE TABLE IF NOT EXISTS notifications (
+    id           INTEGER PRIMARY KEY,
+    user_id      INTEGER NOT NULL,
+    type         TEXT NOT NULL,
+    fields       TEXT NOT NULL CHECK (json_valid(fields)),
+    created_at   TEXT NOT NULL,
+    delivered_at TEXT,
+    read_at      TEXT
+);
+CREATE INDEX IF NOT EXISTS notifications_user ON notifications(user_id, id);
+CREATE INDEX IF NOT EXISTS notifications_undelivered
+    ON notifications(user_id, id) WHERE delivered_at IS NULL;
+CREATE INDEX IF NOT EXISTS notifications_unread
+    ON notifications(user_id, id) WHERE read_at IS NULL;
+CREATE INDEX IF NOT EXISTS notifications_created ON notifications(created_at);
+-- POST /api/publish idempotency: the answer given to each idempotencyKey.
+CREATE TABLE IF NOT EXISTS publish_requests (
+    key        TEXT PRIMARY KEY,
+    answer     TEXT NOT NULL CHECK (json_valid(answer)),
+    created_at TEXT NOT NULL
 );
 
 -- Daemon-owned settings, such as the demo mode's generated secret.

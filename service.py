@@ -12,8 +12,10 @@ connection gets the reply instead of the fan-out frame (``message_sent`` instead
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -26,14 +28,25 @@ from hub import Client, Hub
 from limits import TokenBucket
 from metrics import Metrics
 from rows import (
+    CommentRow,
     ConversationRow,
     ConversationSummary,
     EventKind,
     MessageDetail,
     MessageRow,
+    NewNotification,
+    NotificationRow,
     PendingEvent,
+    PitchRow,
 )
-from store import DuplicateRequest, KeyedLock, NewMessage, Store, StoreError, Unavailable
+from store import (
+    DuplicateRequest,
+    KeyedLock,
+    NewMessage,
+    Store,
+    StoreError,
+    Unavailable,
+)
 from typing_indicators import TypingTracker
 
 log = logging.getLogger("pitchey.service")
@@ -44,6 +57,7 @@ INBOX_MAX = 200
 INBOX_DEFAULT = 50
 READ_ALL_MAX = 1000
 CREATED_BY_BACKEND = "Conversations on this server are created by the backend, not by clients"
+NO_PITCH = "No such pitch, or you may not see it"
 NO_DIRECT = ("No conversation with this user yet; conversations on this server are created by"
              " the backend, not by clients")
 
@@ -114,6 +128,15 @@ class Service:
         # user -> delivery budget (limits.deliveries_*), least recently used first. Bounded like
         # the hub's frame buckets; a dropped bucket would have refilled by then in practice.
         self.delivery_buckets: OrderedDict[int, TokenBucket] = OrderedDict()
+        # Pitches (PROTOCOL.md 9): the registered ones, least recently used first; the
+        # connections subscribed to each (pitch_view), and each connection's subscriptions.
+        self.pitches: OrderedDict[int, PitchRow] = OrderedDict()
+        self.watching: dict[int, set[Client]] = {}
+        self.subscriptions: dict[Client, set[int]] = {}
+        self.pitch_typing = TypingTracker(hub, store, config.typing.ttl_seconds,
+                                          announce=self._announce_pitch_typing)
+        hub.on_detach.append(self._unsubscribe_all)
+        hub.on_last_close.append(self.pitch_typing.stop_user)
 
     # -- budgets ---------------------------------------------------------------------------
 
@@ -277,6 +300,7 @@ class Service:
         origin: Client | None = None,
         *,
         by_backend: bool = False,
+        conversation_id: int | None = None,
     ) -> Created:
         """A new conversation of the creator and ``participant_ids``; ``conversation_created``
         to every other connection of every participant. Idempotent on ``request_id``.
@@ -295,7 +319,7 @@ class Service:
         if len(members) > cap:
             raise p.ProtocolError(p.INVALID_MESSAGE, f"at most {cap} participants")
         if request_id is None:
-            row = await self._create(creator, members, title, None, pitch_id)
+            row = await self._create(creator, members, title, None, pitch_id, conversation_id)
         else:
             async with self.in_flight.hold(("conversation", creator, request_id)):
                 existing = await self.store.conversation_by_request(creator, request_id)
@@ -315,12 +339,14 @@ class Service:
         title: str | None,
         request_id: str | None,
         pitch_id: int | None,
+        conversation_id: int | None = None,
     ) -> ConversationRow:
         # Every other member gets a participant row now and conversation_created.
         budget = self.charge_deliveries(creator, len(members) - 1)
         try:
             row = await self.store.create_conversation(
-                creator, members, title, request_id, pitch_id, p.now_iso()
+                creator, members, title, request_id, pitch_id, p.now_iso(),
+                conversation_id=conversation_id,
             )
         except BaseException:
             budget.refund(len(members) - 1)
@@ -452,3 +478,349 @@ class Service:
             if reached:
                 self.metrics.frames_out["message_read"] += 1
         return len(senders)
+
+    # -- participants (the backend's API) --------------------------------------------------
+
+    async def change_participants(
+        self, conversation_id: int, add: list[int], remove: list[int]
+    ) -> ConversationRow | None:
+        """Add and remove participants, effective at once on live connections: the cache is
+        updated (removed users are ``forbidden`` from the next frame on and receive nothing
+        more of it), their typing there ends, contacts are recomputed (presence stops between
+        users who no longer share a conversation), and added users' connections get
+        ``conversation_created``. None when the conversation does not exist."""
+        if set(add) & set(remove):
+            raise p.ProtocolError(p.INVALID_MESSAGE, "a user cannot be both added and removed")
+        before = await self.conversations.get(conversation_id)
+        if before is None:
+            return None
+        cap = self.config.limits.max_participants
+        if len((before.members | set(add)) - set(remove)) > cap:
+            raise p.ProtocolError(p.INVALID_MESSAGE, f"at most {cap} participants")
+        row = await self.store.change_participants(conversation_id, add, remove, p.now_iso())
+        if row is None:
+            return None
+        self.conversations.put(row)
+        self.conversations.forget_pairs(conversation_id)
+        removed = before.members - row.members
+        added = row.members - before.members
+        for user_id in removed:
+            self.typing.stop(conversation_id, user_id)
+        self.hub.add_contacts(row.members)
+        for user_id in removed:
+            user = self.hub.users.get(user_id)
+            if user is not None:
+                user.contacts = await self.store.contacts(user_id)
+            for member in row.members:
+                other = self.hub.users.get(member)
+                if other is not None and user_id in other.contacts:
+                    other.contacts = await self.store.contacts(member)
+        if added:
+            self.hub.send_to(added, p.conversation_created(row))
+        return row
+
+    # -- pitches (PROTOCOL.md 9) -----------------------------------------------------------
+
+    async def pitch(self, pitch_id: int) -> PitchRow | None:
+        row = self.pitches.get(pitch_id)
+        if row is not None:
+            self.pitches.move_to_end(pitch_id)
+            return row
+        row = await self.store.pitch(pitch_id)
+        if row is not None:
+            self._remember_pitch(row)
+        return row
+
+    def _remember_pitch(self, row: PitchRow) -> None:
+        self.pitches[row.id] = row
+        self.pitches.move_to_end(row.id)
+        while len(self.pitches) > self.config.database.cache_conversations:
+            self.pitches.popitem(last=False)
+
+    async def visible_pitch(self, pitch_id: int, user_id: int) -> PitchRow:
+        """The pitch, or ``forbidden`` (the same whether it does not exist or is private)."""
+        row = await self.pitch(pitch_id)
+        if row is None or not row.visible_to(user_id):
+            raise p.ProtocolError(p.FORBIDDEN, NO_PITCH)
+        return row
+
+    async def put_pitch(self, row: PitchRow) -> None:
+        """Register or update a pitch; connections of users who may no longer see it are
+        unsubscribed (and stop typing there)."""
+        async with self.in_flight.hold(("pitch", row.id)):
+            await self.store.put_pitch(row, p.now_iso())
+            self._remember_pitch(row)
+        for client in list(self.watching.get(row.id, ())):
+            if not row.visible_to(client.user_id):
+                self._unsubscribe(client, row.id)
+                self.pitch_typing.stop(row.id, client.user_id)
+
+    def _watchers(self, pitch: PitchRow, exclude_user: int | None = None) -> list[Client]:
+        """The subscribed connections and every connection of the owner, each once."""
+        out = dict.fromkeys(self.watching.get(pitch.id, ()))
+        owner = self.hub.users.get(pitch.owner_id)
+        if owner is not None:
+            out.update(dict.fromkeys(owner.clients))
+        return [c for c in out if c.user_id != exclude_user]
+
+    def _non_owner_watchers(self, pitch: PitchRow, skip: Client | None) -> list[Client]:
+        return [c for c in self.watching.get(pitch.id, ())
+                if c.user_id != pitch.owner_id and c is not skip]
+
+    def _unsubscribe(self, client: Client, pitch_id: int) -> None:
+        watchers = self.watching.get(pitch_id)
+        if watchers is not None:
+            watchers.discard(client)
+            if not watchers:
+                del self.watching[pitch_id]
+        subs = self.subscriptions.get(client)
+        if subs is not None:
+            subs.discard(pitch_id)
+            if not subs:
+                del self.subscriptions[client]
+
+    def _unsubscribe_all(self, client: Client) -> None:
+        for pitch_id in list(self.subscriptions.get(client, ())):
+            self._unsubscribe(client, pitch_id)
+
+    async def pitch_view(self, client: Client, username: str, pitch_id: int) -> None:
+        """Subscribe the connection; a user's first view raises viewCount and tells the
+        watchers (the owner's frame names the viewer)."""
+        pitch = await self.visible_pitch(pitch_id, client.user_id)
+        subs = self.subscriptions.get(client, set())
+        if pitch_id not in subs:
+            cap = self.config.limits.max_pitch_subscriptions
+            if len(subs) >= cap:
+                raise p.ProtocolError(
+                    p.INVALID_MESSAGE, f"at most {cap} pitch subscriptions per connection"
+                )
+            self.subscriptions.setdefault(client, set()).add(pitch_id)
+            self.watching.setdefault(pitch_id, set()).add(client)
+        user_id = client.user_id
+        async with self.in_flight.hold(("pitch_view", pitch_id, user_id)):
+            if await self.store.has_viewed(pitch_id, user_id):
+                return
+            await self.store.add_view(pitch_id, user_id, p.now_iso())
+        stats = await self.store.pitch_stats(pitch_id, user_id)
+        self.hub.send_clients(self._non_owner_watchers(pitch, None),
+                              p.pitch_viewed(pitch_id, stats.view_count))
+        self.hub.send_to([pitch.owner_id],
+                         p.pitch_viewed(pitch_id, stats.view_count, (user_id, username)))
+
+    async def pitch_leave(self, client: Client, pitch_id: int) -> None:
+        await self.visible_pitch(pitch_id, client.user_id)
+        self._unsubscribe(client, pitch_id)
+
+    def _owner_notification(
+        self, pitch: PitchRow, user_id: int, kind: str, fields: dict[str, Any]
+    ) -> NewNotification | None:
+        """Likes and comments by someone else are notifications for the owner."""
+        if user_id == pitch.owner_id:
+            return None
+        return NewNotification(pitch.owner_id, kind, p.dumps(fields))
+
+    def _pitch_event(
+        self, pitch: PitchRow, kind: str, fields: dict[str, Any], notification_id: int | None,
+        skip: Client | None = None,
+    ) -> None:
+        """The watchers' frame. The owner's connections get the notification instead when
+        there is one (the same frame plus notificationId and createdAt, recorded as its
+        delivery): one frame per event per connection, never two."""
+        plain = p.event(kind, fields)
+        self.hub.send_clients(self._non_owner_watchers(pitch, skip), plain)
+        if notification_id is None:
+            self.hub.send_to([pitch.owner_id], plain, skip=skip)
+            return
+        row = NotificationRow(notification_id, pitch.owner_id, kind, p.dumps(fields),
+                              fields["timestamp"], None)
+        self.hub.send_to([pitch.owner_id], p.notification_frame(row),
+                         (EventKind.NOTIFICATION, notification_id, pitch.owner_id), skip=skip)
+
+    async def pitch_like(self, user_id: int, username: str, pitch_id: int, liked: bool) -> None:
+        """Like or unlike (idempotent per user); a change tells the watchers."""
+        pitch = await self.visible_pitch(pitch_id, user_id)
+        async with self.in_flight.hold(("pitch_like", pitch_id, user_id)):
+            stats = await self.store.pitch_stats(pitch_id, user_id)
+            if stats.liked_by_me == liked:
+                return
+            now = p.now_iso()
+            count = stats.like_count + (1 if liked else -1)
+            fields = p.like_fields(pitch_id, count, user_id, username, now)
+            kind = "pitch_liked" if liked else "pitch_unliked"
+            notify = self._owner_notification(pitch, user_id, kind, fields) if liked else None
+            notification_id = await self.store.set_like(pitch_id, user_id, liked, now, notify)
+        self._pitch_event(pitch, kind, fields, notification_id)
+
+    async def pitch_comment(
+        self, user_id: int, username: str, pitch_id: int, comment: str,
+        request_id: str | None, origin: Client | None,
+    ) -> dict[str, Any]:
+        """Store a comment, tell the watchers (``new_comment``); return its fields for the
+        ``comment_sent`` reply. Idempotent on ``(user, request_id)``: a repeat stores and
+        sends nothing and returns the original."""
+        pitch = await self.visible_pitch(pitch_id, user_id)
+        if request_id is None:
+            return await self._comment(pitch, user_id, username, comment, None, origin)
+        async with self.in_flight.hold(("comment", user_id, request_id)):
+            known = await self.store.comment_by_request(user_id, request_id)
+            if known is not None:
+                return p.comment_fields(known)
+            try:
+                return await self._comment(pitch, user_id, username, comment, request_id,
+                                           origin)
+            except DuplicateRequest:
+                known = await self.store.comment_by_request(user_id, request_id)
+                if known is None:
+                    raise StoreError("duplicate comment with no stored comment") from None
+                return p.comment_fields(known)
+
+    async def _comment(
+        self, pitch: PitchRow, user_id: int, username: str, comment: str,
+        request_id: str | None, origin: Client | None,
+    ) -> dict[str, Any]:
+        now = p.now_iso()
+
+        def fields_of(comment_id: int) -> dict[str, Any]:
+            return p.comment_fields(
+                CommentRow(comment_id, pitch.id, user_id, username, comment, now))
+
+        def notify(comment_id: int) -> NewNotification:
+            # The owner's notification carries the commentId the store assigns.
+            return NewNotification(pitch.owner_id, "new_comment",
+                                   p.dumps(fields_of(comment_id)))
+
+        comment_id, notification_id = await self.store.add_comment(
+            pitch.id, user_id, comment, request_id, now,
+            notify if user_id != pitch.owner_id else None,
+        )
+        fields = fields_of(comment_id)
+        self.pitch_typing.stop(pitch.id, user_id)
+        self._pitch_event(pitch, "new_comment", fields, notification_id, skip=origin)
+        return fields
+
+    def _announce_pitch_typing(
+        self, pitch_id: int, user_id: int, _: frozenset[int], typing: bool
+    ) -> None:
+        pitch = self.pitches.get(pitch_id)
+        if pitch is None:
+            return
+        user = self.hub.users.get(user_id)
+        frame = p.pitch_user_typing(pitch_id, user_id, user.username if user else None, typing)
+        self.hub.send_clients(self._watchers(pitch, exclude_user=user_id), frame)
+
+    async def pitch_typing_in(self, user_id: int, pitch_id: int, is_typing: bool) -> None:
+        pitch = await self.visible_pitch(pitch_id, user_id)
+        if is_typing:
+            self.pitch_typing.start(pitch.id, user_id, frozenset())
+        else:
+            self.pitch_typing.stop(pitch.id, user_id)
+
+    async def pitch_activity(
+        self, user_id: int, pitch_id: int, before: int | None, limit: int | None
+    ) -> dict[str, Any]:
+        """The fields of ``pitch_activity``: counts, likedByMe, a page of comments (at most
+        ``history.page_size``, oldest first) before ``before``."""
+        pitch = await self.visible_pitch(pitch_id, user_id)
+        page = self.config.history.page_size
+        size = min(limit, page) if limit is not None else page
+        stats = await self.store.pitch_stats(pitch_id, user_id)
+        comments, more = await self.store.comments(pitch_id, before, size)
+        return p.pitch_activity_fields(pitch, stats, comments, more)
+
+    # -- notifications (PROTOCOL.md 10) ----------------------------------------------------
+
+    async def notifications(
+        self, user_id: int, before: int | None, limit: int | None, unread_only: bool
+    ) -> tuple[list[NotificationRow], int, bool]:
+        """A page of the user's notifications, newest first (at most notifications.page_size),
+        the unread count and whether more exist."""
+        page = self.config.notifications.page_size
+        size = min(limit, page) if limit is not None else page
+        rows, more = await self.store.notification_page(user_id, before, size, unread_only)
+        unread = await self.store.unread_notifications(user_id)
+        return rows, unread, more
+
+    async def mark_notifications_read(
+        self, user_id: int, ids: tuple[int, ...] | None
+    ) -> tuple[list[int], int]:
+        """Mark some (or all) of the user's notifications read; ``notifications_read`` goes to
+        every connection of the user. Returns (ids that changed, unread count)."""
+        changed = await self.store.mark_notifications_read(
+            user_id, list(ids) if ids is not None else None, p.now_iso()
+        )
+        unread = await self.store.unread_notifications(user_id)
+        self.hub.send_to([user_id], p.notifications_read(changed, unread))
+        return changed, unread
+
+    async def prune_loop(self) -> None:
+        """Background: drop notifications past retention_days and beyond max_per_user, now
+        and every prune_interval_seconds (kept in hub.Background, cancelled at shutdown)."""
+        settings = self.config.notifications
+        while True:
+            cutoff = p.iso_from_epoch(time.time() - settings.retention_days * 86400)
+            try:
+                await self.store.prune_notifications(settings.max_per_user, cutoff)
+            except StoreError as exc:
+                log.warning("pruning notifications failed: %s", exc)
+            await asyncio.sleep(settings.prune_interval_seconds)
+
+    # -- publish (PROTOCOL.md 11) ----------------------------------------------------------
+
+    async def publish(
+        self, users: list[int] | None, pitch_id: int | None, conversation_id: int | None,
+        kind: str, fields: dict[str, Any], durable: bool, key: str | None,
+    ) -> dict[str, Any]:
+        """The backend's publish: ``{delivered, stored, notificationIds}``. The caller checked
+        the type and fields. With ``key``, a repeat returns the first answer and does
+        nothing."""
+        if key is None:
+            return await self._publish(users, pitch_id, conversation_id, kind, fields, durable,
+                                       None)
+        async with self.in_flight.hold(("publish", key)):
+            known = await self.store.publish_answer(key)
+            if known is not None:
+                answer: dict[str, Any] = p.loads(known)
+                return answer
+            return await self._publish(users, pitch_id, conversation_id, kind, fields, durable,
+                                       key)
+
+    async def _publish(
+        self, users: list[int] | None, pitch_id: int | None, conversation_id: int | None,
+        kind: str, fields: dict[str, Any], durable: bool, key: str | None,
+    ) -> dict[str, Any]:
+        now = p.now_iso()
+        text = p.dumps(fields)
+        ids: list[int] = []
+        delivered = 0
+        if users is not None and durable:
+            notes = [NewNotification(u, kind, text) for u in users]
+            ids = await self.store.add_notifications(
+                notes, now, key,
+                lambda got: p.dumps({"delivered": 0, "stored": len(got),
+                                     "notificationIds": got}),
+            )
+            for user_id, nid in zip(users, ids, strict=True):
+                note = NotificationRow(nid, user_id, kind, text, now, None)
+                if self.hub.send_to([user_id], p.notification_frame(note),
+                                    (EventKind.NOTIFICATION, nid, user_id)):
+                    delivered += 1
+        elif users is not None:
+            delivered = len(self.hub.send_to(users, p.event(kind, fields)))
+        elif pitch_id is not None:
+            pitch = await self.pitch(pitch_id)
+            if pitch is None:
+                raise p.ProtocolError(p.INVALID_MESSAGE, f"unknown pitch {pitch_id}")
+            delivered = self.hub.send_clients(self._watchers(pitch), p.event(kind, fields))
+        else:
+            assert conversation_id is not None
+            conversation = await self.conversations.get(conversation_id)
+            if conversation is None:
+                raise p.ProtocolError(p.INVALID_MESSAGE,
+                                      f"unknown conversation {conversation_id}")
+            delivered = len(self.hub.send_to(conversation.members, p.event(kind, fields)))
+        self.metrics.frames_out["published"] += delivered
+        answer = {"delivered": delivered, "stored": len(ids), "notificationIds": ids}
+        if key is not None:
+            await self.store.put_publish_answer(key, p.dumps(answer), now)
+        return answer
+

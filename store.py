@@ -24,6 +24,11 @@ What every engine guarantees (the daemon's delivery rules rely on each):
    not in ``pending`` again; an event is pending until then.
 7. **Every read that can grow is bounded** by its ``limit`` (or by ``MAX_ROWS``).
 8. **After ``close()``** every operation raises :class:`StoreClosed`; nothing waits forever.
+9. **Notifications are stored with what caused them.** ``set_like`` and ``add_comment`` store
+   the owner's notification in the same transaction as the like or the comment;
+   ``add_notifications`` stores a publish's notifications and its idempotency key together.
+   A notification is pending (``pending``) until ``record_deliveries`` records it.
+10. **At most one comment per ``(user, request_id)``** (DuplicateRequest on a repeat).
 """
 
 from __future__ import annotations
@@ -34,11 +39,16 @@ from contextlib import asynccontextmanager
 from typing import Any, NamedTuple, Protocol
 
 from rows import (
+    CommentRow,
     ConversationRow,
     ConversationSummary,
     MessageDetail,
     MessageRow,
+    NewNotification,
+    NotificationRow,
     PendingEvent,
+    PitchRow,
+    PitchStats,
     UserRow,
 )
 
@@ -149,10 +159,14 @@ class Store(Protocol):
         request_id: str | None,
         pitch_id: int | None,
         now: str,
+        *,
+        conversation_id: int | None = None,
     ) -> ConversationRow:
-        """A new conversation of ``members`` (the creator among them).
+        """A new conversation of ``members`` (the creator among them), with the id given
+        (the backend's own ids: later ids are assigned above it) or a new one.
 
-        Raises DuplicateRequest when ``(created_by, request_id)`` made one before.
+        Raises DuplicateRequest when ``(created_by, request_id)`` made one before, and
+        ConstraintViolation when ``conversation_id`` exists.
         """
 
     async def conversation_by_request(self, created_by: int, request_id: str) -> int | None: ...
@@ -203,14 +217,18 @@ class Store(Protocol):
     # -- durable events --------------------------------------------------------------------
 
     async def pending(self, user_id: int, limit: int) -> list[PendingEvent]:
-        """The user's undelivered events, oldest first by queued time, at most ``limit``."""
+        """The user's undelivered events (messages of conversations the user is still an
+        active participant of, read notices, notifications), oldest first by queued time
+        (ties: messages, reads, notifications, then by id), at most ``limit``."""
 
     def record_deliveries(
-        self, messages: Mapping[int, Sequence[int]], reads: Sequence[tuple[int, int]]
+        self, messages: Mapping[int, Sequence[int]], reads: Sequence[tuple[int, int]],
+        notifications: Sequence[int] = (),
     ) -> asyncio.Future[None]:
         """Record events as delivered: ``messages`` maps a message id to recipients sent it,
-        ``reads`` lists (message id, reader id) notices sent to the sender. Queued now; the
-        future resolves after the commit."""
+        ``reads`` lists (message id, reader id) notices sent to the sender, ``notifications``
+        the notification ids sent to their user. Queued now; the future resolves after the
+        commit."""
 
     # -- typing ----------------------------------------------------------------------------
 
@@ -242,6 +260,84 @@ class Store(Protocol):
 
     async def mark_read_many(self, message_ids: Sequence[int], reader_id: int, now: str) -> None:
         """``mark_read`` for several messages, in one transaction."""
+
+    # -- participants, pitches, notifications (appended for PROTOCOL.md 9-11) ---------------
+
+    async def change_participants(
+        self, conversation_id: int, add: Sequence[int], remove: Sequence[int], now: str
+    ) -> ConversationRow | None:
+        """Make ``add`` active participants (created, or re-activated) and ``remove`` inactive
+        (``left_at`` set), in one transaction, and drop the conversation's direct-pair key;
+        return the conversation as it is now, or None when it does not exist. The two lists
+        are disjoint (the caller checks)."""
+
+    async def pitch(self, pitch_id: int) -> PitchRow | None: ...
+
+    async def put_pitch(self, pitch: PitchRow, now: str) -> None:
+        """Register or replace a pitch (owner, title, visibility, the allowed set)."""
+
+    async def pitch_stats(self, pitch_id: int, user_id: int) -> PitchStats:
+        """Distinct viewers, likes, and whether ``user_id`` likes it."""
+
+    async def has_viewed(self, pitch_id: int, user_id: int) -> bool: ...
+
+    async def add_view(self, pitch_id: int, user_id: int, now: str) -> None:
+        """Record a view (a repeat changes nothing)."""
+
+    async def set_like(
+        self, pitch_id: int, user_id: int, liked: bool, now: str,
+        notify: NewNotification | None,
+    ) -> int | None:
+        """Like or unlike (idempotent), and store ``notify`` in the same transaction; return
+        the notification's id (None without one)."""
+
+    async def add_comment(
+        self, pitch_id: int, user_id: int, content: str, request_id: str | None, now: str,
+        notify: Callable[[int], NewNotification] | None,
+    ) -> tuple[int, int | None]:
+        """Store a comment and the notification ``notify(comment id)`` in one transaction:
+        (comment id, notification id).
+        Raises DuplicateRequest for a repeated ``(user_id, request_id)``."""
+
+    async def comment_by_request(self, user_id: int, request_id: str) -> CommentRow | None: ...
+
+    async def comments(
+        self, pitch_id: int, before: int | None, limit: int
+    ) -> tuple[list[CommentRow], bool]:
+        """Up to ``limit`` comments with id < ``before`` (the newest when None), oldest
+        first, and whether older ones exist."""
+
+    async def add_notifications(
+        self, notes: Sequence[NewNotification], now: str, publish_key: str | None = None,
+        answer: Callable[[list[int]], str] | None = None,
+    ) -> list[int]:
+        """Store notifications (ids in order) and, with ``publish_key``, the publish's answer
+        ``answer(ids)`` (JSON text) under that key, in one transaction. Raises
+        ConstraintViolation when the key was stored before."""
+
+    async def publish_answer(self, key: str) -> str | None:
+        """The answer stored for an idempotencyKey, if any."""
+
+    async def put_publish_answer(self, key: str, answer: str, now: str) -> None:
+        """Replace a stored answer (its ``delivered`` count, known after the fan-out)."""
+
+    async def notification_page(
+        self, user_id: int, before: int | None, limit: int, unread_only: bool
+    ) -> tuple[list[NotificationRow], bool]:
+        """Up to ``limit`` of the user's notifications with id < ``before``, newest first,
+        and whether more exist."""
+
+    async def unread_notifications(self, user_id: int) -> int: ...
+
+    async def mark_notifications_read(
+        self, user_id: int, ids: Sequence[int] | None, now: str
+    ) -> list[int]:
+        """Mark the user's unread notifications among ``ids`` (all of them when None) read;
+        return the ids that changed, ascending (others' ids are ignored)."""
+
+    async def prune_notifications(self, max_per_user: int, created_before: str) -> None:
+        """Delete notifications (and publish keys) created before ``created_before``, and
+        each user's beyond ``max_per_user``: read ones first, oldest first."""
 
 
 class KeyedLock:

@@ -56,13 +56,19 @@ import aiosqlite
 
 from protocol import dumps, now_iso
 from rows import (
+    CommentRow,
     ConversationRow,
     ConversationSummary,
     MessageDetail,
     MessageRow,
+    NewNotification,
+    NotificationRow,
     PendingEvent,
     PendingMessage,
+    PendingNotification,
     PendingRead,
+    PitchRow,
+    PitchStats,
     Receipt,
     UserRow,
 )
@@ -81,7 +87,7 @@ from store import (
 log = logging.getLogger("pitchey.store")
 
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # The tables schema.sql creates: a version-0 file holding only these is a first start that
 # stopped before recording its version; any other table means another program's database.
 _OWN_TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA_PATH.read_text()))
@@ -131,6 +137,8 @@ class SqliteStore:
         self._pairs = KeyedLock()  # direct conversations being created, by user pair
         self.next_message_id = 1
         self.next_conversation_id = 1
+        self.next_comment_id = 1
+        self.next_notification_id = 1
         # Committed transactions (the savepoint retry of a failed batch counts as one).
         self.transactions = 0
         # (st_dev, st_ino) of the database file and its WAL as opened, by path.
@@ -160,7 +168,9 @@ class SqliteStore:
             await self._reader.execute("PRAGMA query_only=ON")
             rows = await self._reader.execute_fetchall(
                 "SELECT (SELECT COALESCE(MAX(id), 0) FROM messages),"
-                " (SELECT COALESCE(MAX(id), 0) FROM conversations)"
+                " (SELECT COALESCE(MAX(id), 0) FROM conversations),"
+                " (SELECT COALESCE(MAX(id), 0) FROM pitch_comments),"
+                " (SELECT COALESCE(MAX(id), 0) FROM notifications)"
             )
         except sqlite3.Error as exc:
             await self.close()
@@ -168,9 +178,11 @@ class SqliteStore:
         except BaseException:
             await self.close()
             raise
-        (max_message, max_conversation), = rows
+        (max_message, max_conversation, max_comment, max_notification), = rows
         self.next_message_id = max_message + 1
         self.next_conversation_id = max_conversation + 1
+        self.next_comment_id = max_comment + 1
+        self.next_notification_id = max_notification + 1
         self._task = asyncio.create_task(self._write_loop(), name="store-writer")
 
     async def _on_writer(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -265,6 +277,8 @@ class SqliteStore:
             )
             db.execute("PRAGMA user_version=2")
             db.execute("COMMIT")
+        # Version 3 (pitches, comments, notifications, publish keys) only adds tables and
+        # indexes, which schema.sql creates above.
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     async def close(self) -> None:
@@ -577,8 +591,14 @@ class SqliteStore:
         request_id: str | None,
         pitch_id: int | None,
         now: str,
+        *,
+        conversation_id: int | None = None,
     ) -> ConversationRow:
-        conversation_id = self._new_conversation_id()
+        if conversation_id is None:
+            conversation_id = self._new_conversation_id()
+        else:
+            # The backend's own id: later ids are assigned above it.
+            self.next_conversation_id = max(self.next_conversation_id, conversation_id + 1)
         is_group = len(set(members)) > 2
         write = _create_conversation(
             _Write(), conversation_id, created_by, members, title, is_group, request_id,
@@ -716,6 +736,9 @@ class SqliteStore:
     async def pending(self, user_id: int, limit: int) -> list[PendingEvent]:
         messages = await self._fetch(
             _MESSAGE_SELECT + " JOIN message_read_receipts r ON r.message_id = m.id"
+            # A user removed from a conversation is owed none of its messages any more.
+            " JOIN conversation_participants p ON p.conversation_id = m.conversation_id"
+            "   AND p.user_id = r.user_id AND p.is_active = 1"
             " WHERE r.user_id = ? AND (r.delivered_at IS NULL) = 1 AND r.read_at IS NULL"
             " ORDER BY r.message_id LIMIT ?",
             (user_id, limit),
@@ -731,14 +754,27 @@ class SqliteStore:
         )
         events: list[PendingEvent] = [PendingMessage(r[7], _message(r)) for r in messages]
         events.extend(PendingRead(*r) for r in reads)
+        notes = await self._fetch(
+            _NOTIFICATION_SELECT + " WHERE user_id = ? AND delivered_at IS NULL"
+            " ORDER BY id LIMIT ?",
+            (user_id, limit),
+        )
+        events.extend(PendingNotification(r[4], NotificationRow(*r)) for r in notes)
         events.sort(key=_pending_order)
         return events[:limit]
 
     def record_deliveries(
-        self, messages: Mapping[int, Sequence[int]], reads: Sequence[tuple[int, int]]
+        self, messages: Mapping[int, Sequence[int]], reads: Sequence[tuple[int, int]],
+        notifications: Sequence[int] = (),
     ) -> asyncio.Future[None]:
         now = now_iso()
         write = _Write()
+        if notifications:
+            write.add(
+                "UPDATE notifications SET delivered_at = ? WHERE delivered_at IS NULL"
+                " AND id IN (SELECT value FROM json_each(?))",
+                (now, dumps(list(notifications))),
+            )
         for message_id, user_ids in messages.items():
             if len(user_ids) == 1:
                 write.add(
@@ -887,6 +923,240 @@ class SqliteStore:
             write.add(_MARK_MESSAGE_READ, (now, message_id))
         await self._write(write)
 
+    # -- participants (the backend's API) --------------------------------------------------
+
+    async def change_participants(
+        self, conversation_id: int, add: Sequence[int], remove: Sequence[int], now: str
+    ) -> ConversationRow | None:
+        if await self.conversation(conversation_id) is None:
+            return None
+        write = _ensure_users(_Write(), add)
+        for user_id in dict.fromkeys(add):
+            write.add(
+                "INSERT INTO conversation_participants (conversation_id, user_id, joined_at)"
+                " VALUES (?, ?, ?) ON CONFLICT(conversation_id, user_id) DO UPDATE SET"
+                " is_active = 1, left_at = NULL, joined_at = excluded.joined_at"
+                " WHERE conversation_participants.is_active = 0",
+                (conversation_id, user_id, now),
+            )
+        for user_id in dict.fromkeys(remove):
+            write.add(
+                "UPDATE conversation_participants SET is_active = 0, left_at = ?"
+                " WHERE conversation_id = ? AND user_id = ? AND is_active = 1",
+                (now, conversation_id, user_id),
+            )
+        # Its members changed: it is no longer "the" conversation of a pair.
+        write.add("DELETE FROM direct_conversations WHERE conversation_id = ?",
+                  (conversation_id,))
+        await self._write(write)
+        return await self.conversation(conversation_id)
+
+    # -- pitches ---------------------------------------------------------------------------
+
+    async def pitch(self, pitch_id: int) -> PitchRow | None:
+        rows = await self._fetch(
+            "SELECT id, owner_id, title, visibility FROM pitches WHERE id = ?", (pitch_id,)
+        )
+        if not rows:
+            return None
+        allowed = await self._fetch(
+            "SELECT user_id FROM pitch_allowed WHERE pitch_id = ? LIMIT ?", (pitch_id, MAX_ROWS)
+        )
+        r = rows[0]
+        return PitchRow(r[0], r[1], r[2], r[3], frozenset(a[0] for a in allowed))
+
+    async def put_pitch(self, pitch: PitchRow, now: str) -> None:
+        write = _Write().add(
+            "INSERT INTO pitches (id, owner_id, title, visibility, updated_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET owner_id = excluded.owner_id,"
+            " title = excluded.title, visibility = excluded.visibility,"
+            " updated_at = excluded.updated_at",
+            (pitch.id, pitch.owner_id, pitch.title, pitch.visibility, now),
+        )
+        # INSERTs run before every other statement of a batch (module docstring), so: add the
+        # new set, then drop whoever is not in it. (The service runs one put per pitch at a
+        # time.)
+        allowed = dumps(sorted(pitch.allowed))
+        write.add(
+            "INSERT OR IGNORE INTO pitch_allowed (pitch_id, user_id)"
+            " SELECT ?, value FROM json_each(?)",
+            (pitch.id, allowed),
+        )
+        write.add(
+            "DELETE FROM pitch_allowed WHERE pitch_id = ?"
+            " AND user_id NOT IN (SELECT value FROM json_each(?))",
+            (pitch.id, allowed),
+        )
+        await self._write(write)
+
+    async def pitch_stats(self, pitch_id: int, user_id: int) -> PitchStats:
+        rows = await self._fetch(
+            "SELECT (SELECT COUNT(*) FROM pitch_views WHERE pitch_id = ?),"
+            " (SELECT COUNT(*) FROM pitch_likes WHERE pitch_id = ?),"
+            " EXISTS (SELECT 1 FROM pitch_likes WHERE pitch_id = ? AND user_id = ?),"
+            " EXISTS (SELECT 1 FROM pitch_views WHERE pitch_id = ? AND user_id = ?)",
+            (pitch_id, pitch_id, pitch_id, user_id, pitch_id, user_id),
+        )
+        views, likes, liked, _ = rows[0]
+        return PitchStats(int(views), int(likes), bool(liked))
+
+    async def has_viewed(self, pitch_id: int, user_id: int) -> bool:
+        rows = await self._fetch(
+            "SELECT 1 FROM pitch_views WHERE pitch_id = ? AND user_id = ?", (pitch_id, user_id)
+        )
+        return bool(rows)
+
+    async def add_view(self, pitch_id: int, user_id: int, now: str) -> None:
+        await self._write(_Write().add(
+            "INSERT OR IGNORE INTO pitch_views (pitch_id, user_id, viewed_at) VALUES (?, ?, ?)",
+            (pitch_id, user_id, now),
+        ))
+
+    async def set_like(
+        self, pitch_id: int, user_id: int, liked: bool, now: str,
+        notify: NewNotification | None,
+    ) -> int | None:
+        write = _Write()
+        if liked:
+            write.add(
+                "INSERT OR IGNORE INTO pitch_likes (pitch_id, user_id, liked_at) VALUES (?, ?, ?)",
+                (pitch_id, user_id, now),
+            )
+        else:
+            write.add("DELETE FROM pitch_likes WHERE pitch_id = ? AND user_id = ?",
+                      (pitch_id, user_id))
+        ids = self._add_notifications(write, [notify] if notify else [], now)
+        await self._write(write)
+        return ids[0] if ids else None
+
+    async def add_comment(
+        self, pitch_id: int, user_id: int, content: str, request_id: str | None, now: str,
+        notify: Callable[[int], NewNotification] | None,
+    ) -> tuple[int, int | None]:
+        comment_id = self.next_comment_id
+        self.next_comment_id += 1
+        write = _Write().add(
+            "INSERT INTO pitch_comments (id, pitch_id, user_id, content, created_at, request_id)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (comment_id, pitch_id, user_id, content, now, request_id),
+        )
+        ids = self._add_notifications(write, [notify(comment_id)] if notify else [], now)
+        await self._write(write)
+        return comment_id, ids[0] if ids else None
+
+    async def comment_by_request(self, user_id: int, request_id: str) -> CommentRow | None:
+        rows = await self._fetch(
+            _COMMENT_SELECT + " WHERE c.user_id = ? AND c.request_id = ?", (user_id, request_id)
+        )
+        return CommentRow(*rows[0]) if rows else None
+
+    async def comments(
+        self, pitch_id: int, before: int | None, limit: int
+    ) -> tuple[list[CommentRow], bool]:
+        rows = await self._fetch(
+            _COMMENT_SELECT + " WHERE c.pitch_id = ? AND c.id < ? ORDER BY c.id DESC LIMIT ?",
+            (pitch_id, before or 2**63 - 1, limit + 1),
+        )
+        return [CommentRow(*r) for r in reversed(rows[:limit])], len(rows) > limit
+
+    # -- notifications ---------------------------------------------------------------------
+
+    def _add_notifications(
+        self, write: _Write, notes: Sequence[NewNotification], now: str
+    ) -> list[int]:
+        ids = []
+        for note in notes:
+            nid = self.next_notification_id
+            self.next_notification_id += 1
+            write.add(
+                "INSERT INTO notifications (id, user_id, type, fields, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (nid, note.user_id, note.type, note.fields, now),
+            )
+            ids.append(nid)
+        return ids
+
+    async def add_notifications(
+        self, notes: Sequence[NewNotification], now: str, publish_key: str | None = None,
+        answer: Callable[[list[int]], str] | None = None,
+    ) -> list[int]:
+        write = _Write()
+        ids = self._add_notifications(write, notes, now)
+        if publish_key is not None:
+            assert answer is not None
+            write.add(
+                "INSERT INTO publish_requests (key, answer, created_at) VALUES (?, ?, ?)",
+                (publish_key, answer(ids), now),
+            )
+        await self._write(write)
+        return ids
+
+    async def publish_answer(self, key: str) -> str | None:
+        rows = await self._fetch("SELECT answer FROM publish_requests WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    async def put_publish_answer(self, key: str, answer: str, now: str) -> None:
+        await self._write(_Write().add(
+            "INSERT INTO publish_requests (key, answer, created_at) VALUES (?, ?, ?)"
+            " ON CONFLICT(key) DO UPDATE SET answer = excluded.answer",
+            (key, answer, now),
+        ))
+
+    async def notification_page(
+        self, user_id: int, before: int | None, limit: int, unread_only: bool
+    ) -> tuple[list[NotificationRow], bool]:
+        unread = " AND read_at IS NULL" if unread_only else ""
+        rows = await self._fetch(
+            _NOTIFICATION_SELECT + f" WHERE user_id = ? AND id < ?{unread}"
+            " ORDER BY id DESC LIMIT ?",
+            (user_id, before or 2**63 - 1, limit + 1),
+        )
+        return [NotificationRow(*r) for r in rows[:limit]], len(rows) > limit
+
+    async def unread_notifications(self, user_id: int) -> int:
+        rows = await self._fetch(
+            "SELECT COUNT(*) FROM notifications WHERE user_id = ? AND read_at IS NULL",
+            (user_id,),
+        )
+        return int(rows[0][0])
+
+    async def mark_notifications_read(
+        self, user_id: int, ids: Sequence[int] | None, now: str
+    ) -> list[int]:
+        if ids is None:
+            rows = await self._fetch(
+                "SELECT id FROM notifications WHERE user_id = ? AND read_at IS NULL"
+                " ORDER BY id LIMIT ?",
+                (user_id, MAX_ROWS),
+            )
+        else:
+            rows = await self._fetch(
+                "SELECT id FROM notifications WHERE user_id = ? AND read_at IS NULL"
+                " AND id IN (SELECT value FROM json_each(?)) ORDER BY id",
+                (user_id, dumps(list(ids))),
+            )
+        changed = [r[0] for r in rows]
+        if changed:
+            await self._write(_Write().add(
+                "UPDATE notifications SET read_at = ? WHERE user_id = ? AND read_at IS NULL"
+                " AND id IN (SELECT value FROM json_each(?))",
+                (now, user_id, dumps(changed)),
+            ))
+        return changed
+
+    async def prune_notifications(self, max_per_user: int, created_before: str) -> None:
+        await self._write(_Write().add(
+            "DELETE FROM notifications WHERE created_at < ?", (created_before,)
+        ).add(
+            # Beyond max_per_user: read ones go first, oldest first (unread rank before read).
+            "DELETE FROM notifications WHERE id IN (SELECT id FROM ("
+            " SELECT id, ROW_NUMBER() OVER (PARTITION BY user_id"
+            "   ORDER BY (read_at IS NULL) DESC, id DESC) AS rank FROM notifications"
+            " WHERE user_id IN (SELECT user_id FROM notifications GROUP BY user_id"
+            "   HAVING COUNT(*) > ?)) WHERE rank > ?)",
+            (max_per_user, max_per_user),
+        ).add("DELETE FROM publish_requests WHERE created_at < ?", (created_before,)))
+
 
 _Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
 
@@ -923,7 +1193,9 @@ def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None)
 
 # Tables in foreign-key order: each references only tables before it.
 _PARENTS_FIRST = ("users", "conversations", "conversation_participants", "direct_conversations",
-                  "messages", "message_read_receipts", "typing_indicators")
+                  "messages", "message_read_receipts", "typing_indicators", "pitches",
+                  "pitch_allowed", "pitch_views", "pitch_likes", "pitch_comments",
+                  "notifications", "publish_requests")
 _INSERT_INTO = re.compile(r"INSERT (?:OR \w+ )?INTO (\w+)")
 
 
@@ -1040,7 +1312,9 @@ def _store_error(exc: BaseException) -> StoreError:
 # to leaf on both edges, so a health probe reads tens of pages whatever the database's size.
 # (PRAGMA quick_check reads every page: seconds on a large file, too slow for a probe.)
 _EDGE_KEYS = {"direct_conversations": "user_low, user_high",
-              "message_read_receipts": "message_id, user_id"}
+              "message_read_receipts": "message_id, user_id",
+              "pitch_allowed": "pitch_id, user_id", "pitch_views": "pitch_id, user_id",
+              "pitch_likes": "pitch_id, user_id", "publish_requests": "key"}
 
 
 def _check_pages(db: sqlite3.Connection) -> None:
@@ -1070,12 +1344,23 @@ def _pending_order(event: PendingEvent) -> tuple[str, int, int]:
             return (queued_at, 0, message.id)
         case PendingRead(queued_at=queued_at, message_id=message_id):
             return (queued_at, 1, message_id)
+        case PendingNotification(queued_at=queued_at, notification=notification):
+            return (queued_at, 2, notification.id)
 
 
 _MESSAGE_SELECT = (
     "SELECT m.id, m.conversation_id, m.sender_id, su.username, m.content, m.attachments,"
     " m.message_type, m.sent_at, m.is_read"
     " FROM messages m LEFT JOIN users su ON su.id = m.sender_id"
+)
+
+
+_NOTIFICATION_SELECT = (
+    "SELECT id, user_id, type, fields, created_at, read_at FROM notifications"
+)
+_COMMENT_SELECT = (
+    "SELECT c.id, c.pitch_id, c.user_id, u.username, c.content, c.created_at"
+    " FROM pitch_comments c LEFT JOIN users u ON u.id = c.user_id"
 )
 
 

@@ -9,7 +9,7 @@ closing, and each end announces ``isTyping: false`` exactly once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable
 
 import protocol as p
 from hub import Hub
@@ -25,11 +25,23 @@ class _Typing:
         self.timer = timer
 
 
+# (topic id, user id, members, typing): a start or an end to announce, for trackers of
+# something other than conversations (pitches: PROTOCOL.md 9).
+Announce = Callable[[int, int, frozenset[int], bool], None]
+
+
 class TypingTracker:
-    def __init__(self, hub: Hub, store: Store, ttl_seconds: float) -> None:
+    """Typing state keyed by (topic, user): a conversation by default; with ``announce``,
+    any topic (a pitch), announced by that callback instead of to the members and without the
+    ``typing_indicators`` mirror (whose rows are conversations')."""
+
+    def __init__(
+        self, hub: Hub, store: Store, ttl_seconds: float, announce: Announce | None = None
+    ) -> None:
         self.hub = hub
         self.store = store
         self.ttl = ttl_seconds
+        self.announce = announce
         self._state: dict[tuple[int, int], _Typing] = {}
         self._by_user: dict[int, set[int]] = {}
 
@@ -86,8 +98,11 @@ class TypingTracker:
         self.stop(*key)
 
     def _announce(
-        self, conversation_id: int, user_id: int, members: Iterable[int], typing: bool
+        self, conversation_id: int, user_id: int, members: frozenset[int], typing: bool
     ) -> None:
+        if self.announce is not None:
+            self.announce(conversation_id, user_id, members, typing)
+            return
         user = self.hub.users.get(user_id)
         frame = p.user_typing(user_id, user.username if user else None, conversation_id, typing)
         self.hub.send_to([m for m in members if m != user_id], frame)

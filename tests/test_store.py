@@ -147,7 +147,7 @@ async def test_version_1_database_is_migrated(tmp_path: Path) -> None:
         assert (await store.direct_conversation(1, 2, NOW)).id == 2
     finally:
         await store.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (2,)
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (3,)
 
 
 @pytest.mark.parametrize("sql, rank", [
@@ -156,8 +156,9 @@ async def test_version_1_database_is_migrated(tmp_path: Path) -> None:
      3),
     ("INSERT INTO message_read_receipts (message_id, user_id) SELECT ?, value FROM json_each(?)",
      5),
-    ("INSERT INTO settings (key, value) VALUES (?, ?)", 7),
-    ("UPDATE conversations SET last_message_at = ? WHERE id = ?", 8),
+    ("INSERT INTO pitch_views (pitch_id, user_id, viewed_at) VALUES (?, ?, ?)", 9),
+    ("INSERT INTO settings (key, value) VALUES (?, ?)", 14),
+    ("UPDATE conversations SET last_message_at = ? WHERE id = ?", 15),
 ])
 def test_statement_rank(sql: str, rank: int) -> None:
     """INSERTs rank by table in foreign-key order, other tables after, everything else last."""

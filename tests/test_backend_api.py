@@ -1,0 +1,234 @@
+"""The backend's API (PROTOCOL.md 11): publish, profiles, conversations, participants, pitches."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from backend import KEY, call
+from conftest import ROOT, Client, Connector, Daemon, make_token, new_user, running
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """This module's daemon, with the backend API on."""
+    d = Daemon(tmp_path_factory.mktemp("backend"), {"api.key": KEY, "api.max_event_bytes": 512,
+                                                    "api.max_publish_users": 5})
+    d.start()
+    yield d
+    d.stop()
+
+
+async def after_connected(client: Client) -> list[dict[str, object]]:
+    await client.request({"type": "ping"}, "pong")
+    frames, client.seen = list(client.seen), []
+    return frames
+
+
+def notifications_of(daemon: Daemon, user: int) -> int:
+    return int(daemon.query("SELECT COUNT(*) FROM notifications WHERE user_id = ?",
+                            (user,))[0][0])
+
+
+async def test_nda_signed_to_offline_creator_arrives_after_connected(
+        daemon: Daemon, connect_to: Connector) -> None:
+    """A publish of nda_signed to an offline creator comes after connected, with queuedAt."""
+    creator = new_user()
+    status, answer = call(daemon, "POST", "/api/publish", {
+        "users": [creator], "event": {"type": "nda_signed", "pitchId": 3,
+                                      "signedBy": "Victor Hale"}})
+    assert status == 200
+    assert answer["delivered"] == 0 and answer["stored"] == 1
+    client = await connect_to(creator, wait_connected=False)
+    assert (await client.recv())["type"] == "connected"
+    frames = await after_connected(client)
+    assert len(frames) == 1
+    frame = frames[0]
+    assert frame["type"] == "nda_signed" and frame["signedBy"] == "Victor Hale"
+    assert frame["notificationId"] == answer["notificationIds"][0]
+    assert {"createdAt", "queuedAt"} <= frame.keys()
+
+
+async def test_live_publish_reaches_every_connection_once(daemon: Daemon,
+                                                          connect_to: Connector) -> None:
+    """A durable publish to an online user reaches each connection, and is not replayed."""
+    user = new_user()
+    tabs = [await connect_to(user), await connect_to(user)]
+    for tab in tabs:  # past their (empty) replay: what comes now is live
+        await tab.request({"type": "ping"}, "pong")
+    status, answer = call(daemon, "POST", "/api/publish",
+                          {"users": [user], "event": {"type": "pitch_saved", "pitchId": 9}})
+    assert status == 200 and answer["delivered"] == 1 and answer["stored"] == 1
+    for tab in tabs:
+        frame = await tab.expect("pitch_saved")
+        assert frame["notificationId"] == answer["notificationIds"][0]
+        assert "queuedAt" not in frame
+    later = await connect_to(user)
+    assert [f for f in await after_connected(later) if f["type"] == "pitch_saved"] == []
+
+
+async def test_idempotency_key_stores_one_notification(daemon: Daemon,
+                                                       connect_to: Connector) -> None:
+    """The same idempotencyKey twice stores and sends one notification, and answers the same."""
+    user = new_user()
+    client = await connect_to(user)
+    body = {"users": [user], "event": {"type": "nda_signed"}, "idempotencyKey": f"k-{user}"}
+    first = call(daemon, "POST", "/api/publish", body)
+    second = call(daemon, "POST", "/api/publish", body)
+    assert first[0] == second[0] == 200
+    assert first[1] == second[1] and first[1]["delivered"] == 1
+    await client.expect("nda_signed")
+    await client.absent("nda_signed")
+    assert notifications_of(daemon, user) == 1
+
+
+@pytest.mark.parametrize("event_type", ["new_message", "error", "queued_message", "user_online",
+                                        "pitch_liked", "new_comment", "notifications_read",
+                                        "connected", "Nda", "1st", "", "a" * 65, "nda-signed"])
+async def test_reserved_or_malformed_types_are_refused(daemon: Daemon, event_type: str) -> None:
+    """The daemon's own frame types and types outside ^[a-z][a-z0-9_]{0,63}$ are 400."""
+    user = new_user()
+    status, body = call(daemon, "POST", "/api/publish",
+                        {"users": [user], "event": {"type": event_type}})
+    assert status == 400 and body["error"] == "invalid_message"
+    assert notifications_of(daemon, user) == 0
+
+
+def test_every_server_frame_type_is_reserved() -> None:
+    """Each frame type protocol.py builds is in SERVER_FRAME_TYPES (the backend can't forge it)."""
+    sys.path.insert(0, str(ROOT))
+    import protocol
+
+    source = (ROOT / "protocol.py").read_text()
+    built = set(re.findall(r'encode\(\s*"([a-z_]+)"', source))
+    assert built and built <= protocol.SERVER_FRAME_TYPES
+    assert {"pitch_liked", "new_comment"} <= protocol.SERVER_FRAME_TYPES
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"event": {"type": "x"}}, 400),
+    ({"users": [1], "pitchId": 2, "event": {"type": "x"}}, 400),
+    ({"users": [], "event": {"type": "x"}}, 400),
+    ({"users": ["1"], "event": {"type": "x"}}, 400),
+    ({"users": list(range(1, 8)), "event": {"type": "x"}}, 400),
+    ({"users": [1], "event": "x"}, 400),
+    ({"users": [1], "event": {"type": "x", "notificationId": 5}}, 400),
+    ({"users": [1], "event": {"type": "x", "queuedAt": "now"}}, 400),
+    ({"users": [1], "event": {"type": "x", "durable": 1}, "durable": "yes"}, 400),
+    ({"pitchId": 1, "event": {"type": "x"}, "durable": True}, 400),
+    ({"users": [1], "event": {"type": "x"}, "idempotencyKey": ""}, 400),
+    ({"users": [1], "event": {"type": "x", "blob": "x" * 600}}, 413),
+])
+async def test_bad_publish_bodies_store_nothing(daemon: Daemon, body: dict[str, object],
+                                                status: int) -> None:
+    """Every malformed publish gets a clear 4xx error and stores nothing."""
+    before = daemon.query("SELECT COUNT(*) FROM notifications")
+    got, answer = call(daemon, "POST", "/api/publish", body)
+    assert got == status, answer
+    assert answer["error"] and answer["message"]
+    assert daemon.query("SELECT COUNT(*) FROM notifications") == before
+
+
+async def test_api_key_required_and_user_jwt_refused(daemon: Daemon) -> None:
+    """Without the key, with a wrong one or with a user's JWT, the backend API is 401."""
+    body = {"users": [new_user()], "event": {"type": "nda_signed"}}
+    for key, token in ((None, None), ("wrong", None), (None, make_token(1))):
+        status, answer = call(daemon, "POST", "/api/publish", body, key=key, token=token)
+        assert status == 401 and answer["error"] == "invalid_api_key"
+    status, _ = call(daemon, "PUT", "/api/pitches/1", {"ownerId": 1, "title": "t",
+                                                       "visibility": "public"}, key="wrong")
+    assert status == 401
+
+
+async def test_no_key_configured_means_404(tmp_path: Path) -> None:
+    """With no api.key the backend API does not exist: 404."""
+    async with running(tmp_path, {}) as connect:
+        for method, path in (("POST", "/api/publish"), ("PUT", "/api/users/1"),
+                             ("POST", "/api/conversations"), ("PUT", "/api/pitches/1")):
+            status, _ = call(connect.daemon, method, path, {})
+            assert status == 404
+
+
+async def test_removed_participant_stops_receiving_and_is_forbidden(
+        daemon: Daemon, connect_to: Connector) -> None:
+    """A participant removed over the API stops receiving on an open connection; forbidden."""
+    a, b, c = new_user(), new_user(), new_user()
+    cid = 70_000 + a
+    body = {"id": cid, "participantIds": [b, c], "createdBy": a, "title": "Deal room"}
+    ca, cb, cc = await connect_to(a), await connect_to(b), await connect_to(c)
+    status, answer = call(daemon, "POST", "/api/conversations", body)
+    assert status == 201 and answer["conversation"]["participantIds"] == sorted([a, b, c])
+    for client in (ca, cb, cc):
+        await client.expect("conversation_created", conversationId=cid)
+    assert call(daemon, "POST", "/api/conversations", body)[0] == 201  # the same body again
+    assert call(daemon, "POST", "/api/conversations", {**body, "title": "Other"})[0] == 409
+    await cc.send({"type": "typing_start", "conversationId": cid})
+    await cb.expect("user_typing", userId=c, isTyping=True)
+    status, answer = call(daemon, "POST", f"/api/conversations/{cid}/participants",
+                          {"remove": [c]})
+    assert status == 200 and answer["conversation"]["participantIds"] == sorted([a, b])
+    await cb.expect("user_typing", userId=c, isTyping=False)
+    await ca.request({"type": "send_message", "conversationId": cid, "content": "hi"},
+                     "message_sent")
+    await cb.expect("new_message", content="hi")
+    await cc.absent("new_message")
+    error = await cc.request({"type": "send_message", "conversationId": cid, "content": "x"},
+                             "error")
+    assert error["code"] == "forbidden"
+    error = await cc.request({"type": "join_conversation", "conversationId": cid}, "error")
+    assert error["code"] == "forbidden"
+    d = new_user()
+    cd = await connect_to(d)
+    status, _ = call(daemon, "POST", f"/api/conversations/{cid}/participants", {"add": [d]})
+    assert status == 200
+    await cd.expect("conversation_created", conversationId=cid)
+    assert call(daemon, "POST", "/api/conversations/999999/participants", {"add": [d]})[0] == 404
+    assert call(daemon, "POST", f"/api/conversations/{cid}/participants", {})[0] == 400
+
+
+async def test_profiles_name_senders(daemon: Daemon, connect_to: Connector) -> None:
+    """PUT /api/users and POST /api/users set the names shown for users without a name claim."""
+    a, b = new_user(), new_user()
+    assert call(daemon, "PUT", f"/api/users/{a}", {"name": "Ada L", "userType": "creator"})[0] \
+        == 200
+    assert call(daemon, "POST", "/api/users", [{"id": b, "username": "Bo"}])[0] == 200
+    assert call(daemon, "POST", "/api/users", [{"id": "x"}])[0] == 400
+    sender = await connect_to(a, token=make_token(a))
+    assert (await sender.request({"type": "ping"}, "pong"))["userId"] == a
+    rows = daemon.query("SELECT id, username FROM users WHERE id IN (?, ?) ORDER BY id", (a, b))
+    assert rows == [(a, "Ada L"), (b, "Bo")]
+
+
+async def test_publish_cli(daemon: Daemon, connect_to: Connector) -> None:
+    """`pitchey_ws.py publish` posts the event with the key from PITCHEY_WS_API_KEY."""
+    user = new_user()
+    client = await connect_to(user)
+    env = {**os.environ, "PITCHEY_WS_API_KEY": KEY}
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(ROOT / "pitchey_ws.py"), "publish", "--url", daemon.http,
+         "--user", str(user), "--type", "nda_signed", "--data", '{"pitchId": 3}'],
+        env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    assert '"stored": 1' in done.stdout
+    await client.expect("nda_signed", pitchId=3)
+
+
+def test_backend_doc_curl_commands_work(daemon: Daemon) -> None:
+    """The curl commands in docs/backend.md run as written against a daemon."""
+    text = (ROOT / "docs" / "backend.md").read_text()
+    commands = [block.replace("\\\n", " ") for block in
+                re.findall(r"```sh\n(curl .*?)```", text, re.S)]
+    assert len(commands) >= 5
+    env = {**os.environ, "PITCHEY_WS_API_KEY": KEY, "WS": daemon.http}
+    for command in commands:
+        done = subprocess.run(["sh", "-c", command.strip() + " --fail-with-body -sS"], env=env,
+                              capture_output=True, text=True, timeout=30, check=False)
+        assert done.returncode == 0, (shlex.quote(command), done.stdout, done.stderr)
