@@ -241,31 +241,33 @@ def load_config(args: argparse.Namespace) -> cfg.Config:
 RESERVED_FDS = 32
 
 
-def fit_descriptors(config: cfg.Config) -> cfg.Config:
+def fit_descriptors(config: cfg.Config) -> tuple[cfg.Config, str]:
     """Raise the soft RLIMIT_NOFILE to the hard limit, and keep ``limits.max_connections``
     and ``http.max_in_progress`` within what the descriptors allow, so that the daemon
-    refuses clients (503 server_full) before it runs out of descriptors. Logs what it got."""
+    refuses clients (503 server_full) before it runs out of descriptors. Returns the config
+    and a line saying what it got (logged once the daemon listens)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    raised = ""
     if wanted > soft:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            soft = wanted
+            raised, soft = f" (raised from {soft})", wanted
         except (ValueError, OSError) as exc:
-            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, wanted, exc)
+            raised = f" (could not raise it to {wanted}: {exc})"
     available = max(soft - RESERVED_FDS, 2)
     in_progress = min(config.http.max_in_progress, max(available // 4, 1))
     connections = min(config.limits.max_connections, available - in_progress)
-    log.info("file descriptors: %d; up to %d connections and %d requests in progress",
-             soft, connections, in_progress)
+    lowered = ""
     if connections < config.limits.max_connections:
-        log.warning("limits.max_connections %d does not fit in %d descriptors (%d kept for the"
-                    " database and listeners, %d for requests in progress): using %d",
-                    config.limits.max_connections, soft, RESERVED_FDS, in_progress, connections)
+        lowered = f" (limits.max_connections {config.limits.max_connections} lowered to fit)"
         config = config.replace("limits", max_connections=connections)
     if in_progress < config.http.max_in_progress:
         config = config.replace("http", max_in_progress=in_progress)
-    return config
+    line = (f"file descriptors: {soft}{raised}; up to {connections} connections{lowered} and"
+            f" {in_progress} requests in progress, {RESERVED_FDS} descriptors kept for the"
+            " database and listeners")
+    return config, line
 
 
 class LoopErrors:
@@ -293,7 +295,7 @@ class LoopErrors:
 
 
 async def serve_until_signal(config: cfg.Config) -> int:
-    config = fit_descriptors(config)
+    config, descriptors = fit_descriptors(config)
     app = App(config)
     try:
         await app.start()
@@ -306,6 +308,7 @@ async def serve_until_signal(config: cfg.Config) -> int:
         log.error("cannot listen on %s:%d: %s", config.server.host, config.server.port,
                   exc.strerror or exc)
         return 1
+    log.info("%s", descriptors)
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(LoopErrors().handle)
     stop = asyncio.Event()

@@ -156,7 +156,7 @@ def test_env_values_are_validated() -> None:
 
 @pytest.mark.parametrize(
     "var",
-    ["PITCHEY_WS_API_KEY", "PITCHEY_WS_SERVER_NOPE", "PITCHEY_WS_SERVER", "PITCHEY_WS_",
+    ["PITCHEY_WS_API_NOPE", "PITCHEY_WS_SERVER_NOPE", "PITCHEY_WS_SERVER", "PITCHEY_WS_",
      "PITCHEY_WS_server_port", "PITCHEY_WS_SERVER_Port", "PITCHEY_WS_REPLACE_X"],
 )
 def test_env_unknown_variable(var: str) -> None:
@@ -209,8 +209,13 @@ def serve(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[st
 
 def test_serve_unknown_variable_exits_2(tmp_path: Path) -> None:
     """serve refuses an unknown PITCHEY_WS_ variable, naming it, with exit code 2."""
-    result = serve(tmp_path, {"JWT_SECRET": SECRET, "PITCHEY_WS_API_KEY": "k"})
-    assert result.returncode == 2 and "PITCHEY_WS_API_KEY" in result.stderr
+    result = serve(tmp_path, {"JWT_SECRET": SECRET, "PITCHEY_WS_API_NOPE": "k"})
+    assert result.returncode == 2 and "PITCHEY_WS_API_NOPE" in result.stderr
+
+
+def test_api_key_from_the_environment() -> None:
+    """PITCHEY_WS_API_KEY is api.key (PROTOCOL.md section 11), like any other key."""
+    assert config.load(None, {"PITCHEY_WS_API_KEY": "backend-key"}).api.key == "backend-key"
 
 
 def test_serve_bad_variable_exits_2(tmp_path: Path) -> None:

@@ -45,7 +45,8 @@ async def test_connection_cap_follows_the_descriptor_limit(tmp_path: Path) -> No
     clients: list[ClientConnection] = []
     try:
         text = d.log_text()
-        got = re.search(r"file descriptors: (\d+); up to (\d+) connections", text)
+        got = re.search(r"file descriptors: (\d+) \(raised from \d+\); up to (\d+) connections",
+                        text)
         assert got is not None, text
         assert int(got.group(1)) == LIMIT  # the soft limit was raised to the hard one
         cap = int(got.group(2))
