@@ -163,9 +163,9 @@ def test_auth_refusals(daemon: Daemon) -> None:
 
 
 def test_unknown_and_method_not_allowed(daemon: Daemon) -> None:
-    """Unknown paths (notifications and pitches included) 404; a wrong method 405 with Allow."""
+    """Unknown paths 404; a wrong method 405 with Allow."""
     token = tok(new_user())
-    for path in ("/nope", "/api/notifications", "/api/pitches/1/activity"):
+    for path in ("/nope", "/api/messages/conversations/1", "/api/nope/1/messages"):
         status, _, body = call(daemon.port, "GET", path, token=token)
         assert status == 404 and body["error"] == "not_found"
     status, headers, body = call(daemon.port, "DELETE", "/api/messages/send", token=token)
