@@ -33,7 +33,15 @@ from rows import (
     MessageRow,
     PendingEvent,
 )
-from store import DuplicateRequest, KeyedLock, NewMessage, Store, StoreError, Unavailable
+from store import (
+    ConstraintViolation,
+    DuplicateRequest,
+    KeyedLock,
+    NewMessage,
+    Store,
+    StoreError,
+    Unavailable,
+)
 from typing_indicators import TypingTracker
 
 log = logging.getLogger("pitchey.service")
@@ -322,6 +330,13 @@ class Service:
             row = await self.store.create_conversation(
                 creator, members, title, request_id, pitch_id, p.now_iso()
             )
+        except ConstraintViolation:
+            # A user (or pitch) the database does not have: an existing Pitchey database
+            # holds only the app's users, and pitch ids refer to its pitches.
+            budget.refund(len(members) - 1)
+            raise p.ProtocolError(
+                p.INVALID_MESSAGE, "a participant or the pitch is not known"
+            ) from None
         except BaseException:
             budget.refund(len(members) - 1)
             raise

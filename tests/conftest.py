@@ -55,6 +55,10 @@ _user_ids = itertools.count(1000)
 _request_ids = itertools.count(1)
 
 
+# Modules about one engine's own features.
+ONE_ENGINE = {"test_pitchey_schema": "postgresql"}
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--engines", default=os.environ.get("PITCHEY_TEST_ENGINES", ",".join(ENGINES)),
@@ -72,7 +76,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     for name in wanted:
         if name not in ENGINES:
             raise pytest.UsageError(f"--engines: unknown engine {name!r} (one of {ENGINES})")
-    engines = ["sqlite"] if module in SQLITE_ONLY else wanted
+    if module in ONE_ENGINE:
+        engines = [ONE_ENGINE[module]]
+    else:
+        engines = ["sqlite"] if module in SQLITE_ONLY else wanted
     metafunc.parametrize("engine", engines, indirect=True, scope="module")
 
 
@@ -386,8 +393,9 @@ class Connector:
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """A daemon shared by the tests of one module (tests use distinct user ids)."""
+def daemon(tmp_path_factory: pytest.TempPathFactory, engine: str) -> Iterator[Daemon]:
+    """A daemon shared by the tests of one module (tests use distinct user ids), one per
+    engine."""
     d = Daemon(tmp_path_factory.mktemp("daemon"))
     d.start()
     yield d
@@ -396,7 +404,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 
 @pytest.fixture
-def fresh_daemon(tmp_path: Path) -> Iterator[Daemon]:
+def fresh_daemon(tmp_path: Path, engine: str) -> Iterator[Daemon]:
     """A daemon of this test alone, not started: set overrides, then call start()."""
     d = Daemon(tmp_path)
     yield d

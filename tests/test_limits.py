@@ -42,7 +42,7 @@ TIGHT = {
 
 
 @pytest.fixture(scope="module")
-def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def tight(tmp_path_factory: pytest.TempPathFactory, engine: str) -> Iterator[Daemon]:
     """A daemon with a 6-frame burst, no practical refill, and 3 connections per user."""
     d = Daemon(tmp_path_factory.mktemp("tight"), TIGHT)
     d.start()
