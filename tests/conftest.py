@@ -56,7 +56,7 @@ _request_ids = itertools.count(1)
 
 
 # Modules about one engine's own features.
-ONE_ENGINE = {"test_pitchey_schema": "postgresql"}
+ONE_ENGINE = {"test_pitchey_schema": "postgresql", "test_store_postgres": "postgresql"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
