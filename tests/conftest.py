@@ -193,6 +193,9 @@ class Daemon:
         # The daemon reads PITCHEY_WS_* as configuration: none leaks in from the caller.
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("PITCHEY_WS_")}
         environ = {**inherited, "JWT_SECRET": SECRET, **(env or {})}
+        if self.database_url is not None:
+            # Also in the environment: tests rewrite the config file between starts.
+            environ.setdefault("PITCHEY_WS_DATABASE_URL", self.database_url)
         log = open(self.log, "ab")  # noqa: SIM115 - handed to the child, closed on stop
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "pitchey_ws.py"), "serve", "--config", str(self.config),

@@ -107,6 +107,8 @@ async def test_rate_limit_shared_by_tabs_and_excess_not_processed(
         await b.expect("new_message", content=f"m{i}")
     await b.absent("new_message")
     stored = tight.query(
+        "SELECT q.request_id FROM ws_message_requests q WHERE q.sender_id = ?"
+        " ORDER BY q.message_id" if tight.postgresql else
         "SELECT request_id FROM messages WHERE sender_id = ? ORDER BY id", (a,)
     )
     assert [r[0] for r in stored] == [f"rl-{a}-{i}" for i in range(5)]
