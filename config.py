@@ -46,6 +46,24 @@ class ServerConfig:
 @dataclass(frozen=True)
 class DatabaseConfig:
     path: str = "pitchey-ws.db"
+    # "" = SQLite at ``path``; else "sqlite:///PATH" or "postgresql://...".
+    url: str = ""
+    # PostgreSQL only: "create" the Pitchey tables, or use the "existing" ones of the app.
+    pitchey_schema: str = "create"
+    # PostgreSQL only: connections of the read pool (the writer has one more of its own).
+    pool_size: int = 4
+
+    @property
+    def engine(self) -> str:
+        """"sqlite" or "postgresql", from ``url``."""
+        return "postgresql" if self.url.startswith(("postgresql://", "postgres://")) else "sqlite"
+
+    @property
+    def sqlite_path(self) -> str:
+        """The SQLite file: ``url``'s path when it is a sqlite:/// URL, else ``path``."""
+        if self.url.startswith("sqlite:///"):
+            return self.url[len("sqlite:///"):]
+        return self.path
     synchronous: str = "FULL"
     max_batch: int = 512
     cache_conversations: int = 10000
@@ -215,6 +233,7 @@ def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -
         "server.shutdown_timeout_seconds": config.server.shutdown_timeout_seconds,
         "server.backlog": config.server.backlog,
         "database.max_batch": config.database.max_batch,
+        "database.pool_size": config.database.pool_size,
         "database.cache_conversations": config.database.cache_conversations,
         "database.cache_request_ids": config.database.cache_request_ids,
         "database.cache_users": config.database.cache_users,
@@ -284,6 +303,16 @@ def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -
         raise ConfigError(f"server.log_level: one of {', '.join(_LOG_LEVELS)}")
     if config.database.synchronous.upper() not in _SYNCHRONOUS:
         raise ConfigError(f"database.synchronous: one of {', '.join(_SYNCHRONOUS)}")
+    url = config.database.url
+    if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise ConfigError(
+            f"database.url: sqlite:///PATH or postgresql://..., got {url.split('://')[0]!r}"
+        )
+    if config.database.pitchey_schema not in ("create", "existing"):
+        raise ConfigError(
+            "database.pitchey_schema: one of create, existing,"
+            f" got {config.database.pitchey_schema!r}"
+        )
     if not config.auth.algorithms:
         raise ConfigError("auth.algorithms: at least one algorithm is required")
     for alg in config.auth.algorithms:

@@ -77,8 +77,12 @@ class Sessions:
 
     # -- before the handshake --------------------------------------------------------------
 
-    def admit(self, ws: ServerConnection, request: Request, query: str) -> Response | None:
-        """Authenticate a handshake: a refusal (401/429/503), or None to go on."""
+    async def admit(
+        self, ws: ServerConnection, request: Request, query: str
+    ) -> Response | None:
+        """Authenticate a handshake: a refusal (401/429/503), or None to go on. A valid token
+        of a user the store does not accept (not in an existing Pitchey database's users)
+        is 401 ``unknown_user``."""
         token = _token_from(request, query)
         try:
             identity = self.verifier().verify(token)
@@ -96,6 +100,16 @@ class Sessions:
             )
         if self.hub.connections + self.handshaking >= self.config.limits.max_connections:
             return json_response(ws, 503, {"error": "server_full", "message": "Server is full"})
+        try:
+            accepted = await self.store.accepts_user(identity.user_id)
+        except StoreError:
+            return json_response(
+                ws, 503, {"error": "unavailable", "message": "The database is unavailable"}
+            )
+        if not accepted:
+            self.refusals.note("handshake refused (unknown_user)", "handshake refused: %s",
+                               "unknown_user")
+            return json_response(ws, 401, {"error": "unknown_user", "message": "Unknown user"})
         self.identities[ws] = identity
         return None
 

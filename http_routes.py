@@ -11,7 +11,7 @@ import http
 import ipaddress
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -37,7 +37,7 @@ DEMO_STATIC = {
     "/": ("client/demo.html", "text/html; charset=utf-8"),
 }
 
-Admit = Callable[[ServerConnection, Request, str], Response | None]
+Admit = Callable[[ServerConnection, Request, str], Awaitable[Response | None]]
 
 
 class Routes:
@@ -56,7 +56,7 @@ class Routes:
         url = urlsplit(request.path)
         path = url.path
         if path == WS_PATH:
-            return self.admit(ws, request, url.query)
+            return await self.admit(ws, request, url.query)
         if path == "/api/health":
             return await self.health(ws)
         if path == "/metrics":

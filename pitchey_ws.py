@@ -49,7 +49,10 @@ class App:
         self.config = config
         self.metrics = Metrics()
         self.store = open_store(
-            config.database.path,
+            config.database.sqlite_path,
+            url=config.database.url,
+            pitchey_schema=config.database.pitchey_schema,
+            pool_size=config.database.pool_size,
             synchronous=config.database.synchronous.upper(),
             max_batch=config.database.max_batch,
             on_commit=self._observe_commit,
@@ -230,7 +233,7 @@ def load_config(args: argparse.Namespace) -> cfg.Config:
     if getattr(args, "port", None) is not None:
         config = config.replace("server", port=args.port)
     if getattr(args, "db", None):
-        config = config.replace("database", path=args.db)
+        config = config.replace("database", path=args.db, url="")  # --db is SQLite
     if getattr(args, "demo", False):
         config = config.replace("server", demo=True)
     return config
@@ -357,7 +360,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         return 2
     auth = config.auth
     if not auth.jwt_secret:
-        secret = demo.stored_secret(config.database.path)
+        secret = demo.stored_secret(config.database.sqlite_path)
         if secret is None:
             print(
                 "pitchey-ws: no JWT secret. Set JWT_SECRET or auth.jwt_secret, or point --db at"

@@ -40,6 +40,7 @@ from rows import (
     PitchRow,
 )
 from store import (
+    ConstraintViolation,
     DuplicateRequest,
     KeyedLock,
     NewMessage,
@@ -348,6 +349,13 @@ class Service:
                 creator, members, title, request_id, pitch_id, p.now_iso(),
                 conversation_id=conversation_id,
             )
+        except ConstraintViolation:
+            # A user (or pitch) the database does not have: an existing Pitchey database
+            # holds only the app's users, and pitch ids refer to its pitches.
+            budget.refund(len(members) - 1)
+            raise p.ProtocolError(
+                p.INVALID_MESSAGE, "a participant or the pitch is not known"
+            ) from None
         except BaseException:
             budget.refund(len(members) - 1)
             raise

@@ -131,6 +131,11 @@ class Store(Protocol):
 
     async def put_setting(self, key: str, value: str) -> None: ...
 
+    async def accepts_user(self, user_id: int) -> bool:
+        """Whether this user may connect. False only where the store serves the users another
+        program created (PostgreSQL with ``pitchey_schema = "existing"``: the app's ``users``)
+        and this one is not among them, or where the id cannot be stored."""
+
     async def users(self, ids: Iterable[int]) -> dict[int, UserRow]:
         """The known users among ``ids`` (at most MAX_ROWS)."""
 
@@ -376,11 +381,22 @@ class KeyedLock:
 def open_store(
     path: str,
     *,
+    url: str = "",
+    pitchey_schema: str = "create",
+    pool_size: int = 4,
     synchronous: str = "FULL",
     max_batch: int = 512,
     on_commit: Callable[[int, float], None] | None = None,
 ) -> Store:
-    """The engine for this configuration (today: SQLite at ``path``)."""
+    """The engine for this configuration: PostgreSQL when ``url`` is a postgresql:// URL
+    (asyncpg is imported only then), else SQLite at ``url``'s path or at ``path``."""
+    if url.startswith(("postgresql://", "postgres://")):
+        from store_postgres import PostgresStore
+
+        return PostgresStore(url, pitchey_schema=pitchey_schema, pool_size=pool_size,
+                             max_batch=max_batch, on_commit=on_commit)
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
     from store_sqlite import SqliteStore
 
     return SqliteStore(path, synchronous=synchronous, max_batch=max_batch, on_commit=on_commit)

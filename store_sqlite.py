@@ -527,6 +527,9 @@ class SqliteStore:
             (key, value),
         ))
 
+    async def accepts_user(self, user_id: int) -> bool:
+        return True  # unknown users are created on their first handshake
+
     async def users(self, ids: Iterable[int]) -> dict[int, UserRow]:
         wanted = list(dict.fromkeys(ids))[:MAX_ROWS]
         out: dict[int, UserRow] = {}

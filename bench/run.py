@@ -77,6 +77,30 @@ class Target:
     # older commit, for before/after figures in one run); the config then has only the keys
     # every version knows.
     root_env: str | None = None
+    # On the PostgreSQL engine: a fresh database of a server the bench starts (tests/servers.py).
+    postgres: bool = False
+
+
+_postgres_server: Any = None
+
+
+def postgres_url(label: str) -> str:
+    """A fresh database on the bench's PostgreSQL server (started on first use; stopped by
+    tests/servers.py's exit hook). Raises RuntimeError with the reason when it cannot start."""
+    global _postgres_server
+    if _postgres_server is None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import servers
+
+        try:
+            server = servers.PostgresServer()
+            server.start()
+        except servers.ServerUnavailable as exc:
+            raise RuntimeError(f"PostgreSQL unavailable: {exc}") from exc
+        _postgres_server = server
+    name = re.sub(r"[^a-z0-9_]", "_", f"bench_{label}".lower())
+    _postgres_server.drop_database(name)
+    return str(_postgres_server.create_database(name))
 
 
 TARGETS = {
@@ -85,6 +109,10 @@ TARGETS = {
     "daemon+uvloop": Target("daemon", ("--uvloop",), about="daemon on uvloop"),
     "daemon+stdjson": Target("daemon", ("--stdjson",),
                              about="daemon without orjson: protocol JSON by the standard library"),
+    "daemon+postgres": Target("daemon", postgres=True,
+                              scenarios=("one_to_one", "latency", "fanout"),
+                              about="daemon on the PostgreSQL engine (database.url, asyncpg),"
+                                    " a local server started by the bench"),
     "daemon+normal": Target("daemon", synchronous="NORMAL",
                             scenarios=("one_to_one", "latency", "fanout"),
                             about="daemon, database.synchronous = NORMAL (no fsync per commit)"),
@@ -239,7 +267,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def bench_config(path: Path, synchronous: str, *, portable: bool = False) -> None:
+def bench_config(path: Path, synchronous: str, *, portable: bool = False,
+                 url: str | None = None) -> None:
     """The shipped defaults, but rate limits and delivery budgets out of the way (they are
     per user). ``portable``: only keys older versions know too (no delivery budget)."""
     budget = "" if portable else (
@@ -250,7 +279,8 @@ def bench_config(path: Path, synchronous: str, *, portable: bool = False) -> Non
         "# Written by bench/run.py: defaults, except the per-user rate limits are out of the way.\n"
         "[database]\n"
         f'synchronous = "{synchronous}"\n'
-        "[limits]\n"
+        + (f'url = "{url}"\n' if url else "")
+        + "[limits]\n"
         "frames_per_second = 1000000\n"
         "frames_burst = 1000000\n"
         "flood_max_dropped = 1000000\n"
@@ -282,10 +312,11 @@ class Server:
                 if not os.environ.get(spec.root_env):
                     raise RuntimeError(f"{target} needs ${spec.root_env}: a checkout to run")
                 root = Path(os.environ[spec.root_env])
+            url = postgres_url(label) if spec.postgres else None
             bench_config(config, spec.synchronous or settings.synchronous,
-                         portable=spec.root_env is not None)
+                         portable=spec.root_env is not None, url=url)
             serve = ["serve", "--config", str(config), "--host", HOST, "--port",
-                     str(self.port), "--db", str(self.db)]
+                     str(self.port), *(() if url else ("--db", str(self.db)))]
             if flags:
                 argv = [py, str(HERE / "serve_variant.py"), *flags, *serve]
             else:

@@ -7,10 +7,12 @@ scaled by PITCHEY_TEST_TIMEOUT_SCALE, never a fixed sleep used to synchronise.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -32,6 +34,18 @@ from websockets.exceptions import ConnectionClosed
 # Real PostgreSQL, Redis and nginx servers for the tests that need them (tests/servers.py).
 pytest_plugins = ["servers"]
 
+ENGINES = ("sqlite", "postgresql")
+# Modules that start no daemon, or test what only the SQLite engine has (its file, its
+# pages, its writer thread, `token --db FILE`): they run once, on SQLite.
+SQLITE_ONLY = frozenset({
+    "test_store",  # store_sqlite.SqliteStore itself
+    "test_disk",  # a failing disk under the SQLite file
+    "test_cli",  # `token --db FILE` reads the SQLite file
+    "test_lifecycle",  # unusable database files at startup
+    "test_protocol", "test_servers", "test_service", "test_errors", "test_config",
+    "test_browser", "test_js_client", "test_proxy", "test_smoke",
+})
+
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-" + "0123456789abcdef" * 4
 SCALE = float(os.environ.get("PITCHEY_TEST_TIMEOUT_SCALE", "1"))
@@ -39,6 +53,49 @@ TIMEOUT = 5 * SCALE
 
 _user_ids = itertools.count(1000)
 _request_ids = itertools.count(1)
+
+
+# Modules about one engine's own features.
+ONE_ENGINE = {"test_pitchey_schema": "postgresql", "test_store_postgres": "postgresql"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--engines", default=os.environ.get("PITCHEY_TEST_ENGINES", ",".join(ENGINES)),
+        help="store engines the daemon tests run against (comma-separated; default: %(default)s)",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every daemon test runs once per engine (module-scoped, so a module's shared daemon is
+    started once per engine)."""
+    if "engine" not in metafunc.fixturenames:
+        return
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    wanted = [e.strip() for e in metafunc.config.getoption("engines").split(",") if e.strip()]
+    for name in wanted:
+        if name not in ENGINES:
+            raise pytest.UsageError(f"--engines: unknown engine {name!r} (one of {ENGINES})")
+    if module in ONE_ENGINE:
+        engines = [ONE_ENGINE[module]]
+    else:
+        engines = ["sqlite"] if module in SQLITE_ONLY else wanted
+    metafunc.parametrize("engine", engines, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def engine(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The engine of the daemons this module's tests start (Daemon reads it): "sqlite", or
+    "postgresql" on the session's PostgreSQL server with a fresh database per daemon."""
+    name: str = getattr(request, "param", "sqlite")
+    if name == "postgresql":
+        Daemon.postgres = request.getfixturevalue("postgres_server")  # skips when it can't
+    Daemon.engine = name
+    try:
+        yield name
+    finally:
+        Daemon.engine = "sqlite"
+        Daemon.postgres = None
 
 
 def new_user() -> int:
@@ -92,17 +149,37 @@ def write_config(path: Path, overrides: dict[str, Any]) -> None:
 
 
 class Daemon:
-    """One pitchey-ws process on a free port with its own database and config."""
+    """One pitchey-ws process on a free port with its own database and config.
 
-    def __init__(self, tmp: Path, overrides: dict[str, Any] | None = None) -> None:
+    On the PostgreSQL engine (the ``engine`` fixture sets the class's ``engine``) each daemon
+    gets a fresh database of the session's server, named by ``database.url`` in its config,
+    and ``query`` runs its SQL there."""
+
+    engine = "sqlite"
+    postgres: Any = None  # the session's servers.PostgresServer, on the PostgreSQL engine
+
+    def __init__(self, tmp: Path, overrides: dict[str, Any] | None = None,
+                 database_url: str | None = None) -> None:
         self.tmp = tmp
         self.db = tmp / "pitchey.db"
         self.config = tmp / "config.toml"
         self.log = tmp / "daemon.log"
         self.port = free_port()
-        defaults = {"presence.offline_grace_seconds": 0, "server.log_level": "DEBUG"}
+        self.database_url = database_url
+        if self.database_url is None and self.engine == "postgresql":
+            self.database_url = self.postgres.create_database()
+        if self.database_url is not None:
+            self.engine = "postgresql"
+        defaults: dict[str, Any] = {"presence.offline_grace_seconds": 0,
+                                    "server.log_level": "DEBUG"}
+        if self.database_url is not None:
+            defaults["database.url"] = self.database_url
         write_config(self.config, {**defaults, **(overrides or {})})
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def postgresql(self) -> bool:
+        return self.engine == "postgresql"
 
     @property
     def url(self) -> str:
@@ -116,10 +193,14 @@ class Daemon:
         # The daemon reads PITCHEY_WS_* as configuration: none leaks in from the caller.
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("PITCHEY_WS_")}
         environ = {**inherited, "JWT_SECRET": SECRET, **(env or {})}
+        if self.database_url is not None:
+            # Also in the environment: tests rewrite the config file between starts.
+            environ.setdefault("PITCHEY_WS_DATABASE_URL", self.database_url)
         log = open(self.log, "ab")  # noqa: SIM115 - handed to the child, closed on stop
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "pitchey_ws.py"), "serve", "--config", str(self.config),
-             "--host", "127.0.0.1", "--port", str(self.port), "--db", str(self.db), *extra],
+             "--host", "127.0.0.1", "--port", str(self.port),
+             *(() if self.postgresql else ("--db", str(self.db))), *extra],
             stdout=log, stderr=log, env=environ, cwd=self.tmp,
         )
         log.close()
@@ -168,7 +249,11 @@ class Daemon:
         return await asyncio.to_thread(self.stop, sig)
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        """Read the daemon's database (WAL lets us read while it runs)."""
+        """Read the daemon's database (WAL lets us read while it runs). On PostgreSQL the
+        same SQL, its ``?`` numbered, through asyncpg; booleans compare equal to SQLite's 0
+        and 1, and timestamps come back in the wire format, as SQLite stores them."""
+        if self.database_url is not None:
+            return pg_query(self.database_url, sql, params)
         db = sqlite3.connect(self.db, timeout=5)
         try:
             return db.execute(sql, params).fetchall()
@@ -181,6 +266,30 @@ class Daemon:
                 return r.status, dict(r.headers), r.read()
         except urllib.error.HTTPError as e:
             return e.code, dict(e.headers), e.read()
+
+
+def pg_query(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Run one statement on a PostgreSQL database from sync code (also inside a running
+    loop: on a thread of its own) and return its rows as tuples."""
+    import asyncpg
+
+    numbered = iter(range(1, 1000))
+    text = re.sub(r"\?", lambda _: f"${next(numbered)}", sql)
+
+    def value(v: Any) -> Any:
+        if isinstance(v, datetime):
+            return v.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        return v
+
+    async def run() -> list[tuple[Any, ...]]:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            return [tuple(value(v) for v in r) for r in await conn.fetch(text, *params)]
+        finally:
+            await conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result()
 
 
 class Client:
@@ -287,8 +396,9 @@ class Connector:
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """A daemon shared by the tests of one module (tests use distinct user ids)."""
+def daemon(tmp_path_factory: pytest.TempPathFactory, engine: str) -> Iterator[Daemon]:
+    """A daemon shared by the tests of one module (tests use distinct user ids), one per
+    engine."""
     d = Daemon(tmp_path_factory.mktemp("daemon"))
     d.start()
     yield d
@@ -297,7 +407,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 
 @pytest.fixture
-def fresh_daemon(tmp_path: Path) -> Iterator[Daemon]:
+def fresh_daemon(tmp_path: Path, engine: str) -> Iterator[Daemon]:
     """A daemon of this test alone, not started: set overrides, then call start()."""
     d = Daemon(tmp_path)
     yield d

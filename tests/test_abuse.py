@@ -125,9 +125,14 @@ async def test_fan_out_budget_refuses_before_storing(tmp_path: Path) -> None:
         sent = daemon.query("SELECT content FROM messages WHERE sender_id = ? ORDER BY id",
                             (sender.user_id,))
         assert sent == [("m0",), ("m1",)]
+        # One receipt per recipient (PostgreSQL: a ws_undelivered row until it is delivered).
         receipts = daemon.query(
-            "SELECT COUNT(*) FROM message_read_receipts r JOIN messages m ON m.id = r.message_id"
-            " WHERE m.sender_id = ?", (sender.user_id,))
+            "SELECT COUNT(*) FROM"
+            + (" (SELECT message_id FROM message_read_receipts UNION ALL"
+               " SELECT message_id FROM ws_undelivered) r" if daemon.postgresql
+               else " message_read_receipts r")
+            + " JOIN messages m ON m.id = r.message_id WHERE m.sender_id = ?",
+            (sender.user_id,))
         assert receipts == [(20,)]
         assert daemon.query("SELECT COUNT(*) FROM conversations WHERE created_by_id = ?",
                             (sender.user_id,)) == [(1,)]

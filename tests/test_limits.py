@@ -42,7 +42,7 @@ TIGHT = {
 
 
 @pytest.fixture(scope="module")
-def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def tight(tmp_path_factory: pytest.TempPathFactory, engine: str) -> Iterator[Daemon]:
     """A daemon with a 6-frame burst, no practical refill, and 3 connections per user."""
     d = Daemon(tmp_path_factory.mktemp("tight"), TIGHT)
     d.start()
@@ -107,6 +107,8 @@ async def test_rate_limit_shared_by_tabs_and_excess_not_processed(
         await b.expect("new_message", content=f"m{i}")
     await b.absent("new_message")
     stored = tight.query(
+        "SELECT q.request_id FROM ws_message_requests q WHERE q.sender_id = ?"
+        " ORDER BY q.message_id" if tight.postgresql else
         "SELECT request_id FROM messages WHERE sender_id = ? ORDER BY id", (a,)
     )
     assert [r[0] for r in stored] == [f"rl-{a}-{i}" for i in range(5)]

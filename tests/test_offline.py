@@ -33,6 +33,17 @@ UNDELIVERED = (
     " WHERE r.user_id = ? AND m.conversation_id = ? AND r.delivered_at IS NULL"
     " ORDER BY r.message_id"
 )
+# On PostgreSQL undelivered is a ws_* table's row: the app's receipts have delivered_at NOT NULL.
+UNDELIVERED_PG = (
+    "SELECT u.message_id FROM ws_undelivered u JOIN messages m ON m.id = u.message_id"
+    " WHERE u.user_id = ? AND m.conversation_id = ? ORDER BY u.message_id"
+)
+
+
+def undelivered(daemon: Daemon) -> str:
+    return UNDELIVERED_PG if daemon.postgresql else UNDELIVERED
+
+
 MESSAGE_TYPES = ("queued_message", "new_message")
 # No rate limit in the way of the race test's sender.
 FAST = {"limits.frames_per_second": 100000, "limits.frames_burst": 100000}
@@ -68,7 +79,7 @@ async def test_backlog_replayed_once_then_live(daemon: Daemon, connect_to: Conne
     assert [s["delivered"] for s in sent] == [False, False, False]
     ids = [s["messageId"] for s in sent]
     assert ids == sorted(ids)
-    assert daemon.query(UNDELIVERED, (b_id, cid)) == [(i,) for i in ids]
+    assert daemon.query(undelivered(daemon), (b_id, cid)) == [(i,) for i in ids]
 
     b = await connect_to(b_id, wait_connected=False)
     first = await b.recv()
@@ -88,7 +99,7 @@ async def test_backlog_replayed_once_then_live(daemon: Daemon, connect_to: Conne
     frame = await b.expect("new_message", messageId=live["messageId"])
     assert frame["content"] == live["content"]
     assert [f for f in b.seen if f["type"] == "queued_message"] == []
-    await eventually_db(daemon, UNDELIVERED, (b_id, cid), [])
+    await eventually_db(daemon, undelivered(daemon), (b_id, cid), [])
 
     await b.close()
     again = await connect_to(b_id)
@@ -110,7 +121,7 @@ async def test_backlog_survives_kill(tmp_path: Path) -> None:
         assert [(f["type"], f["messageId"]) for f in frames] == [
             ("queued_message", i) for i in ids
         ]
-        await eventually_db(daemon, UNDELIVERED, (b_id, cid), [])
+        await eventually_db(daemon, undelivered(daemon), (b_id, cid), [])
         daemon.kill()
         daemon.start()
         again = await connect(b_id)
@@ -152,7 +163,7 @@ async def test_rest_of_backlog_via_sync(tmp_path: Path) -> None:
             assert done["lastMessageId"] == got[-1]
             has_more = done["hasMore"]
         assert got == ids
-        await eventually_db(connect.daemon, UNDELIVERED, (b_id, cid), [])
+        await eventually_db(connect.daemon, undelivered(connect.daemon), (b_id, cid), [])
         await b.close()
         again = await connect(b_id)
         assert await replayed(again) == []
@@ -210,7 +221,7 @@ async def test_replay_live_race(tmp_path: Path) -> None:
             assert got == expected
             await b.close()
             await a.expect("user_offline", userId=b_id)
-        await eventually_db(connect.daemon, UNDELIVERED, (b_id, cid), [])
+        await eventually_db(connect.daemon, undelivered(connect.daemon), (b_id, cid), [])
 
 
 class HalfClosed:

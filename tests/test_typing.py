@@ -170,7 +170,7 @@ async def test_stale_rows_cleared_at_startup(tmp_path: Path) -> None:
         assert daemon.query(TYPING_ROWS, (cid, a.user_id)) == [(1,)]
         daemon.start()
         assert daemon.query("SELECT conversation_id, user_id, is_typing FROM typing_indicators"
-                            " WHERE is_typing = 1") == []
+                            " WHERE is_typing") == []
         b2 = await connect(b.user_id)
         await b2.request({"type": "ping"}, "pong")
         assert not [f for f in b2.seen if f["type"] == "user_typing"], b2.seen

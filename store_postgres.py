@@ -1,0 +1,1206 @@
+"""The PostgreSQL engine of the store, through asyncpg. Implements ``store.Store``; nothing
+outside this module sees SQL or asyncpg (imported only when ``database.url`` is postgresql).
+
+**Tables.** The Pitchey app's own tables (PROTOCOL.md section 13, ``pitchey-schema.sql``):
+``users``, ``conversations``, ``conversation_participants``, ``messages``,
+``message_read_receipts``, ``typing_indicators``, with the app's names and columns. With
+``pitchey_schema = "create"`` this engine creates them (a superset of what it needs; columns
+the daemon cannot fill, such as ``users.email``, are nullable there). With ``"existing"`` it
+uses the app's tables as they are: it adds no column or index to them and never inserts into
+``users``. Everything the app's tables have no column for lives in ``ws_*`` tables of its
+own, created by numbered migrations (``ws_schema_version``):
+
+- ``ws_message_requests`` / ``ws_conversation_requests``: idempotency, one row per
+  ``(sender_id, request_id)`` / ``(created_by_id, request_id)`` (their primary keys);
+- ``ws_undelivered``: the messages a recipient has not been sent. The app's
+  ``message_read_receipts.delivered_at`` is NOT NULL, so a receipt row is written only when
+  the message was delivered (or read), with the real time: a receipt never means "not yet";
+- ``ws_read_notices``: read notices owed to senders;
+- ``ws_direct_conversations``, ``ws_users`` (last_seen), ``ws_settings``.
+
+**Writes.** One task, the write loop, owns one connection and commits everything queued in
+one transaction (group commit); each caller's future resolves after COMMIT. Within a batch,
+statements are grouped by SQL text (one ``executemany`` each), INSERTs first in foreign-key
+order (``_PARENTS_FIRST``). When a batch fails it runs again as one transaction with a
+savepoint per write: the bad write fails alone.
+
+**Ids.** Message and conversation ids come from the tables' own sequences, taken inside the
+batch's transaction after ``pg_advisory_xact_lock(_ID_LOCK)``: a transaction that takes ids
+waits until every earlier one that took ids has committed or rolled back, so ids become
+visible in increasing order even with several daemons on one database. (Rows the app inserts
+itself do not take this lock; the app does not insert messages while pitchey-ws runs.)
+
+**Errors.** asyncpg's errors become the store's: a repeated request id is DuplicateRequest,
+other constraint failures ConstraintViolation; a lost connection, a full disk, a read-only or
+shutting-down server Unavailable (the writer reconnects for the next batch); damaged data
+Corrupt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from protocol import dumps, now_iso
+from rows import (
+    ConversationRow,
+    ConversationSummary,
+    MessageDetail,
+    MessageRow,
+    PendingEvent,
+    PendingMessage,
+    PendingRead,
+    Receipt,
+    UserRow,
+)
+from store import (
+    MAX_ROWS,
+    ConstraintViolation,
+    Corrupt,
+    DuplicateRequest,
+    KeyedLock,
+    NewMessage,
+    StoreClosed,
+    StoreError,
+    Unavailable,
+)
+
+log = logging.getLogger("pitchey.store")
+
+# Advisory lock keys (any constants; other programs on the database must not use them).
+_ID_LOCK = 0x7069_7463_6865_7901  # held by each transaction that takes message ids
+_MIGRATE_LOCK = 0x7069_7463_6865_7902  # held while the schema is checked and migrated
+
+PROBE_AFTER = 5.0  # the health check writes when nothing committed for this long (seconds)
+INT4_MAX = 2**31 - 1  # the app's ids are integer (serial)
+
+Params = tuple[Any, ...]
+
+
+class _Id:
+    """A placeholder in a statement's parameters for an id taken at commit time."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+MESSAGE_ID = _Id("message id")
+CONVERSATION_ID = _Id("conversation id")
+
+
+@dataclass
+class _Write:
+    """Statements that commit together. A parameter that is MESSAGE_ID or CONVERSATION_ID
+    is replaced by an id from the table's sequence in the batch's transaction; the ids
+    taken are left in ``message_id`` / ``conversation_id`` once the write committed."""
+
+    statements: list[tuple[str, Params]] = field(default_factory=list)
+    takes_message_id: bool = False
+    takes_conversation_id: bool = False
+    message_id: int | None = None
+    conversation_id: int | None = None
+
+    def add(self, sql: str, params: Params) -> _Write:
+        self.statements.append((sql, params))
+        return self
+
+    def bound(self) -> list[tuple[str, Params]]:
+        ids = {MESSAGE_ID: self.message_id, CONVERSATION_ID: self.conversation_id}
+        return [
+            (sql, tuple(ids[p] if isinstance(p, _Id) else p for p in params))
+            for sql, params in self.statements
+        ]
+
+
+# -- schema ------------------------------------------------------------------------------
+
+# The app's tables, for pitchey_schema = "create" (pitchey-schema.sql, less the app's enums and
+# the tables pitchey-ws does not use: pitch_id columns carry no foreign key here). Columns the
+# daemon cannot fill are nullable, and usernames are not unique: tokens name users, not the
+# app's sign-up form.
+APP_TABLES = """
+CREATE TABLE IF NOT EXISTS users (
+    id            serial PRIMARY KEY,
+    email         varchar(255) UNIQUE,
+    username      varchar(100),
+    password_hash text,
+    user_type     varchar(20),
+    first_name    varchar(100),
+    last_name     varchar(100),
+    company_name  text,
+    is_active     boolean DEFAULT true,
+    created_at    timestamp NOT NULL DEFAULT now(),
+    updated_at    timestamp NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    id              serial PRIMARY KEY,
+    pitch_id        integer,
+    created_by_id   integer NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    title           varchar(200),
+    is_group        boolean DEFAULT false,
+    last_message_at timestamp,
+    created_at      timestamp NOT NULL DEFAULT now(),
+    updated_at      timestamp NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS conversations_last_message_at_idx ON conversations (last_message_at);
+CREATE TABLE IF NOT EXISTS conversation_participants (
+    id                 serial PRIMARY KEY,
+    conversation_id    integer NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    user_id            integer NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    is_active          boolean DEFAULT true,
+    joined_at          timestamp NOT NULL DEFAULT now(),
+    left_at            timestamp,
+    mute_notifications boolean DEFAULT false,
+    UNIQUE (conversation_id, user_id)
+);
+CREATE INDEX IF NOT EXISTS conversation_participants_user_id_idx
+    ON conversation_participants (user_id);
+CREATE TABLE IF NOT EXISTS messages (
+    id                     serial PRIMARY KEY,
+    conversation_id        integer REFERENCES conversations (id) ON DELETE CASCADE,
+    pitch_id               integer,
+    sender_id              integer NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    receiver_id            integer REFERENCES users (id) ON DELETE CASCADE,
+    parent_message_id      integer REFERENCES messages (id) ON DELETE CASCADE,
+    subject                varchar(200),
+    content                text NOT NULL,
+    message_type           varchar(50) DEFAULT 'text',
+    attachments            jsonb,
+    is_read                boolean DEFAULT false,
+    is_edited              boolean DEFAULT false,
+    is_deleted             boolean DEFAULT false,
+    off_platform_requested boolean DEFAULT false,
+    off_platform_approved  boolean DEFAULT false,
+    sent_at                timestamp NOT NULL DEFAULT now(),
+    read_at                timestamp,
+    edited_at              timestamp,
+    deleted_at             timestamp
+);
+CREATE INDEX IF NOT EXISTS messages_conversation_id_idx ON messages (conversation_id, id);
+CREATE INDEX IF NOT EXISTS messages_sent_at_idx ON messages (sent_at);
+CREATE TABLE IF NOT EXISTS message_read_receipts (
+    id           serial PRIMARY KEY,
+    message_id   integer NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    user_id      integer NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    delivered_at timestamp NOT NULL DEFAULT now(),
+    read_at      timestamp,
+    UNIQUE (message_id, user_id)
+);
+-- Each user's unread receipts (the inbox's counts). Only in a database pitchey-ws created:
+-- it adds no index to an existing Pitchey database (docs/deploy.md suggests this one).
+CREATE INDEX IF NOT EXISTS message_read_receipts_unread_idx
+    ON message_read_receipts (user_id, message_id) WHERE read_at IS NULL;
+CREATE TABLE IF NOT EXISTS typing_indicators (
+    id              serial PRIMARY KEY,
+    conversation_id integer NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    user_id         integer NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    is_typing       boolean DEFAULT true,
+    updated_at      timestamp NOT NULL DEFAULT now(),
+    UNIQUE (conversation_id, user_id)
+);
+"""
+
+APP_TABLE_NAMES = ("users", "conversations", "conversation_participants", "messages",
+                   "message_read_receipts", "typing_indicators")
+
+# pitchey-ws's own tables: migration n brings the schema from version n - 1 to n.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE ws_settings (
+        key   text PRIMARY KEY,
+        value text NOT NULL
+    );
+    CREATE TABLE ws_users (
+        user_id   integer PRIMARY KEY REFERENCES users (id) ON DELETE CASCADE,
+        last_seen timestamp
+    );
+    CREATE TABLE ws_conversation_requests (
+        created_by_id   integer NOT NULL,
+        request_id      text NOT NULL,
+        conversation_id integer NOT NULL UNIQUE REFERENCES conversations (id) ON DELETE CASCADE,
+        PRIMARY KEY (created_by_id, request_id)
+    );
+    CREATE TABLE ws_direct_conversations (
+        user_low        integer NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        user_high       integer NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        conversation_id integer NOT NULL UNIQUE REFERENCES conversations (id) ON DELETE CASCADE,
+        PRIMARY KEY (user_low, user_high),
+        CHECK (user_low < user_high)
+    );
+    CREATE TABLE ws_message_requests (
+        sender_id  integer NOT NULL,
+        request_id text NOT NULL,
+        message_id integer NOT NULL UNIQUE REFERENCES messages (id) ON DELETE CASCADE,
+        PRIMARY KEY (sender_id, request_id)
+    );
+    CREATE TABLE ws_undelivered (
+        user_id    integer NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        message_id integer NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+        PRIMARY KEY (user_id, message_id)
+    );
+    CREATE INDEX ws_undelivered_message ON ws_undelivered (message_id);
+    CREATE TABLE ws_read_notices (
+        message_id integer NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+        reader_id  integer NOT NULL,
+        sender_id  integer NOT NULL,
+        PRIMARY KEY (message_id, reader_id)
+    );
+    CREATE INDEX ws_read_notices_sender ON ws_read_notices (sender_id);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# Unique indexes that mean "this request was stored before".
+_REQUEST_KEYS = frozenset({"ws_message_requests_pkey", "ws_conversation_requests_pkey"})
+
+
+def _timestamp_out(text: str) -> str:
+    """PostgreSQL's text form of a timestamp ('2024-05-01 12:00:00.12') in the wire format
+    ('2024-05-01T12:00:00.120Z'). Infinite values pass through."""
+    day, _, clock = text.partition(" ")
+    if not clock:
+        return text
+    whole, _, fraction = clock.partition(".")
+    return f"{day}T{whole}.{(fraction + '000')[:3]}Z"
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # Timestamps cross as the wire format's text: PostgreSQL parses '...T...Z' itself (the
+    # zone is ignored for timestamp without time zone, which holds UTC as the app's does).
+    await conn.set_type_codec(
+        "timestamp", schema="pg_catalog", encoder=str, decoder=_timestamp_out, format="text"
+    )
+
+
+class PostgresStore:
+    """``store.Store`` on a PostgreSQL database."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pitchey_schema: str = "create",
+        pool_size: int = 4,
+        max_batch: int = 512,
+        on_commit: Callable[[int, float], None] | None = None,
+    ) -> None:
+        if pitchey_schema not in ("create", "existing"):
+            raise ValueError(f"pitchey_schema: create or existing, got {pitchey_schema!r}")
+        self.url = url
+        self.existing = pitchey_schema == "existing"
+        self.pool_size = pool_size
+        self.max_batch = max_batch
+        self.on_commit = on_commit
+        self._pool: asyncpg.Pool | None = None
+        self._writer: asyncpg.Connection | None = None
+        self._queue: deque[tuple[_Write, asyncio.Future[None]]] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._pairs = KeyedLock()
+        self._message_seq = "messages_id_seq"
+        self._conversation_seq = "conversations_id_seq"
+        self.transactions = 0
+        self._failing: Unavailable | None = None
+        self._corrupt: Corrupt | None = None
+        self._last_commit = time.monotonic()
+        self._probe: asyncio.Future[None] | None = None
+
+    @property
+    def where(self) -> str:
+        """The database for messages: the URL without a password."""
+        return re.sub(r"://([^:@/]*):[^@/]*@", r"://\1@", self.url)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, check or create the tables, migrate, start the writer. Raises StoreError
+        naming the database and the reason; everything opened so far is closed again."""
+        try:
+            self._writer = await self._connect()
+            await self._migrate(self._writer)
+            self._pool = await asyncpg.create_pool(
+                self.url, min_size=1, max_size=self.pool_size, init=_init_connection,
+                command_timeout=30,
+            )
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            await self.close()
+            raise StoreError(f"database {self.where}: {_describe(exc)}") from exc
+        except BaseException:
+            await self.close()
+            raise
+        self._task = asyncio.create_task(self._write_loop(), name="store-writer")
+
+    async def _connect(self) -> asyncpg.Connection:
+        conn = await asyncpg.connect(self.url, timeout=10, command_timeout=30)
+        await _init_connection(conn)
+        return conn
+
+    async def _migrate(self, conn: asyncpg.Connection) -> None:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK)
+            if self.existing:
+                missing = [t for t in APP_TABLE_NAMES
+                           if await conn.fetchval("SELECT to_regclass($1)", t) is None]
+                if missing:
+                    raise StoreError(
+                        f"database {self.where} has no Pitchey table {', '.join(missing)}"
+                        ' (database.pitchey_schema = "existing" uses the app\'s tables)'
+                    )
+            else:
+                await conn.execute(APP_TABLES)
+            if await conn.fetchval("SELECT to_regclass('ws_schema_version')") is None:
+                await conn.execute("CREATE TABLE ws_schema_version (version integer NOT NULL)")
+                await conn.execute("INSERT INTO ws_schema_version VALUES (0)")
+            version = await conn.fetchval("SELECT version FROM ws_schema_version")
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"database {self.where} has pitchey-ws schema version {version}, newer"
+                    f" than this daemon's {SCHEMA_VERSION}"
+                )
+            for number in range(version + 1, SCHEMA_VERSION + 1):
+                await conn.execute(MIGRATIONS[number - 1])
+                await conn.execute("UPDATE ws_schema_version SET version = $1", number)
+            self._message_seq = await conn.fetchval(
+                "SELECT pg_get_serial_sequence('messages', 'id')")
+            self._conversation_seq = await conn.fetchval(
+                "SELECT pg_get_serial_sequence('conversations', 'id')")
+            if self._message_seq is None or self._conversation_seq is None:
+                raise StoreError(f"database {self.where}: messages.id and conversations.id"
+                                 " must take their default from a sequence (serial)")
+
+    async def close(self) -> None:
+        """Commit what is queued, then close the writer and the pool (also when the last
+        writes fail: their callers got the error)."""
+        if self._task is not None:
+            try:
+                await self.flush()
+            except StoreError as exc:
+                log.error("closing with writes that failed: %s", exc)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._closed = True
+        for _, future in self._queue:
+            if not future.done():
+                future.set_exception(StoreClosed("store closed"))
+        self._queue.clear()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                pool.terminate()
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            try:
+                await asyncio.wait_for(writer.close(), 5)
+            except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                writer.terminate()
+
+    async def healthy(self) -> bool:
+        """True, or raise the reason: a read must answer, and when nothing committed for
+        PROBE_AFTER seconds, or while writes fail, a small write must commit."""
+        rows = await self._fetch("SELECT 1")
+        if [tuple(r) for r in rows] != [(1,)]:
+            return False
+        if self._corrupt is not None:
+            raise self._corrupt
+        if self._failing is not None or time.monotonic() - self._last_commit > PROBE_AFTER:
+            if self._probe is None or self._probe.done():
+                self._probe = self._submit(_Write().add(_PUT_SETTING, ("health_probe", now_iso())))
+            await asyncio.shield(self._probe)
+        if self._failing is not None:
+            raise self._failing
+        return True
+
+    def _noted(self, error: StoreError) -> StoreError:
+        if isinstance(error, Unavailable):
+            if self._failing is None:
+                log.error("DATABASE %s CANNOT TAKE WRITES: %s; answering 'unavailable' until a"
+                          " write succeeds", self.where, error)
+            self._failing = error
+        elif isinstance(error, Corrupt) and self._corrupt is None:
+            self._corrupt = error
+            log.error("DATABASE %s IS CORRUPT: %s", self.where, error)
+        return error
+
+    def _note_commit(self) -> None:
+        self._last_commit = time.monotonic()
+        if self._failing is not None:
+            log.warning("database %s takes writes again (was: %s)", self.where, self._failing)
+            self._failing = None
+
+    # -- the writer ------------------------------------------------------------------------
+
+    def _submit(self, write: _Write) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            future.set_exception(StoreClosed("store closed"))
+            return future
+        self._queue.append((write, future))
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            if not wakeup.done():
+                wakeup.set_result(None)
+        return future
+
+    def _submit_later(self, write: _Write) -> None:
+        if write.statements:
+            self._submit(write).add_done_callback(_log_failure)
+
+    async def flush(self) -> None:
+        """Wait until everything queued before this call is committed."""
+        await self._submit(_Write())
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def _write_loop(self) -> None:
+        queue = self._queue
+        while True:
+            if not queue:
+                self._wakeup = asyncio.get_running_loop().create_future()
+                await self._wakeup
+                continue
+            batch = [queue.popleft() for _ in range(min(len(queue), self.max_batch))]
+            writes = [w for w, _ in batch]
+            started = time.perf_counter()
+            errors: list[StoreError | None]
+            try:
+                wrote = await self._commit(writes)
+            except asyncio.CancelledError:
+                _fail_all(batch, StoreClosed("store closed"))
+                raise
+            except Exception as first:
+                failed = _store_error(first)
+                if isinstance(failed, Unavailable | Corrupt) or not isinstance(
+                    first, asyncpg.PostgresError
+                ):
+                    errors = [failed] * len(batch)  # the server or the link, not one write
+                else:
+                    log.debug("batch of %d writes failed; retrying with savepoints", len(batch))
+                    try:
+                        raw = await self._savepoint_commit(writes)
+                    except asyncio.CancelledError:
+                        _fail_all(batch, StoreClosed("store closed"))
+                        raise
+                    except Exception as exc:
+                        errors = [_store_error(exc)] * len(batch)
+                    else:
+                        self.transactions += 1
+                        errors = [None if e is None else _store_error(e) for e in raw]
+                errors = [None if e is None else self._noted(e) for e in errors]
+                if not any(isinstance(e, Unavailable) for e in errors):
+                    self._note_commit()
+                for (_, future), error in zip(batch, errors, strict=True):
+                    if future.done():
+                        continue
+                    if error is None:
+                        future.set_result(None)
+                    else:
+                        future.set_exception(error)
+            else:
+                self.transactions += 1
+                if wrote:
+                    self._note_commit()
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+            if self.on_commit is not None:
+                self.on_commit(len(batch), time.perf_counter() - started)
+
+    async def _connection(self) -> asyncpg.Connection:
+        """The writer's connection, connected again after a loss."""
+        if self._writer is None or self._writer.is_closed():
+            if self._writer is not None:
+                self._writer.terminate()
+                self._writer = None
+            self._writer = await self._connect()
+        return self._writer
+
+    async def _take_ids(self, conn: asyncpg.Connection, writes: Sequence[_Write]) -> None:
+        """Give each write the ids it takes, in batch order, under the id lock."""
+        messages = [w for w in writes if w.takes_message_id]
+        conversations = [w for w in writes if w.takes_conversation_id]
+        if messages:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _ID_LOCK)
+        for takers, sequence, attr in ((conversations, self._conversation_seq,
+                                        "conversation_id"),
+                                       (messages, self._message_seq, "message_id")):
+            if not takers:
+                continue
+            ids = sorted(r[0] for r in await conn.fetch(
+                "SELECT nextval($1::regclass) FROM generate_series(1, $2)",
+                sequence, len(takers),
+            ))
+            for write, value in zip(takers, ids, strict=True):
+                setattr(write, attr, value)
+
+    async def _commit(self, writes: Sequence[_Write]) -> bool:
+        """Commit the writes as one transaction; False when they held no statement."""
+        if not any(w.statements for w in writes):
+            return False
+        conn = await self._connection()
+        async with conn.transaction():
+            await self._take_ids(conn, writes)
+            grouped: dict[str, list[Params]] = {}
+            for write in writes:
+                for sql, params in write.bound():
+                    grouped.setdefault(sql, []).append(params)
+            for sql, rows in sorted(grouped.items(), key=lambda g: _rank_of(g[0])):
+                if len(rows) == 1:
+                    await conn.execute(sql, *rows[0])
+                else:
+                    await conn.executemany(sql, rows)
+        return True
+
+    async def _savepoint_commit(self, writes: Sequence[_Write]) -> list[Exception | None]:
+        """One transaction, one savepoint per write; each write's error (None: committed)."""
+        errors: list[Exception | None] = []
+        conn = await self._connection()
+        async with conn.transaction():
+            if any(w.takes_message_id for w in writes):
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _ID_LOCK)
+            for write in writes:
+                try:
+                    async with conn.transaction():
+                        await self._take_ids(conn, [write])
+                        for sql, params in sorted(write.bound(), key=lambda s: _rank_of(s[0])):
+                            await conn.execute(sql, *params)
+                except asyncpg.PostgresError as exc:
+                    if isinstance(_store_error(exc), Unavailable | Corrupt):
+                        raise
+                    errors.append(exc)
+                else:
+                    errors.append(None)
+        return errors
+
+    async def _write(self, write: _Write) -> None:
+        await self._submit(write)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def _fetch(self, sql: str, *params: Any) -> list[Any]:
+        pool = self._pool
+        if pool is None:
+            raise StoreClosed("store is not open")
+        try:
+            return list(await pool.fetch(sql, *params))
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            if self._pool is None:
+                raise StoreClosed("store closed") from exc
+            raise self._noted(_store_error(exc)) from exc
+
+    async def setting(self, key: str) -> str | None:
+        rows = await self._fetch("SELECT value FROM ws_settings WHERE key = $1", key)
+        return rows[0][0] if rows else None
+
+    async def put_setting(self, key: str, value: str) -> None:
+        await self._write(_Write().add(_PUT_SETTING, (key, value)))
+
+    async def accepts_user(self, user_id: int) -> bool:
+        if not self.existing:
+            return 0 < user_id <= INT4_MAX
+        if not 0 < user_id <= INT4_MAX:
+            return False
+        rows = await self._fetch("SELECT 1 FROM users WHERE id = $1", user_id)
+        return bool(rows)
+
+    async def users(self, ids: Iterable[int]) -> dict[int, UserRow]:
+        wanted = [i for i in dict.fromkeys(ids) if 0 < i <= INT4_MAX][:MAX_ROWS]
+        if not wanted:
+            return {}
+        rows = await self._fetch(
+            "SELECT u.id, u.username, u.user_type::text, w.last_seen FROM users u"
+            " LEFT JOIN ws_users w ON w.user_id = u.id WHERE u.id = ANY($1::integer[])",
+            wanted,
+        )
+        return {r[0]: UserRow(r[0], r[1], r[2], r[3]) for r in rows}
+
+    def _profile_write(self, user_id: int, username: str | None, user_type: str | None) -> _Write:
+        if self.existing:
+            return _Write()  # the app owns its users: never inserted or changed here
+        now = now_iso()
+        if username is None and user_type is None:
+            return self._ensure_users(_Write(), [user_id])
+        return _Write().add(_UPSERT_USER, (user_id, username, user_type, now))
+
+    async def save_profile(
+        self, user_id: int, username: str | None, user_type: str | None
+    ) -> None:
+        write = self._profile_write(user_id, username, user_type)
+        if write.statements:
+            await self._write(write)
+
+    def save_profile_later(
+        self, user_id: int, username: str | None, user_type: str | None
+    ) -> None:
+        self._submit_later(self._profile_write(user_id, username, user_type))
+
+    def set_last_seen_later(self, user_id: int, last_seen: str) -> None:
+        self._submit_later(_Write().add(
+            "INSERT INTO ws_users (user_id, last_seen) VALUES ($1, $2)"
+            " ON CONFLICT (user_id) DO UPDATE SET last_seen = EXCLUDED.last_seen",
+            (user_id, last_seen),
+        ))
+
+    def _ensure_users(self, write: _Write, user_ids: Iterable[int]) -> _Write:
+        if self.existing:
+            return write  # an unknown user fails the write's foreign keys instead
+        now = now_iso()
+        for user_id in user_ids:
+            write.add(_ENSURE_USER, (user_id, now))
+        return write
+
+    # -- conversations ---------------------------------------------------------------------
+
+    async def conversation(self, conversation_id: int) -> ConversationRow | None:
+        if not 0 < conversation_id <= INT4_MAX:
+            return None
+        rows = await self._fetch(
+            "SELECT c.id, c.title, COALESCE(c.is_group, false), c.created_by_id, p.user_id"
+            " FROM conversations c LEFT JOIN conversation_participants p"
+            "   ON p.conversation_id = c.id AND p.is_active IS NOT FALSE"
+            " WHERE c.id = $1 LIMIT $2",
+            conversation_id, MAX_ROWS,
+        )
+        if not rows:
+            return None
+        cid, title, is_group, created_by, _ = rows[0]
+        members = frozenset(r[4] for r in rows if r[4] is not None)
+        return ConversationRow(cid, title, bool(is_group), created_by, members)
+
+    async def conversation_by_request(self, created_by: int, request_id: str) -> int | None:
+        rows = await self._fetch(
+            "SELECT conversation_id FROM ws_conversation_requests"
+            " WHERE created_by_id = $1 AND request_id = $2",
+            created_by, request_id,
+        )
+        return rows[0][0] if rows else None
+
+    def _create_conversation(
+        self, created_by: int, members: Sequence[int], title: str | None, is_group: bool,
+        request_id: str | None, pitch_id: int | None, now: str,
+    ) -> _Write:
+        write = self._ensure_users(_Write(takes_conversation_id=True), members)
+        write.add(
+            "INSERT INTO conversations (id, pitch_id, created_by_id, title, is_group,"
+            " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6)",
+            (CONVERSATION_ID, pitch_id, created_by, title, is_group, now),
+        )
+        for user_id in dict.fromkeys(members):
+            write.add(
+                "INSERT INTO conversation_participants (conversation_id, user_id, is_active,"
+                " joined_at, mute_notifications) VALUES ($1, $2, true, $3, false)",
+                (CONVERSATION_ID, user_id, now),
+            )
+        if request_id is not None:
+            write.add(
+                "INSERT INTO ws_conversation_requests (created_by_id, request_id,"
+                " conversation_id) VALUES ($1, $2, $3)",
+                (created_by, request_id, CONVERSATION_ID),
+            )
+        return write
+
+    async def create_conversation(
+        self,
+        created_by: int,
+        members: Sequence[int],
+        title: str | None,
+        request_id: str | None,
+        pitch_id: int | None,
+        now: str,
+    ) -> ConversationRow:
+        distinct = set(members)
+        is_group = len(distinct) > 2
+        write = self._create_conversation(
+            created_by, members, title, is_group, request_id, pitch_id, now
+        )
+        if not is_group and title is None and pitch_id is None and len(distinct) == 2:
+            low, high = sorted(distinct)
+            write.add(_INSERT_DIRECT + " ON CONFLICT DO NOTHING", (low, high, CONVERSATION_ID))
+        await self._write(write)
+        assert write.conversation_id is not None
+        return ConversationRow(write.conversation_id, title, is_group, created_by,
+                               frozenset(members))
+
+    async def _direct_id(self, low: int, high: int) -> int | None:
+        rows = await self._fetch(
+            "SELECT conversation_id FROM ws_direct_conversations"
+            " WHERE user_low = $1 AND user_high = $2",
+            low, high,
+        )
+        return rows[0][0] if rows else None
+
+    async def find_direct(self, a: int, b: int) -> int | None:
+        return await self._direct_id(min(a, b), max(a, b))
+
+    async def direct_conversation(self, a: int, b: int, now: str) -> ConversationRow:
+        low, high = min(a, b), max(a, b)
+        found = await self._direct_id(low, high)
+        if found is None:
+            async with self._pairs.hold((low, high)):
+                found = await self._direct_id(low, high)
+                if found is None:
+                    write = self._create_conversation(a, [a, b], None, False, None, None, now)
+                    write.add(_INSERT_DIRECT, (low, high, CONVERSATION_ID))
+                    try:
+                        await self._write(write)
+                        found = write.conversation_id
+                    except ConstraintViolation:
+                        # Another daemon made the pair's conversation first: use that one.
+                        found = await self._direct_id(low, high)
+                        if found is None:
+                            raise
+        assert found is not None
+        row = await self.conversation(found)
+        if row is None:
+            raise StoreError(f"direct conversation {found} vanished")
+        return row
+
+    async def contacts(self, user_id: int) -> set[int]:
+        rows = await self._fetch(
+            "SELECT DISTINCT b.user_id FROM conversation_participants a"
+            " JOIN conversation_participants b ON b.conversation_id = a.conversation_id"
+            " WHERE a.user_id = $1 AND a.is_active IS NOT FALSE AND b.is_active IS NOT FALSE"
+            " AND b.user_id != $1 LIMIT $2",
+            user_id, MAX_ROWS,
+        )
+        return {r[0] for r in rows}
+
+    # -- messages --------------------------------------------------------------------------
+
+    async def add_message(self, message: NewMessage) -> int:
+        write = _insert_message(message)
+        await self._submit(write)
+        assert write.message_id is not None
+        return write.message_id
+
+    async def message_by_request(self, sender_id: int, request_id: str) -> MessageRow | None:
+        rows = await self._fetch(
+            _MESSAGE_SELECT + " JOIN ws_message_requests q ON q.message_id = m.id"
+            " WHERE q.sender_id = $1 AND q.request_id = $2",
+            sender_id, request_id,
+        )
+        return _message(rows[0]) if rows else None
+
+    async def message(self, message_id: int) -> MessageRow | None:
+        if not 0 < message_id <= INT4_MAX:
+            return None
+        rows = await self._fetch(_MESSAGE_SELECT + " WHERE m.id = $1", message_id)
+        return _message(rows[0]) if rows else None
+
+    async def delivered_any(self, message_id: int) -> bool:
+        # A receipt row exists only once the message was delivered (or read).
+        rows = await self._fetch(
+            "SELECT 1 FROM message_read_receipts WHERE message_id = $1 LIMIT 1", message_id
+        )
+        return bool(rows)
+
+    async def message_for_read(
+        self, message_id: int, reader_id: int
+    ) -> tuple[MessageRow, str | None] | None:
+        if not 0 < message_id <= INT4_MAX:
+            return None
+        rows = await self._fetch(
+            _MESSAGE_SELECT.replace("COALESCE(m.is_read, false)", "r.read_at")
+            + " LEFT JOIN message_read_receipts r ON r.message_id = m.id AND r.user_id = $1"
+            " WHERE m.id = $2",
+            reader_id, message_id,
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return _message((*row[:8], False)), row[8]
+
+    async def mark_read(self, message_id: int, reader_id: int, now: str) -> None:
+        write = _Write().add(_MARK_RECEIPT_READ, (message_id, reader_id, now))
+        await self._write(write.add(_MARK_MESSAGE_READ, (now, message_id)))
+
+    async def history(
+        self, conversation_id: int, viewer_id: int, before: int | None, limit: int
+    ) -> tuple[list[MessageRow], bool]:
+        rows = await self._fetch(
+            _MESSAGE_SELECT.replace(
+                "COALESCE(m.is_read, false)",
+                "CASE WHEN m.sender_id = $1 THEN COALESCE(m.is_read, false)"
+                " ELSE r.read_at IS NOT NULL END",
+            )
+            + " LEFT JOIN message_read_receipts r ON r.message_id = m.id AND r.user_id = $1"
+            " WHERE m.conversation_id = $2 AND m.id < $3::bigint AND m.is_deleted IS NOT TRUE"
+            " ORDER BY m.id DESC LIMIT $4",
+            viewer_id, conversation_id, before or INT4_MAX + 1, limit + 1,
+        )
+        has_more = len(rows) > limit
+        return [_message(r) for r in reversed(rows[:limit])], has_more
+
+    async def since(self, user_id: int, since: int, limit: int) -> tuple[list[MessageRow], bool]:
+        rows = await self._fetch(
+            _MESSAGE_SELECT
+            + " JOIN conversation_participants p ON p.conversation_id = m.conversation_id"
+            "   AND p.user_id = $1 AND p.is_active IS NOT FALSE"
+            " WHERE m.id > $2::bigint AND m.is_deleted IS NOT TRUE ORDER BY m.id LIMIT $3",
+            user_id, since, limit + 1,
+        )
+        return [_message(r) for r in rows[:limit]], len(rows) > limit
+
+    # -- durable events --------------------------------------------------------------------
+
+    async def pending(self, user_id: int, limit: int) -> list[PendingEvent]:
+        messages = await self._fetch(
+            _MESSAGE_SELECT + " JOIN ws_undelivered u ON u.message_id = m.id"
+            " WHERE u.user_id = $1 ORDER BY u.message_id LIMIT $2",
+            user_id, limit,
+        )
+        reads = await self._fetch(
+            "SELECT r.read_at, m.id, m.conversation_id, n.reader_id, u.username"
+            " FROM ws_read_notices n"
+            " JOIN messages m ON m.id = n.message_id"
+            " JOIN message_read_receipts r ON r.message_id = n.message_id"
+            "   AND r.user_id = n.reader_id"
+            " LEFT JOIN users u ON u.id = n.reader_id"
+            " WHERE n.sender_id = $1 AND r.read_at IS NOT NULL"
+            " ORDER BY r.read_at, n.message_id LIMIT $2",
+            user_id, limit,
+        )
+        events: list[PendingEvent] = [PendingMessage(r[7], _message(r)) for r in messages]
+        events.extend(PendingRead(r[0], r[1], r[2], r[3], r[4]) for r in reads)
+        events.sort(key=_pending_order)
+        return events[:limit]
+
+    def record_deliveries(
+        self, messages: Mapping[int, Sequence[int]], reads: Sequence[tuple[int, int]]
+    ) -> asyncio.Future[None]:
+        now = now_iso()
+        write = _Write()
+        for message_id, user_ids in messages.items():
+            write.add(_DELIVERED, (message_id, list(user_ids), now))
+        for message_id, reader_id in reads:
+            write.add(
+                "DELETE FROM ws_read_notices WHERE message_id = $1 AND reader_id = $2",
+                (message_id, reader_id),
+            )
+        return self._submit(write)
+
+    # -- typing ----------------------------------------------------------------------------
+
+    def set_typing_later(
+        self, conversation_id: int, user_id: int, typing: bool, now: str
+    ) -> None:
+        self._submit_later(_Write().add(
+            "INSERT INTO typing_indicators (conversation_id, user_id, is_typing, updated_at)"
+            " VALUES ($1, $2, $3, $4) ON CONFLICT (conversation_id, user_id) DO UPDATE SET"
+            " is_typing = EXCLUDED.is_typing, updated_at = EXCLUDED.updated_at",
+            (conversation_id, user_id, typing, now),
+        ))
+
+    async def clear_typing(self) -> None:
+        await self._write(_Write().add("DELETE FROM typing_indicators WHERE $1", (True,)))
+
+    # -- the inbox and HTTP history --------------------------------------------------------
+
+    async def conversation_list(
+        self, user_id: int, before: tuple[str, int] | None, limit: int
+    ) -> tuple[list[ConversationSummary], bool]:
+        activity = "COALESCE(c.last_message_at, c.created_at)"
+        at, below = before if before is not None else ("infinity", INT4_MAX + 1)
+        rows = await self._fetch(
+            "SELECT c.id, c.title, c.pitch_id, COALESCE(c.is_group, false), c.last_message_at,"
+            " c.created_at"
+            " FROM conversation_participants p JOIN conversations c ON c.id = p.conversation_id"
+            f" WHERE p.user_id = $1 AND p.is_active IS NOT FALSE AND ({activity} < $2"
+            f" OR ({activity} = $2 AND c.id < $3::bigint))"
+            f" ORDER BY {activity} DESC, c.id DESC LIMIT $4",
+            user_id, at, below, limit + 1,
+        )
+        has_more = len(rows) > limit
+        rows = rows[:limit]
+        if not rows:
+            return [], has_more
+        ids = [r[0] for r in rows]
+        last = await self._fetch(
+            _MESSAGE_SELECT + " WHERE m.id IN (SELECT (SELECT id FROM messages"
+            " WHERE conversation_id = c AND is_deleted IS NOT TRUE ORDER BY id DESC LIMIT 1)"
+            " FROM unnest($1::integer[]) c)",
+            ids,
+        )
+        last_by = {r[1]: _message(r) for r in last}
+        others: dict[int, list[UserRow]] = {}
+        for r in await self._fetch(
+            "SELECT p.conversation_id, u.id, u.username, u.user_type::text, w.last_seen"
+            " FROM conversation_participants p JOIN users u ON u.id = p.user_id"
+            " LEFT JOIN ws_users w ON w.user_id = u.id"
+            " WHERE p.conversation_id = ANY($1::integer[])"
+            " AND p.is_active IS NOT FALSE AND p.user_id != $2"
+            " ORDER BY p.conversation_id, u.id LIMIT $3",
+            ids, user_id, MAX_ROWS,
+        ):
+            others.setdefault(r[0], []).append(UserRow(r[1], r[2], r[3], r[4]))
+        unread = {r[0]: r[1] for r in await self._fetch(
+            "SELECT m.conversation_id, COUNT(*) FROM (" + _UNREAD_OF_USER + ") x"
+            " JOIN messages m ON m.id = x.message_id"
+            " WHERE m.sender_id != $1 AND m.is_deleted IS NOT TRUE"
+            " AND m.conversation_id = ANY($2::integer[]) GROUP BY m.conversation_id",
+            user_id, ids,
+        )}
+        out = [
+            ConversationSummary(
+                r[0], r[1], r[2], bool(r[3]), r[4], r[5], others.get(r[0], []),
+                last_by.get(r[0]), int(unread.get(r[0], 0)),
+            )
+            for r in rows
+        ]
+        return out, has_more
+
+    async def message_details(self, message_ids: Sequence[int]) -> dict[int, MessageDetail]:
+        ids = [i for i in message_ids if 0 < i <= INT4_MAX]
+        if not ids:
+            return {}
+        receipts: dict[int, list[Receipt]] = {}
+        for r in await self._fetch(
+            "SELECT r.message_id, r.user_id, u.username, r.delivered_at, r.read_at"
+            " FROM message_read_receipts r LEFT JOIN users u ON u.id = r.user_id"
+            " WHERE r.message_id = ANY($1::integer[])"
+            " ORDER BY r.message_id, r.user_id LIMIT $2",
+            ids, MAX_ROWS,
+        ):
+            receipts.setdefault(r[0], []).append(Receipt(r[1], r[2], r[3], r[4]))
+        rows = await self._fetch(
+            "SELECT m.id, m.receiver_id, m.parent_message_id, m.subject,"
+            " COALESCE(m.is_edited, false), COALESCE(m.is_deleted, false), m.edited_at,"
+            " su.user_type::text"
+            " FROM messages m LEFT JOIN users su ON su.id = m.sender_id"
+            " WHERE m.id = ANY($1::integer[])",
+            ids,
+        )
+        return {
+            r[0]: MessageDetail(r[1], r[2], r[3], bool(r[4]), bool(r[5]), r[6], r[7],
+                                receipts.get(r[0], []))
+            for r in rows
+        }
+
+    async def unread_ids(
+        self, conversation_id: int, reader_id: int, up_to: int | None, limit: int
+    ) -> list[tuple[int, int]]:
+        rows = await self._fetch(
+            "SELECT m.id, m.sender_id FROM (" + _UNREAD_OF_USER + ") x"
+            " JOIN messages m ON m.id = x.message_id"
+            " WHERE m.conversation_id = $2 AND m.id <= $3::bigint AND m.sender_id != $1"
+            " AND m.is_deleted IS NOT TRUE ORDER BY m.id LIMIT $4",
+            reader_id, conversation_id,
+            up_to if up_to is not None else INT4_MAX, limit,
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    async def mark_read_many(self, message_ids: Sequence[int], reader_id: int, now: str) -> None:
+        if not message_ids:
+            return
+        write = _Write()
+        for message_id in message_ids:
+            write.add(_MARK_RECEIPT_READ, (message_id, reader_id, now))
+            write.add(_MARK_MESSAGE_READ, (now, message_id))
+        await self._write(write)
+
+
+def _fail_all(batch: Sequence[tuple[_Write, asyncio.Future[None]]], error: StoreError) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(error)
+
+
+# Tables in foreign-key order: each references only tables before it.
+_PARENTS_FIRST = ("users", "ws_users", "conversations", "conversation_participants",
+                  "ws_conversation_requests", "ws_direct_conversations", "messages",
+                  "ws_message_requests", "ws_undelivered", "message_read_receipts",
+                  "ws_read_notices", "typing_indicators")
+_INSERT_INTO = re.compile(r"INSERT INTO (\w+)")
+
+
+@functools.lru_cache(maxsize=256)
+def _rank_of(sql: str) -> int:
+    match = _INSERT_INTO.match(sql)
+    if match is None:
+        return len(_PARENTS_FIRST) + 1  # not an INSERT: after every INSERT
+    table = match.group(1)
+    return _PARENTS_FIRST.index(table) if table in _PARENTS_FIRST else len(_PARENTS_FIRST)
+
+
+# SQLSTATE classes and codes that mean the server or the link, not the write.
+_UNAVAILABLE_STATES = {
+    "53100": "the database server's disk is full",
+    "53200": "the database server is out of memory",
+    "53300": "the database server has too many connections",
+    "25006": "the database is read-only (a standby, or default_transaction_read_only)",
+    "57P01": "the database server is shutting down",
+    "57P02": "the database server is shutting down",
+    "57P03": "the database server is starting up or cannot take connections now",
+    "58030": "the database server has an I/O error",
+    "40001": "a serialization failure (retry)",
+    "40P01": "a deadlock (retry)",
+}
+_CORRUPT_STATES = {"XX001", "XX002"}
+
+
+def _describe(exc: BaseException) -> str:
+    state = getattr(exc, "sqlstate", None)
+    if state in _UNAVAILABLE_STATES:
+        return f"{_UNAVAILABLE_STATES[state]} ({exc})"
+    if isinstance(exc, OSError | asyncpg.InterfaceError | asyncpg.PostgresConnectionError):
+        return f"cannot reach the database server ({type(exc).__name__}: {exc})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _store_error(exc: BaseException) -> StoreError:
+    """The store's own error for what asyncpg raised."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, asyncpg.UniqueViolationError):
+        if exc.constraint_name in _REQUEST_KEYS:
+            return DuplicateRequest(str(exc))
+        return ConstraintViolation(str(exc))
+    if isinstance(exc, asyncpg.IntegrityConstraintViolationError | asyncpg.DataError):
+        return ConstraintViolation(str(exc))
+    state = getattr(exc, "sqlstate", None)
+    if state in _CORRUPT_STATES:
+        return Corrupt(_describe(exc))
+    if state in _UNAVAILABLE_STATES or isinstance(
+        exc, OSError | asyncpg.InterfaceError | asyncpg.PostgresConnectionError
+        | asyncpg.InsufficientResourcesError | TimeoutError
+    ):
+        return Unavailable(_describe(exc), 1.0 if state in ("40001", "40P01") else 5.0)
+    return StoreError(f"{type(exc).__name__}: {exc}")
+
+
+def _log_failure(future: asyncio.Future[None]) -> None:
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if exc is not None and not isinstance(exc, Unavailable | Corrupt | StoreClosed):
+        log.error("background write failed", exc_info=exc)
+
+
+def _pending_order(event: PendingEvent) -> tuple[str, int, int]:
+    match event:
+        case PendingMessage(queued_at=queued_at, message=message):
+            return (queued_at, 0, message.id)
+        case PendingRead(queued_at=queued_at, message_id=message_id):
+            return (queued_at, 1, message_id)
+
+
+# A message as MessageRow, with the app's nullable columns given the daemon's defaults.
+_MESSAGE_SELECT = (
+    "SELECT m.id, m.conversation_id, m.sender_id, su.username, m.content,"
+    " COALESCE(m.attachments::text, '[]'), COALESCE(m.message_type, 'text'), m.sent_at,"
+    " COALESCE(m.is_read, false)"
+    " FROM messages m LEFT JOIN users su ON su.id = m.sender_id"
+)
+
+# The message ids $1 has not read: not yet delivered, or delivered and unread (disjoint: a
+# delivery or a read removes the ws_undelivered row as it writes the receipt).
+_UNREAD_OF_USER = (
+    "SELECT message_id FROM ws_undelivered WHERE user_id = $1"
+    " UNION ALL SELECT message_id FROM message_read_receipts"
+    " WHERE user_id = $1 AND read_at IS NULL"
+)
+
+
+def _message(row: Sequence[Any]) -> MessageRow:
+    return MessageRow(
+        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], bool(row[8])
+    )
+
+
+_PUT_SETTING = (
+    "INSERT INTO ws_settings (key, value) VALUES ($1, $2)"
+    " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+)
+_UPSERT_USER = (
+    "INSERT INTO users (id, username, user_type, created_at, updated_at)"
+    " VALUES ($1, $2, $3, $4, $4) ON CONFLICT (id) DO UPDATE SET"
+    " username = COALESCE(EXCLUDED.username, users.username),"
+    " user_type = COALESCE(EXCLUDED.user_type, users.user_type),"
+    " updated_at = EXCLUDED.updated_at"
+)
+_ENSURE_USER = (
+    "INSERT INTO users (id, created_at, updated_at) VALUES ($1, $2, $2)"
+    " ON CONFLICT (id) DO NOTHING"
+)
+_INSERT_DIRECT = (
+    "INSERT INTO ws_direct_conversations (user_low, user_high, conversation_id)"
+    " VALUES ($1, $2, $3)"
+)
+# Delivered: the ws_undelivered rows go, and the receipts are written with the real time
+# (one statement whatever the number of recipients).
+_DELIVERED = (
+    "WITH d AS (DELETE FROM ws_undelivered WHERE message_id = $1"
+    " AND user_id = ANY($2::integer[]) RETURNING user_id)"
+    " INSERT INTO message_read_receipts (message_id, user_id, delivered_at)"
+    " SELECT $1, user_id, $3 FROM d ON CONFLICT (message_id, user_id) DO NOTHING"
+)
+# Read: the receipt (written now if the message was never delivered), the undelivered row
+# gone, and a read notice owed to the sender, unless it was read before. One statement, so
+# "read before" is decided by the receipt as it was.
+_MARK_RECEIPT_READ = (
+    "WITH r AS (INSERT INTO message_read_receipts (message_id, user_id, delivered_at, read_at)"
+    " VALUES ($1, $2, $3, $3) ON CONFLICT (message_id, user_id) DO UPDATE SET"
+    " read_at = EXCLUDED.read_at WHERE message_read_receipts.read_at IS NULL"
+    " RETURNING message_id, user_id),"
+    " d AS (DELETE FROM ws_undelivered WHERE user_id = $2 AND message_id = $1)"
+    " INSERT INTO ws_read_notices (message_id, reader_id, sender_id)"
+    " SELECT r.message_id, r.user_id, m.sender_id FROM r JOIN messages m ON m.id = r.message_id"
+    " ON CONFLICT DO NOTHING"
+)
+_MARK_MESSAGE_READ = (
+    "UPDATE messages SET is_read = true, read_at = COALESCE(read_at, $1) WHERE id = $2"
+)
+
+
+def _insert_message(m: NewMessage) -> _Write:
+    """The message, its request id, one undelivered row per recipient, and the
+    conversation's last_message_at."""
+    write = _Write(takes_message_id=True).add(
+        "INSERT INTO messages (id, conversation_id, sender_id, receiver_id, pitch_id, subject,"
+        " content, message_type, attachments, sent_at, is_read, is_edited, is_deleted)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, false, false, false)",
+        (
+            MESSAGE_ID, m.conversation_id, m.sender_id, m.receiver_id, m.pitch_id, m.subject,
+            m.content, m.message_type, _json(m.attachments), m.sent_at,
+        ),
+    )
+    if m.request_id is not None:
+        write.add(
+            "INSERT INTO ws_message_requests (sender_id, request_id, message_id)"
+            " VALUES ($1, $2, $3)",
+            (m.sender_id, m.request_id, MESSAGE_ID),
+        )
+    if m.recipients:
+        write.add(
+            "INSERT INTO ws_undelivered (user_id, message_id)"
+            " SELECT unnest($1::integer[]), $2",
+            (list(m.recipients), MESSAGE_ID),
+        )
+    return write.add(
+        "UPDATE conversations SET last_message_at = $1, updated_at = $1 WHERE id = $2",
+        (m.sent_at, m.conversation_id),
+    )
+
+
+def _json(attachments: list[dict[str, Any]]) -> str:
+    return dumps(attachments) if attachments else "[]"

@@ -1,0 +1,167 @@
+"""pitchey-ws on an existing Pitchey database (PostgreSQL, database.pitchey_schema = "existing").
+
+The database is made from tests/data/pitchey-schema.sql (a copy of the app's tables, shared/
+pitchey-schema.sql) with users, a pitch, an NDA and a conversation inserted the way the app
+does; then the daemon must use those rows at once, write messages the app can read with its
+own queries, add no column to the app's tables and insert no user.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TIMEOUT, Connector, Daemon, eventually, make_token, pg_query
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+SCHEMA = Path(__file__).with_name("data") / "pitchey-schema.sql"
+APP_TABLES = ("users", "pitches", "ndas", "pitch_views", "conversations",
+              "conversation_participants", "messages", "message_read_receipts",
+              "typing_indicators")
+COLUMNS = (
+    "SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns"
+    " WHERE table_schema = 'public' AND table_name = ANY(?::text[])"
+    " ORDER BY table_name, column_name"
+)
+
+
+@pytest.fixture
+def pitchey_db(postgres_server: Any) -> str:
+    """A Pitchey database as the app leaves it: its schema, three users, a pitch with an NDA
+    signed by the investor, and a conversation about the pitch created by the app."""
+    url: str = postgres_server.create_database()
+    _script(url, SCHEMA.read_text())
+    _script(url, """
+        INSERT INTO users (id, email, username, password_hash, user_type)
+        VALUES (1, 'alex@example.com', 'alex', 'x', 'creator'),
+               (2, 'sarah@example.com', 'sarah', 'x', 'investor'),
+               (3, 'stellar@example.com', 'stellar', 'x', 'production');
+        SELECT setval('users_id_seq', 3);
+        INSERT INTO pitches (id, user_id, title, logline, genre, format, status, published_at)
+        VALUES (7, 1, 'Night Train', 'A train that never stops.', 'thriller', 'feature',
+                'published', now());
+        INSERT INTO ndas (pitch_id, signer_id, nda_type) VALUES (7, 2, 'basic');
+        INSERT INTO conversations (id, pitch_id, created_by_id, title)
+        VALUES (40, 7, 2, 'Night Train');
+        SELECT setval('conversations_id_seq', 40);
+        INSERT INTO conversation_participants (conversation_id, user_id) VALUES (40, 1), (40, 2);
+    """)
+    return url
+
+
+def _script(url: str, sql: str) -> None:
+    """Run a multi-statement script (no parameters) on the database."""
+    import asyncio
+    import concurrent.futures
+
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, run()).result()
+
+
+@pytest.fixture
+async def existing(tmp_path: Path, pitchey_db: str) -> AsyncIterator[Connector]:
+    daemon = Daemon(tmp_path, {"database.pitchey_schema": "existing"}, database_url=pitchey_db)
+    before = daemon.query(COLUMNS, (list(APP_TABLES),))
+    daemon.start()
+    connector = Connector(daemon)
+    try:
+        yield connector
+    finally:
+        await connector.close_all()
+        if daemon.proc is not None:
+            daemon.stop()
+    # Whatever the test did, the app's tables have exactly their own columns.
+    assert daemon.query(COLUMNS, (list(APP_TABLES),)) == before
+
+
+async def test_app_conversation_usable_and_message_readable_by_app(
+    existing: Connector,
+) -> None:
+    """A conversation the app created works over the socket at once; the app reads the message."""
+    daemon = existing.daemon
+    alex = await existing(1, username="alex")
+    sarah = await existing(2, username="sarah")
+    await sarah.send({"type": "send_message", "conversationId": 40, "content": "Loved it",
+                      "requestId": "r1", "pitchId": 7})
+    sent = await sarah.expect("message_sent", requestId="r1")
+    got = await alex.expect("new_message", messageId=sent["messageId"])
+    assert got["content"] == "Loved it" and got["senderId"] == 2 and got["senderName"] == "sarah"
+    # The app's own query shape: its messages with their sender, by conversation.
+    rows = daemon.query(
+        "SELECT m.id, m.content, m.sender_id, u.username, m.pitch_id, m.is_read, m.sent_at"
+        " FROM messages m JOIN users u ON u.id = m.sender_id WHERE m.conversation_id = ?"
+        " ORDER BY m.sent_at DESC LIMIT 50",
+        (40,),
+    )
+    assert rows == [(sent["messageId"], "Loved it", 2, "sarah", 7, False, sent["timestamp"])]
+    # Delivered: the app's receipt row appears with a real delivered_at (it is NOT NULL there).
+    receipt = "SELECT delivered_at, read_at FROM message_read_receipts WHERE message_id = ?"
+    (delivered_at, read_at), = await eventually(
+        lambda: daemon.query(receipt, (sent["messageId"],)))
+    assert delivered_at >= sent["timestamp"] and read_at is None
+    await alex.send({"type": "mark_read", "messageId": sent["messageId"]})
+    read = await sarah.expect("message_read", messageId=sent["messageId"])
+    await eventually(lambda: daemon.query(receipt, (sent["messageId"],))[0][1] == read["readAt"])
+    assert daemon.query("SELECT is_read FROM messages WHERE id = ?", (sent["messageId"],)) == [
+        (True,)
+    ]
+    # A repeated requestId is the same message (idempotency in a ws_* table).
+    await sarah.send({"type": "send_message", "conversationId": 40, "content": "Loved it",
+                      "requestId": "r1"})
+    again = await sarah.expect("message_sent", requestId="r1")
+    assert again["messageId"] == sent["messageId"]
+    assert daemon.query("SELECT COUNT(*) FROM messages") == [(1,)]
+
+
+async def test_history_of_app_messages_and_new_conversation(existing: Connector) -> None:
+    """Messages the app stored are history; a new direct conversation uses known users only."""
+    daemon = existing.daemon
+    pg_query(daemon.database_url or "",
+             "INSERT INTO messages (conversation_id, sender_id, content, sent_at)"
+             " VALUES (40, 1, 'from the app', '2025-01-02 03:04:05.678')")
+    alex = await existing(1, username="alex")
+    page = await alex.request({"type": "get_messages", "conversationId": 40}, "messages")
+    assert [(m["content"], m["timestamp"], m["attachments"]) for m in page["messages"]] == [
+        ("from the app", "2025-01-02T03:04:05.678Z", [])
+    ]
+    stellar = await existing(3, username="stellar")
+    reply = await alex.request(
+        {"type": "create_conversation", "participantIds": [3], "requestId": "c1"},
+        "conversation_created", requestId="c1",
+    )
+    await stellar.expect("conversation_created", conversationId=reply["conversationId"])
+    assert daemon.query(
+        "SELECT user_id FROM conversation_participants WHERE conversation_id = ? ORDER BY 1",
+        (reply["conversationId"],),
+    ) == [(1,), (3,)]
+    # A participant the app does not know: refused, and no user was inserted.
+    await alex.send({"type": "create_conversation", "participantIds": [999], "requestId": "c2"})
+    error = await alex.expect("error")
+    assert error["code"] != "internal", error
+    assert daemon.query("SELECT COUNT(*) FROM users") == [(3,)]
+
+
+async def test_unknown_user_refused(existing: Connector) -> None:
+    """A valid token of a user the app does not have is 401 unknown_user at the handshake."""
+    daemon = existing.daemon
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(f"{daemon.url}?token={make_token(999, username='ghost')}",
+                           open_timeout=TIMEOUT):
+            pass
+    response = info.value.response
+    assert response.status_code == 401
+    assert json.loads(response.body)["error"] == "unknown_user"
+    assert daemon.query("SELECT COUNT(*) FROM users WHERE id = ?", (999,)) == [(0,)]
