@@ -68,6 +68,19 @@ def _retry_after(milliseconds: int | None) -> list[tuple[str, str]]:
     return [("Retry-After", str(max(1, math.ceil(milliseconds / 1000))))]
 
 
+def _api_error(exc: p.ProtocolError | StoreError) -> ApiError:
+    """The HTTP answer for an error the service or the store raised, for every route. A store
+    error other than ``unavailable`` is raised again: logged with its traceback, answered 500."""
+    if isinstance(exc, StoreError):
+        code, message, retry_after_ms = store_error_reply(exc)
+        if code == p.INTERNAL:
+            raise exc
+        return ApiError(503, code, message, _retry_after(retry_after_ms))
+    status = {p.FORBIDDEN: 403, p.RATE_LIMITED: 429, p.UNAVAILABLE: 503,
+              p.INTERNAL: 500}.get(exc.code, 400)
+    return ApiError(status, exc.code, exc.message, _retry_after(exc.retry_after_ms))
+
+
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str,
                  headers: list[tuple[str, str]] | None = None) -> None:
@@ -224,7 +237,7 @@ class HttpApi:
         if path in STATIC:
             return self.static_file(request, path)
         if path == "/demo/sign-nda":
-            return await self.demo_sign_nda(conn)
+            return await self.demo_sign_nda(request)
         # health, metrics, the demo routes: answered by the routes of before the front.
         response = await self.routes.process_request(conn, to_websockets(request))
         if response is None:  # only the WebSocket path, which is not routed here
@@ -285,16 +298,8 @@ class HttpApi:
         name, _ = await self.profile(identity)
         try:
             return await handler(Call(request, query, params, identity, name))
-        except p.ProtocolError as exc:
-            status = {p.FORBIDDEN: 403, p.RATE_LIMITED: 429, p.UNAVAILABLE: 503,
-                      p.INTERNAL: 500}.get(exc.code, 400)
-            raise ApiError(status, exc.code, exc.message, _retry_after(exc.retry_after_ms)
-                           ) from None
-        except StoreError as exc:
-            code, message, retry_after_ms = store_error_reply(exc)
-            if code == p.INTERNAL:
-                raise  # logged with its traceback by the front, answered 500
-            raise ApiError(503, code, message, _retry_after(retry_after_ms)) from None
+        except (p.ProtocolError, StoreError) as exc:
+            raise _api_error(exc) from None
 
     async def list_conversations(self, call: Call) -> Answer:
         limit = _int_query(call.query, "limit", INBOX_DEFAULT, 1, INBOX_MAX)
@@ -399,13 +404,12 @@ class HttpApi:
                                                    before, limit)
         return json_answer(200, {"success": True, **fields})
 
-    async def demo_sign_nda(self, conn: FrontConnection) -> Answer:
-        """Demo mode only, loopback only: publish nda_signed to the demo creator through the
-        backend's publish path, so a person sees it arrive in the creator's tab."""
-        peer = conn.raw.get_extra_info("peername") if conn.raw is not None else None
-        host = peer[0] if isinstance(peer, tuple) and peer else ""
-        if host not in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
-            return error(403, p.FORBIDDEN, "The demo routes answer loopback clients only")
+    async def demo_sign_nda(self, request: HttpRequest) -> Answer:
+        """Demo mode only, loopback hosts only (the Host and Origin check of every demo
+        route): publish nda_signed to the demo creator through the backend's publish path, so
+        a person sees it arrive in the creator's tab."""
+        if not self.routes.demo_caller(to_websockets(request)):
+            return error(403, "host_not_allowed", "Demo routes answer loopback hosts only")
         answer = await self.service.publish([demo.NDA_TO], None, None, "nda_signed",
                                             dict(demo.NDA_EVENT), True, None)
         return json_answer(200, answer)
@@ -426,16 +430,8 @@ class HttpApi:
                            [("WWW-Authenticate", "Bearer")])
         try:
             return await handler(request, params)
-        except p.ProtocolError as exc:
-            status = {p.FORBIDDEN: 403, p.RATE_LIMITED: 429, p.UNAVAILABLE: 503,
-                      p.INTERNAL: 500}.get(exc.code, 400)
-            raise ApiError(status, exc.code, exc.message, _retry_after(exc.retry_after_ms)
-                           ) from None
-        except StoreError as exc:
-            code, message, retry_after_ms = store_error_reply(exc)
-            if code == p.INTERNAL:
-                raise
-            raise ApiError(503, code, message, _retry_after(retry_after_ms)) from None
+        except (p.ProtocolError, StoreError) as exc:
+            raise _api_error(exc) from None
 
     async def publish(self, request: HttpRequest, _: tuple[int, ...]) -> Answer:
         body = _json_body(request)

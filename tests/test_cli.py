@@ -146,9 +146,10 @@ def test_demo_token_only_for_loopback_hosts(fresh_daemon: Daemon) -> None:
                                        "server.demo_hosts": ["demo.test"]})
     fresh_daemon.start("--demo", env={"JWT_SECRET": ""})
 
-    def get(headers: dict[str, str]) -> tuple[int, dict[str, str]]:
+    def get(headers: dict[str, str], method: str = "GET",
+            path: str = "/demo/token?userId=1") -> tuple[int, dict[str, str]]:
         conn = http.client.HTTPConnection("127.0.0.1", fresh_daemon.port, timeout=10)
-        conn.putrequest("GET", "/demo/token?userId=1", skip_host=True)
+        conn.putrequest(method, path, skip_host=True)
         for name, value in headers.items():
             conn.putheader(name, value)
         conn.endheaders()
@@ -167,3 +168,7 @@ def test_demo_token_only_for_loopback_hosts(fresh_daemon: Daemon) -> None:
         assert (status, body["error"]) == (403, "host_not_allowed"), (headers, body)
     status, body = get({"Host": f"127.0.0.1:{port}", "Origin": f"http://localhost:{port}"})
     assert status == 200
+    # The demo's sign-NDA button (a publish) is guarded the same way.
+    status, body = get({"Host": "attacker.example", "Content-Length": "0"}, "POST",
+                       "/demo/sign-nda")
+    assert (status, body["error"]) == (403, "host_not_allowed"), body
