@@ -48,6 +48,7 @@ class DatabaseConfig:
     path: str = "pitchey-ws.db"
     synchronous: str = "FULL"
     max_batch: int = 512
+    read_connections: int = 4
     cache_conversations: int = 10000
     cache_request_ids: int = 100000
     cache_users: int = 100000
@@ -196,6 +197,7 @@ def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -
         "server.shutdown_timeout_seconds": config.server.shutdown_timeout_seconds,
         "server.backlog": config.server.backlog,
         "database.max_batch": config.database.max_batch,
+        "database.read_connections": config.database.read_connections,
         "database.cache_conversations": config.database.cache_conversations,
         "database.cache_request_ids": config.database.cache_request_ids,
         "database.cache_users": config.database.cache_users,

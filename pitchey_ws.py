@@ -53,6 +53,7 @@ class App:
             synchronous=config.database.synchronous.upper(),
             max_batch=config.database.max_batch,
             on_commit=self._observe_commit,
+            read_connections=config.database.read_connections,
         )
         self.verifier = Verifier(config.auth)
         self.background = Background()
@@ -229,9 +230,11 @@ def load_config(args: argparse.Namespace) -> cfg.Config:
     return config
 
 
-# Descriptors kept for everything that is not a connection: the listeners, the database (two
-# connections with their WAL and shared-memory files, the health check's), the event loop.
+# Descriptors kept for everything that is not a connection: the listeners, the database (the
+# writer and the default 4 readers, with their WAL and shared-memory files, the health
+# check's), the event loop. Each read connection beyond 4 adds READER_FDS.
 RESERVED_FDS = 32
+READER_FDS = 3
 
 
 def fit_descriptors(config: cfg.Config) -> cfg.Config:
@@ -246,7 +249,8 @@ def fit_descriptors(config: cfg.Config) -> cfg.Config:
             soft = wanted
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, wanted, exc)
-    available = max(soft - RESERVED_FDS, 2)
+    reserved = RESERVED_FDS + READER_FDS * max(config.database.read_connections - 4, 0)
+    available = max(soft - reserved, 2)
     in_progress = min(config.http.max_in_progress, max(available // 4, 1))
     connections = min(config.limits.max_connections, available - in_progress)
     log.info("file descriptors: %d; up to %d connections and %d requests in progress",

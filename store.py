@@ -283,11 +283,13 @@ def open_store(
     synchronous: str = "FULL",
     max_batch: int = 512,
     on_commit: Callable[[int, float], None] | None = None,
+    read_connections: int = 4,
 ) -> Store:
     """The engine for this configuration (today: SQLite at ``path``)."""
     from store_sqlite import SqliteStore
 
-    return SqliteStore(path, synchronous=synchronous, max_batch=max_batch, on_commit=on_commit)
+    return SqliteStore(path, synchronous=synchronous, max_batch=max_batch, on_commit=on_commit,
+                       read_connections=read_connections)
 
 
 def read_setting(path: str, key: str) -> str | None:
