@@ -730,11 +730,12 @@ class SqliteStore:
         return [_message(r) for r in reversed(rows[:limit])], has_more
 
     async def since(self, user_id: int, since: int, limit: int) -> tuple[list[MessageRow], bool]:
-        # One range scan of messages_conversation per conversation, at most limit + 1 rows
-        # each, merged here: the cost is the rows asked for, not the user's whole history (one
-        # query over all the user's conversations sorted every message after ``since`` first).
-        # Later groups only look below the (limit + 1)-th id found so far. One read
-        # transaction, so every scan sees the same snapshot (ids visible in order).
+        # One range scan of messages_conversation per conversation, at most limit + 1 ids
+        # each (the index alone: no row is read), merged here; then only the rows of the
+        # lowest limit + 1 ids, by key. The cost is the rows asked for, not the user's whole
+        # history (one query over all the user's conversations sorted every message after
+        # ``since`` first). Later groups only look below the (limit + 1)-th id found so far.
+        # One read transaction, so every statement sees the same snapshot (ids in order).
         async with self._reading(long=True) as reader:
             await self._fetch_on(reader, "BEGIN")
             try:
@@ -744,22 +745,26 @@ class SqliteStore:
                     " WHERE user_id = ? AND is_active = 1 LIMIT ?",
                     (user_id, MAX_ROWS),
                 )]
-                found: list[Any] = []
+                found: list[int] = []
                 below = 2**63 - 1
                 for start in range(0, len(conversations), _SINCE_ARMS):
                     group = conversations[start : start + _SINCE_ARMS]
-                    found.extend(await self._fetch_on(
+                    found.extend(r[0] for r in await self._fetch_on(
                         reader,
                         " UNION ALL ".join([_SINCE_ARM] * len(group)),
                         tuple(x for cid in group for x in (cid, since, below, limit + 1)),
                     ))
-                    found.sort(key=_first)
+                    found.sort()
                     del found[limit + 1 :]
                     if len(found) > limit:
-                        below = found[limit][0]
+                        below = found[limit]
+                rows = await self._fetch_on(
+                    reader, _MESSAGE_SELECT + " WHERE m.id IN (SELECT value FROM json_each(?))"
+                    " ORDER BY m.id", (dumps(found),),
+                ) if found else []
             finally:
                 await self._fetch_on(reader, "COMMIT")
-        return [_message(r) for r in found[:limit]], len(found) > limit
+        return [_message(r) for r in rows[:limit]], len(rows) > limit
 
     # -- durable events --------------------------------------------------------------------
 
@@ -1152,20 +1157,15 @@ _MESSAGE_SELECT = (
     " FROM messages m LEFT JOIN users su ON su.id = m.sender_id"
 )
 
-# since(): one conversation's messages in (since, below), at most limit + 1, by id; and how
-# many conversations one statement covers (4 parameters each, under SQLite's 999).
+# since(): the ids of one conversation's messages in (since, below), at most limit + 1, by
+# id; and how many conversations one statement covers (4 parameters each, under 999).
 _SINCE_ARM = (
-    "SELECT * FROM (" + _MESSAGE_SELECT
-    + " WHERE m.conversation_id = ? AND m.id > ? AND m.id < ? AND m.is_deleted = 0"
-    " ORDER BY m.id LIMIT ?)"
+    "SELECT * FROM (SELECT id FROM messages WHERE conversation_id = ? AND id > ? AND id < ?"
+    " AND is_deleted = 0 ORDER BY id LIMIT ?)"
 )
 _SINCE_ARMS = 50
 # A history page above this many rows is a long read (it waits for a long-read slot).
 _SHORT_PAGE = 200
-
-
-def _first(row: Sequence[Any]) -> Any:
-    return row[0]
 
 
 def _message(row: Sequence[Any]) -> MessageRow:
