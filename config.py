@@ -66,6 +66,7 @@ class DatabaseConfig:
         return self.path
     synchronous: str = "FULL"
     max_batch: int = 512
+    read_connections: int = 4
     cache_conversations: int = 10000
     cache_request_ids: int = 100000
     cache_users: int = 100000
@@ -234,6 +235,7 @@ def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -
         "server.backlog": config.server.backlog,
         "database.max_batch": config.database.max_batch,
         "database.pool_size": config.database.pool_size,
+        "database.read_connections": config.database.read_connections,
         "database.cache_conversations": config.database.cache_conversations,
         "database.cache_request_ids": config.database.cache_request_ids,
         "database.cache_users": config.database.cache_users,

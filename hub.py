@@ -80,6 +80,10 @@ class Background:
             await asyncio.wait(set(self.tasks), timeout=1)
 
 
+# Longest stretch (seconds) one connection's replay or sync writes before other tasks run.
+YIELD_EVERY = 0.002
+
+
 class Client:
     """One authenticated connection (slotted: thousands may sit idle).
 
@@ -89,7 +93,7 @@ class Client:
     """
 
     __slots__ = ("closing", "expires_at", "expiry", "flood", "held", "held_bytes", "hub",
-                 "replaying", "user", "user_id", "ws")
+                 "replaying", "user", "user_id", "ws", "yielded_at")
 
     def __init__(
         self, ws: ServerConnection | None, user_id: int, expires_at: float | None, hub: Hub
@@ -106,6 +110,8 @@ class Client:
         self.replaying = True
         self.held: list[tuple[str, Event | None]] = []
         self.held_bytes = 0
+        # When write_now last let other tasks run (perf_counter seconds).
+        self.yielded_at = 0.0
 
     # -- transport -------------------------------------------------------------------------
 
@@ -120,9 +126,15 @@ class Client:
         broadcast([self.ws], text)
 
     async def write_now(self, text: str) -> None:
-        """Write one frame, waiting while the connection's buffer is full (replay, sync)."""
+        """Write one frame, waiting while the connection's buffer is full (replay, sync).
+        Lets other tasks run at least every YIELD_EVERY seconds of writing: ``send`` does not
+        yield while the transport is not paused, so a 1,000-frame replay held the loop ~28 ms."""
         assert self.ws is not None
         await self.ws.send(text)
+        now = time.perf_counter()
+        if now - self.yielded_at > YIELD_EVERY:
+            await asyncio.sleep(0)
+            self.yielded_at = time.perf_counter()
 
     def buffered(self) -> int:
         """Bytes written but not yet sent."""

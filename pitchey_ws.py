@@ -56,6 +56,7 @@ class App:
             synchronous=config.database.synchronous.upper(),
             max_batch=config.database.max_batch,
             on_commit=self._observe_commit,
+            read_connections=config.database.read_connections,
         )
         self.verifier = Verifier(config.auth)
         self.background = Background()
@@ -239,9 +240,11 @@ def load_config(args: argparse.Namespace) -> cfg.Config:
     return config
 
 
-# Descriptors kept for everything that is not a connection: the listeners, the database (two
-# connections with their WAL and shared-memory files, the health check's), the event loop.
+# Descriptors kept for everything that is not a connection: the listeners, the database (the
+# writer and the default 4 readers, with their WAL and shared-memory files, the health
+# check's), the event loop. Each read connection beyond 4 adds READER_FDS.
 RESERVED_FDS = 32
+READER_FDS = 3
 
 
 def fit_descriptors(config: cfg.Config) -> tuple[cfg.Config, str]:
@@ -258,7 +261,8 @@ def fit_descriptors(config: cfg.Config) -> tuple[cfg.Config, str]:
             raised, soft = f" (raised from {soft})", wanted
         except (ValueError, OSError) as exc:
             raised = f" (could not raise it to {wanted}: {exc})"
-    available = max(soft - RESERVED_FDS, 2)
+    reserved = RESERVED_FDS + READER_FDS * max(config.database.read_connections - 4, 0)
+    available = max(soft - reserved, 2)
     in_progress = min(config.http.max_in_progress, max(available // 4, 1))
     connections = min(config.limits.max_connections, available - in_progress)
     lowered = ""
@@ -268,7 +272,7 @@ def fit_descriptors(config: cfg.Config) -> tuple[cfg.Config, str]:
     if in_progress < config.http.max_in_progress:
         config = config.replace("http", max_in_progress=in_progress)
     line = (f"file descriptors: {soft}{raised}; up to {connections} connections{lowered} and"
-            f" {in_progress} requests in progress, {RESERVED_FDS} descriptors kept for the"
+            f" {in_progress} requests in progress, {reserved} descriptors kept for the"
             " database and listeners")
     return config, line
 

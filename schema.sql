@@ -83,6 +83,10 @@ CREATE TABLE IF NOT EXISTS message_read_receipts (
     read_at          TEXT,
     -- when the sender was told about read_at (message_read); NULL while that notice is owed
     read_notified_at TEXT,
+    -- the message's sender (a copy of messages.sender_id, added in version 2), so the notices
+    -- owed to one sender are found from the sender (receipts_read_owed), not by walking the
+    -- notices owed to everybody
+    sender_id        INTEGER,
     -- The reference's UNIQUE(message_id, user_id), as the key of a table without rowids:
     -- one b-tree less to write for every recipient of every message.
     PRIMARY KEY (message_id, user_id)
@@ -95,9 +99,12 @@ CREATE TABLE IF NOT EXISTS message_read_receipts (
 -- column as (delivered_at IS NULL) for the planner to use it.
 CREATE INDEX IF NOT EXISTS receipts_unread
     ON message_read_receipts(user_id, (delivered_at IS NULL), message_id) WHERE read_at IS NULL;
--- Read notices owed to senders.
-CREATE INDEX IF NOT EXISTS receipts_read_unnotified
-    ON message_read_receipts(message_id) WHERE read_at IS NOT NULL AND read_notified_at IS NULL;
+-- Read notices owed to each sender, in the order replay sends them (read_at, message_id):
+-- a connect reads only the notices owed to that user. (Version 2 before this release's end
+-- had receipts_read_unnotified on (message_id) alone, which every sender's replay walked.)
+CREATE INDEX IF NOT EXISTS receipts_read_owed
+    ON message_read_receipts(sender_id, read_at, message_id)
+    WHERE read_at IS NOT NULL AND read_notified_at IS NULL;
 
 CREATE TABLE IF NOT EXISTS typing_indicators (
     conversation_id INTEGER NOT NULL REFERENCES conversations(id),

@@ -387,6 +387,7 @@ def open_store(
     synchronous: str = "FULL",
     max_batch: int = 512,
     on_commit: Callable[[int, float], None] | None = None,
+    read_connections: int = 4,
 ) -> Store:
     """The engine for this configuration: PostgreSQL when ``url`` is a postgresql:// URL
     (asyncpg is imported only then), else SQLite at ``url``'s path or at ``path``."""
@@ -399,7 +400,8 @@ def open_store(
         path = url[len("sqlite:///"):]
     from store_sqlite import SqliteStore
 
-    return SqliteStore(path, synchronous=synchronous, max_batch=max_batch, on_commit=on_commit)
+    return SqliteStore(path, synchronous=synchronous, max_batch=max_batch, on_commit=on_commit,
+                       read_connections=read_connections)
 
 
 def read_setting(path: str, key: str) -> str | None:

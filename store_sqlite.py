@@ -47,7 +47,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,8 +118,12 @@ class SqliteStore:
         synchronous: str = "FULL",
         max_batch: int = 512,
         on_commit: Callable[[int, float], None] | None = None,
+        read_connections: int = 4,
     ) -> None:
+        if read_connections < 1:
+            raise ValueError("read_connections: at least 1")
         self.path = path
+        self.read_connections = read_connections
         self.synchronous = synchronous
         self.max_batch = max_batch
         self.on_commit = on_commit
@@ -128,7 +132,13 @@ class SqliteStore:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=_writer_thread, args=(self._jobs,),
                                         name="pitchey-writer", daemon=True)
-        self._reader: aiosqlite.Connection | None = None
+        # The read connections (WAL: reads never wait for the writer, nor for each other),
+        # the idle ones (a read takes one, so at most read_connections run at once), and the
+        # slots for long reads (sync, replay, big pages), one fewer than the connections, so
+        # a short read (a join's history page) always finds a connection soon.
+        self._readers: list[aiosqlite.Connection] = []
+        self._idle: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        self._long_reads = asyncio.Semaphore(max(1, read_connections - 1))
         # Writes waiting for the writer, and the future it sleeps on while there are none.
         self._queue: deque[tuple[_Write, asyncio.Future[None]]] = deque()
         self._wakeup: asyncio.Future[None] | None = None
@@ -162,11 +172,14 @@ class SqliteStore:
         self._preflight()
         try:
             self._writer = await self._on_writer(self._open_writer)
-            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._reader.execute("PRAGMA foreign_keys=ON")
-            await self._reader.execute("PRAGMA busy_timeout=5000")
-            await self._reader.execute("PRAGMA query_only=ON")
-            rows = await self._reader.execute_fetchall(
+            for _ in range(self.read_connections):
+                reader = await aiosqlite.connect(self.path, isolation_level=None)
+                self._readers.append(reader)
+                await reader.execute("PRAGMA foreign_keys=ON")
+                await reader.execute("PRAGMA busy_timeout=5000")
+                await reader.execute("PRAGMA query_only=ON")
+                self._idle.put_nowait(reader)
+            rows = await self._readers[0].execute_fetchall(
                 "SELECT (SELECT COALESCE(MAX(id), 0) FROM messages),"
                 " (SELECT COALESCE(MAX(id), 0) FROM conversations),"
                 " (SELECT COALESCE(MAX(id), 0) FROM pitch_comments),"
@@ -259,6 +272,7 @@ class SqliteStore:
         return int(version)
 
     def _migrate(self, db: sqlite3.Connection, version: int) -> None:
+        _add_receipt_senders(db)
         db.executescript(SCHEMA_PATH.read_text())
         if version < 2:
             # Direct conversations get their own key. Existing ones: the oldest untitled,
@@ -299,9 +313,12 @@ class SqliteStore:
             if not future.done():
                 future.set_exception(StoreClosed("store closed"))
         self._queue.clear()
-        if self._reader is not None:
-            await self._reader.close()
-            self._reader = None
+        readers, self._readers = self._readers, []
+        for _ in readers:
+            # Each one once it is idle: a read in progress finishes first (reads are bounded).
+            await self._idle.get()
+        for reader in readers:
+            await reader.close()
         if self._writer is not None:
             await self._on_writer(self._close_writer, self._writer)
             self._writer = None
@@ -508,11 +525,28 @@ class SqliteStore:
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def _fetch(self, sql: str, params: Params = ()) -> list[Any]:
-        if self._reader is None:
+    @contextlib.asynccontextmanager
+    async def _reading(self, long: bool = False) -> AsyncIterator[aiosqlite.Connection]:
+        """An idle read connection, the caller's alone until the block ends (a read
+        transaction may span statements). ``long``: also one of the long-read slots.
+        Raises StoreClosed when the store is not open."""
+        if not self._readers:
             raise StoreClosed("store is not open")
+        async with self._long_reads if long else contextlib.nullcontext():
+            reader = await self._idle.get()
+            try:
+                yield reader
+            finally:
+                self._idle.put_nowait(reader)
+
+    async def _fetch(self, sql: str, params: Params = (), long: bool = False) -> list[Any]:
+        async with self._reading(long) as reader:
+            return await self._fetch_on(reader, sql, params)
+
+    async def _fetch_on(self, reader: aiosqlite.Connection, sql: str, params: Params = ()
+                        ) -> list[Any]:
         try:
-            return list(await self._reader.execute_fetchall(sql, params))
+            return list(await reader.execute_fetchall(sql, params))
         except sqlite3.Error as exc:
             raise self._noted(_store_error(exc)) from exc
 
@@ -695,14 +729,7 @@ class SqliteStore:
         return _message((*row[:8], False)), row[8]
 
     async def mark_read(self, message_id: int, reader_id: int, now: str) -> None:
-        write = _Write().add(
-            "INSERT INTO message_read_receipts (message_id, user_id, delivered_at, read_at)"
-            " VALUES (?, ?, ?, ?) ON CONFLICT(message_id, user_id) DO UPDATE SET"
-            " read_at = excluded.read_at,"
-            " delivered_at = COALESCE(message_read_receipts.delivered_at, excluded.delivered_at)"
-            " WHERE message_read_receipts.read_at IS NULL",
-            (message_id, reader_id, now, now),
-        )
+        write = _Write().add(_MARK_RECEIPT_READ, (message_id, reader_id, now, now, message_id))
         await self._write(write.add(
             "UPDATE messages SET is_read = 1, read_at = COALESCE(read_at, ?) WHERE id = ?",
             (now, message_id),
@@ -720,18 +747,46 @@ class SqliteStore:
             " WHERE m.conversation_id = ? AND m.id < ? AND m.is_deleted = 0"
             " ORDER BY m.id DESC LIMIT ?",
             (viewer_id, viewer_id, conversation_id, before or 2**63 - 1, limit + 1),
+            long=limit > _SHORT_PAGE,
         )
         has_more = len(rows) > limit
         return [_message(r) for r in reversed(rows[:limit])], has_more
 
     async def since(self, user_id: int, since: int, limit: int) -> tuple[list[MessageRow], bool]:
-        rows = await self._fetch(
-            _MESSAGE_SELECT
-            + " JOIN conversation_participants p ON p.conversation_id = m.conversation_id"
-            "   AND p.user_id = ? AND p.is_active = 1"
-            " WHERE m.id > ? AND m.is_deleted = 0 ORDER BY m.id LIMIT ?",
-            (user_id, since, limit + 1),
-        )
+        # One range scan of messages_conversation per conversation, at most limit + 1 ids
+        # each (the index alone: no row is read), merged here; then only the rows of the
+        # lowest limit + 1 ids, by key. The cost is the rows asked for, not the user's whole
+        # history (one query over all the user's conversations sorted every message after
+        # ``since`` first). Later groups only look below the (limit + 1)-th id found so far.
+        # One read transaction, so every statement sees the same snapshot (ids in order).
+        async with self._reading(long=True) as reader:
+            await self._fetch_on(reader, "BEGIN")
+            try:
+                conversations = [r[0] for r in await self._fetch_on(
+                    reader,
+                    "SELECT conversation_id FROM conversation_participants"
+                    " WHERE user_id = ? AND is_active = 1 LIMIT ?",
+                    (user_id, MAX_ROWS),
+                )]
+                found: list[int] = []
+                below = 2**63 - 1
+                for start in range(0, len(conversations), _SINCE_ARMS):
+                    group = conversations[start : start + _SINCE_ARMS]
+                    found.extend(r[0] for r in await self._fetch_on(
+                        reader,
+                        " UNION ALL ".join([_SINCE_ARM] * len(group)),
+                        tuple(x for cid in group for x in (cid, since, below, limit + 1)),
+                    ))
+                    found.sort()
+                    del found[limit + 1 :]
+                    if len(found) > limit:
+                        below = found[limit]
+                rows = await self._fetch_on(
+                    reader, _MESSAGE_SELECT + " WHERE m.id IN (SELECT value FROM json_each(?))"
+                    " ORDER BY m.id", (dumps(found),),
+                ) if found else []
+            finally:
+                await self._fetch_on(reader, "COMMIT")
         return [_message(r) for r in rows[:limit]], len(rows) > limit
 
     # -- durable events --------------------------------------------------------------------
@@ -744,17 +799,9 @@ class SqliteStore:
             "   AND p.user_id = r.user_id AND p.is_active = 1"
             " WHERE r.user_id = ? AND (r.delivered_at IS NULL) = 1 AND r.read_at IS NULL"
             " ORDER BY r.message_id LIMIT ?",
-            (user_id, limit),
+            (user_id, limit), long=True,
         )
-        reads = await self._fetch(
-            "SELECT r.read_at, m.id, m.conversation_id, r.user_id, u.username"
-            " FROM message_read_receipts r"
-            " JOIN messages m ON m.id = r.message_id"
-            " LEFT JOIN users u ON u.id = r.user_id"
-            " WHERE r.read_at IS NOT NULL AND r.read_notified_at IS NULL AND m.sender_id = ?"
-            " ORDER BY r.read_at, r.message_id LIMIT ?",
-            (user_id, limit),
-        )
+        reads = await self._fetch(_OWED_READS, (user_id, limit), long=True)
         events: list[PendingEvent] = [PendingMessage(r[7], _message(r)) for r in messages]
         events.extend(PendingRead(*r) for r in reads)
         notes = await self._fetch(
@@ -922,7 +969,7 @@ class SqliteStore:
             return
         write = _Write()
         for message_id in message_ids:
-            write.add(_MARK_RECEIPT_READ, (message_id, reader_id, now, now))
+            write.add(_MARK_RECEIPT_READ, (message_id, reader_id, now, now, message_id))
             write.add(_MARK_MESSAGE_READ, (now, message_id))
         await self._write(write)
 
@@ -1311,6 +1358,28 @@ def _store_error(exc: BaseException) -> StoreError:
     return StoreError(f"{type(exc).__name__}: {exc}")
 
 
+def _add_receipt_senders(db: sqlite3.Connection) -> None:
+    """Version 2's ``message_read_receipts.sender_id`` on a file made before it (version 1,
+    or an early version-2 file): the column, filled from ``messages``, and the per-sender index
+    of owed read notices replacing the one on ``message_id``. Runs before schema.sql, whose
+    index on the column would fail on the old table; checks the columns, not the version."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(message_read_receipts)")}
+    if not columns or "sender_id" in columns:
+        return  # a new file (schema.sql creates the table), or done already
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("ALTER TABLE message_read_receipts ADD COLUMN sender_id INTEGER")
+        db.execute(
+            "UPDATE message_read_receipts SET sender_id ="
+            " (SELECT m.sender_id FROM messages m WHERE m.id = message_read_receipts.message_id)"
+        )
+        db.execute("DROP INDEX IF EXISTS receipts_read_unnotified")
+        db.execute("COMMIT")
+    except BaseException:
+        _rollback(db)
+        raise
+
+
 # The first and the last row of each table (min and max of its key): a few pages each, root
 # to leaf on both edges, so a health probe reads tens of pages whatever the database's size.
 # (PRAGMA quick_check reads every page: seconds on a large file, too slow for a probe.)
@@ -1351,11 +1420,31 @@ def _pending_order(event: PendingEvent) -> tuple[str, int, int]:
             return (queued_at, 2, notification.id)
 
 
+# The read notices owed to one sender, oldest first: a range of receipts_read_owed.
+_OWED_READS = (
+    "SELECT r.read_at, r.message_id, m.conversation_id, r.user_id, u.username"
+    " FROM message_read_receipts r"
+    " JOIN messages m ON m.id = r.message_id"
+    " LEFT JOIN users u ON u.id = r.user_id"
+    " WHERE r.sender_id = ? AND r.read_at IS NOT NULL AND r.read_notified_at IS NULL"
+    " ORDER BY r.read_at, r.message_id LIMIT ?"
+)
+
 _MESSAGE_SELECT = (
     "SELECT m.id, m.conversation_id, m.sender_id, su.username, m.content, m.attachments,"
     " m.message_type, m.sent_at, m.is_read"
     " FROM messages m LEFT JOIN users su ON su.id = m.sender_id"
 )
+
+# since(): the ids of one conversation's messages in (since, below), at most limit + 1, by
+# id; and how many conversations one statement covers (4 parameters each, under 999).
+_SINCE_ARM = (
+    "SELECT * FROM (SELECT id FROM messages WHERE conversation_id = ? AND id > ? AND id < ?"
+    " AND is_deleted = 0 ORDER BY id LIMIT ?)"
+)
+_SINCE_ARMS = 50
+# A history page above this many rows is a long read (it waits for a long-read slot).
+_SHORT_PAGE = 200
 
 
 _NOTIFICATION_SELECT = (
@@ -1436,15 +1525,15 @@ def _insert_message(write: _Write, message_id: int, m: NewMessage) -> _Write:
     recipients = m.recipients
     if len(recipients) == 1:
         write.add(
-            "INSERT INTO message_read_receipts (message_id, user_id) VALUES (?, ?)",
-            (message_id, recipients[0]),
+            "INSERT INTO message_read_receipts (message_id, user_id, sender_id) VALUES (?, ?, ?)",
+            (message_id, recipients[0], m.sender_id),
         )
     elif recipients:
         # A group's receipts in one statement: one row to bind instead of one per member.
         write.add(
-            "INSERT INTO message_read_receipts (message_id, user_id)"
-            " SELECT ?, value FROM json_each(?)",
-            (message_id, dumps(list(recipients))),
+            "INSERT INTO message_read_receipts (message_id, user_id, sender_id)"
+            " SELECT ?, value, ? FROM json_each(?)",
+            (message_id, m.sender_id, dumps(list(recipients))),
         )
     return write.add(
         "UPDATE conversations SET last_message_at = ?, updated_at = ? WHERE id = ?",
@@ -1467,10 +1556,12 @@ def read_setting(path: str, key: str) -> str | None:
     return row[0] if row else None
 
 
-# mark_read_many's statements: the same text as mark_read's, so they group with its writes.
+# mark_read's and mark_read_many's statements (one text, so they group in a batch). A reader
+# without a receipt gets one carrying the message's sender (receipts_read_owed is by sender).
 _MARK_RECEIPT_READ = (
-    "INSERT INTO message_read_receipts (message_id, user_id, delivered_at, read_at)"
-    " VALUES (?, ?, ?, ?) ON CONFLICT(message_id, user_id) DO UPDATE SET"
+    "INSERT INTO message_read_receipts (message_id, user_id, delivered_at, read_at, sender_id)"
+    " SELECT ?, ?, ?, ?, sender_id FROM messages WHERE id = ?"
+    " ON CONFLICT(message_id, user_id) DO UPDATE SET"
     " read_at = excluded.read_at,"
     " delivered_at = COALESCE(message_read_receipts.delivered_at, excluded.delivered_at)"
     " WHERE message_read_receipts.read_at IS NULL"

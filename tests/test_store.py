@@ -168,8 +168,7 @@ def test_statement_rank(sql: str, rank: int) -> None:
 async def test_replay_and_unread_queries_use_the_unread_index(store: engine.SqliteStore) -> None:
     """The offline replay walks receipts_unread by (user, undelivered) in message order: no
     scan of other users' receipts, no temporary sort."""
-    assert store._reader is not None
-    plan = await store._reader.execute_fetchall(
+    plan = await store._fetch(
         "EXPLAIN QUERY PLAN SELECT r.message_id FROM message_read_receipts r"
         " WHERE r.user_id = ? AND (r.delivered_at IS NULL) = 1 AND r.read_at IS NULL"
         " ORDER BY r.message_id LIMIT ?", (1, 10),
@@ -192,5 +191,125 @@ async def test_close_finishes_when_the_last_writes_fail(tmp_path: Path) -> None:
     await asyncio.wait_for(store.close(), 10)
     with pytest.raises(StoreError):
         await late
-    assert store._reader is None and store._writer is None
+    assert store._readers == [] and store._writer is None
     assert not store._thread.is_alive()
+
+
+async def plan_of(store: engine.SqliteStore, sql: str, params: tuple[object, ...]) -> str:
+    return " | ".join(row[3] for row in await store._fetch("EXPLAIN QUERY PLAN " + sql, params))
+
+
+async def test_owed_read_notices_start_from_the_sender(store: engine.SqliteStore) -> None:
+    """A connect's read notices are a range of receipts_read_owed for that sender, already in
+    replay order: no walk of the notices owed to other senders, no temporary sort."""
+    details = await plan_of(store, engine._OWED_READS, (1, 10))
+    assert "USING INDEX receipts_read_owed (sender_id=?" in details, details
+    assert "TEMP B-TREE" not in details, details
+
+
+async def test_sync_scans_each_conversation_by_id(store: engine.SqliteStore) -> None:
+    """sync's statement is one bounded range of messages_conversation per conversation: no
+    read of the user's whole history, no temporary sort."""
+    sql = " UNION ALL ".join([engine._SINCE_ARM] * 3)
+    details = await plan_of(store, sql, (1, 0, 99, 10) * 3)
+    ranges = "USING INDEX messages_conversation (conversation_id=? AND id>? AND id<?)"
+    assert details.count(ranges) == 3, details
+    assert "TEMP B-TREE" not in details, details
+
+
+async def test_sync_merges_conversations_in_id_order(store: engine.SqliteStore) -> None:
+    """since() over several conversations returns the lowest ids after ``since``, in order,
+    cut at the limit, and says whether more exist; left conversations are not included."""
+    a = await store.create_conversation(1, [1, 2], None, None, None, NOW)
+    b = await store.create_conversation(1, [1, 3], None, None, None, NOW)
+    c = await store.create_conversation(4, [4, 5], None, None, None, NOW)
+    order = [a.id, b.id, c.id, b.id, a.id, a.id, b.id]
+    ids = [await store.add_message(message(cid, 4 if cid == c.id else 1,
+                                           [5 if cid == c.id else 2]))
+           for cid in order]
+    mine = [i for i, cid in zip(ids, order, strict=True) if cid != c.id]
+    rows, more = await store.since(1, 0, 4)
+    assert [r.id for r in rows] == mine[:4] and more
+    rows, more = await store.since(1, mine[1], 100)
+    assert [r.id for r in rows] == mine[2:] and not more
+
+
+async def test_history_and_pending_use_their_indexes(store: engine.SqliteStore) -> None:
+    """A history page is a range of messages_conversation read backwards; no temporary sort."""
+    sql = (engine._MESSAGE_SELECT + " WHERE m.conversation_id = ? AND m.id < ?"
+           " AND m.is_deleted = 0 ORDER BY m.id DESC LIMIT ?")
+    details = await plan_of(store, sql, (1, 99, 10))
+    assert "USING INDEX messages_conversation (conversation_id=? AND id<?)" in details, details
+    assert "TEMP B-TREE" not in details, details
+
+
+async def test_conversation_list_starts_from_the_user(store: engine.SqliteStore) -> None:
+    """The inbox reads the user's participant rows (participants_user), each conversation by
+    key; its sort covers only that user's conversations (no scan of conversations)."""
+    activity = "COALESCE(c.last_message_at, c.created_at)"
+    sql = ("SELECT c.id FROM conversation_participants p JOIN conversations c"
+           " ON c.id = p.conversation_id WHERE p.user_id = ? AND p.is_active = 1"
+           f" AND ({activity} < ? OR ({activity} = ? AND c.id < ?))"
+           f" ORDER BY {activity} DESC, c.id DESC LIMIT ?")
+    details = await plan_of(store, sql, (1, "z", "z", 9, 10))
+    assert "SEARCH p USING INDEX participants_user (user_id=?)" in details, details
+    assert "SEARCH c USING INTEGER PRIMARY KEY" in details, details
+    assert "SCAN c" not in details, details
+
+
+async def test_read_notices_owed_by_sender(store: engine.SqliteStore) -> None:
+    """A read is owed to the message's sender (also for a reader that had no receipt), and
+    only to that sender."""
+    row = await store.create_conversation(1, [1, 2, 3], "g", None, None, NOW)
+    first = await store.add_message(message(row.id, 1, [2, 3]))
+    second = await store.add_message(message(row.id, 2, [1, 3]))
+    await store.mark_read(first, 2, NOW)
+    await store.mark_read(second, 3, NOW)
+    await store.save_profile(4, None, None)
+    await store.mark_read(second, 4, NOW)  # no receipt before: one is made, with the sender
+    owed_1 = [(e.message_id, e.reader_id) for e in await store.pending(1, 10)
+              if isinstance(e, engine.PendingRead)]
+    owed_2 = [(e.message_id, e.reader_id) for e in await store.pending(2, 10)
+              if isinstance(e, engine.PendingRead)]
+    assert owed_1 == [(first, 2)] and sorted(owed_2) == [(second, 3), (second, 4)]
+
+
+async def test_reads_run_side_by_side(store: engine.SqliteStore) -> None:
+    """A read holding one connection does not stop another read from running."""
+    async with store._reading(long=True):
+        assert await asyncio.wait_for(store.setting("missing"), 5) is None
+
+
+async def test_version_1_receipts_get_their_sender(tmp_path: Path) -> None:
+    """A version-1 file's receipts gain sender_id from their message, and its owed read
+    notices are found by sender after the migration."""
+    path = tmp_path / "v1.db"
+    db = sqlite3.connect(path)
+    schema = (ROOT / "schema.sql").read_text()
+    schema = schema.replace("    sender_id        INTEGER,\n", "")
+    schema = schema[: schema.index("CREATE INDEX IF NOT EXISTS receipts_read_owed")]
+    db.executescript(schema)
+    db.executescript(
+        "CREATE INDEX receipts_read_unnotified ON message_read_receipts(message_id)"
+        " WHERE read_at IS NOT NULL AND read_notified_at IS NULL;"
+        "INSERT INTO users (id, created_at, updated_at) VALUES (1, 'x', 'x'), (2, 'x', 'x');"
+        "INSERT INTO conversations (id, created_by_id, created_at, updated_at)"
+        " VALUES (1, 1, 'x', 'x');"
+        "INSERT INTO messages (id, conversation_id, sender_id, content, sent_at)"
+        " VALUES (1, 1, 1, 'hi', 'x');"
+        "INSERT INTO message_read_receipts (message_id, user_id, delivered_at, read_at)"
+        " VALUES (1, 2, 'x', 'y');"
+        "PRAGMA user_version = 1;"
+    )
+    db.close()
+    store = engine.SqliteStore(str(path))
+    await store.open()
+    try:
+        owed = [e for e in await store.pending(1, 10) if isinstance(e, engine.PendingRead)]
+        assert [(e.message_id, e.reader_id) for e in owed] == [(1, 2)]
+    finally:
+        await store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT sender_id FROM message_read_receipts").fetchall() == [(1,)]
+    indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "receipts_read_owed" in indexes and "receipts_read_unnotified" not in indexes
