@@ -24,7 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, SCALE, Client, Daemon, conversation, free_port, make_token, new_user
+from conftest import (
+    ROOT,
+    SCALE,
+    Client,
+    Daemon,
+    conversation,
+    eventually_db,
+    free_port,
+    make_token,
+    new_user,
+)
 from playwright.async_api import Browser, Page, async_playwright, expect
 from websockets.asyncio.client import connect
 
@@ -221,8 +231,8 @@ async def test_two_users_chat_through_use_messaging(
     # Ben has the conversation open, so the page marks it read; Ann sees the receipt.
     await expect(mine).to_have_attribute("data-read", "1", timeout=WAIT_MS)
     # Ann's toast "Ben read your message" (her tab is visible): text only.
-    await expect(ann.page.locator(".pitchey-ws-toast-title", has_text=f"Ben {b} read your message"))\
-        .to_have_count(1, timeout=WAIT_MS)
+    receipt = ann.page.locator(".pitchey-ws-toast-title", has_text=f"Ben {b} read your message")
+    await expect(receipt).to_have_count(1, timeout=WAIT_MS)
 
     # Typing.
     await ben.page.locator("#text").press_sequentially("Typing", delay=20)
@@ -294,9 +304,8 @@ async def test_offline_replay_and_history_in_current_messages(
     bodies = ben.page.locator("#messages li .body")
     await expect(bodies).to_have_text(["away 0", "away 1", "away 2"], timeout=WAIT_MS)
     # The page marked the conversation read over HTTP.
-    rows = daemon.query(
-        "SELECT COUNT(*) FROM message_read_receipts WHERE user_id = ? AND read_at IS NULL", (b,))
-    assert rows == [(0,)] or rows[0][0] == 0
+    await eventually_db(daemon, "SELECT COUNT(*) FROM message_read_receipts"
+                        " WHERE user_id = ? AND read_at IS NULL", (b,), [(0,)])
     assert ben.errors == []
 
 
@@ -308,7 +317,7 @@ async def test_restart_mid_conversation_send_while_down_delivered_once(
     d = make_daemon(tmp_path, site)
     d.start()
     try:
-        a, ta, b, tb, cid = await pair(d)
+        _a, ta, _b, tb, cid = await pair(d)
         ann = await open_tab(browser, site, d, ta, fallback=60000)
         ben = await open_tab(browser, site, d, tb)
         for tab in (ann, ben):
@@ -322,7 +331,8 @@ async def test_restart_mid_conversation_send_while_down_delivered_once(
         await ben.connected(False)
         # The page sends through the hook only when connected: use the hook as a component would.
         await ann.page.evaluate(
-            f"() => {{ window.__messaging.sendChatMessage({cid}, 'while down').catch(() => {{}}); }}")
+            f"() => {{ window.__messaging.sendChatMessage({cid}, 'while down')"
+            ".catch(() => {}); }")
         await expect(ann.message("while down")).to_have_attribute("data-pending", "1")
         await asyncio.to_thread(d.start)
         for tab in (ann, ben):
@@ -349,7 +359,7 @@ async def test_send_over_http_when_the_socket_stays_down(
 ) -> None:
     """Ann's socket cannot reach the daemon (HTTP can): a hook send goes over POST
     /api/messages/send after the fallback delay, and the page's own disconnected path works."""
-    a, ta, b, tb, cid = await pair(daemon)
+    _a, ta, _b, tb, cid = await pair(daemon)
     ben = await open_tab(browser, site, daemon, tb)
     await ben.connected()
     await ben.page.locator(f'[data-conversation="{cid}"]').click()
@@ -429,7 +439,7 @@ async def test_no_token_no_connection(daemon: Daemon, site: str, browser: Browse
 
 async def test_toasts_can_be_switched_off(daemon: Daemon, site: str, browser: Browser) -> None:
     """notifications: false: no toast for a new message."""
-    a, ta, b, tb, cid = await pair(daemon)
+    a, ta, _b, tb, cid = await pair(daemon)
     ben = await open_tab(browser, site, daemon, tb, notify=0)
     await ben.connected()
     async with connect(f"{daemon.url}?token={ta}") as ws:
