@@ -10,7 +10,7 @@ PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint typecheck unit bench clean client
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,14 @@ lint: $(DEV_STAMP)
 typecheck: $(DEV_STAMP)
 	$(BIN)/mypy
 
-unit: $(DEV_STAMP)
+# The JS package's dev tools (esbuild, React for the browser tests), from the lockfile.
+client/node_modules/.package-lock.json: client/package-lock.json
+	@command -v npm >/dev/null || { echo "npm not found: the React tests will be skipped"; exit 0; }; \
+	cd client && npm ci --no-audit --no-fund
+
+client: client/node_modules/.package-lock.json
+
+unit: $(DEV_STAMP) client
 	$(BIN)/python -m pytest
 
 test: lint typecheck unit
@@ -44,4 +51,4 @@ bench: $(DEV_STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache client/node_modules

@@ -248,7 +248,9 @@ class HttpApi:
     def preflight(self, request: HttpRequest, allow: str) -> Answer:
         """CORS preflight: allowed origins get the methods and headers; others get none."""
         headers = [("Allow", allow)]
-        if self.cors(request):  # respond() adds the origin headers to every answer, once
+        # respond() adds the origin headers to every answer; only the preflight's own go here
+        # (two Access-Control-Allow-Origin headers make browsers refuse the preflight).
+        if self.cors(request):
             headers += [("Access-Control-Allow-Methods", allow),
                         ("Access-Control-Allow-Headers", ALLOW_HEADERS),
                         ("Access-Control-Max-Age", "600")]

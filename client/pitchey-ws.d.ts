@@ -203,6 +203,8 @@ export interface SyncedEvent {
 }
 
 export interface PitcheyEvents {
+  /** Every frame the server sends (except `pong`), raw, before any other event it causes. */
+  frame: { type: string; [key: string]: any };
   connected: ConnectedEvent;
   disconnected: DisconnectedEvent;
   state: StateEvent;
@@ -249,6 +251,12 @@ export declare class PitcheyClient {
   close(): void;
 
   sendMessage(message: SendMessageInput): Promise<MessageSentEvent>;
+  /**
+   * Any frame (a `requestId` is added). With `reply`, resolves with that answer; without, once the
+   * server handled it. `retry: false`: dropped rather than resent when the connection is lost first.
+   */
+  request(frame: { type: string; [key: string]: any }, reply?: string | null,
+    options?: { retry?: boolean }): Promise<any>;
   joinConversation(conversationId: number): Promise<ConversationJoined>;
   getMessages(conversationId: number, page?: { beforeMessageId?: number; limit?: number }): Promise<MessagesPage>;
   getOnlineUsers(): Promise<OnlineUser[]>;

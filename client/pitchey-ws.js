@@ -46,7 +46,10 @@ export const DEFAULTS = Object.freeze({
 });
 
 /** Server frames that answer one client frame; the server answers a connection's frames in order. */
-const REPLIES = new Set(['pong', 'conversation_joined', 'messages', 'online_users', 'sync_complete']);
+const REPLIES = new Set([
+  'pong', 'conversation_joined', 'messages', 'online_users', 'sync_complete', 'conversations',
+  'pitch_activity', 'notifications',
+]);
 const SEEN_LIMIT = 10000;
 
 /** An error reported by the server (`error` frame) or by this client. */
@@ -361,6 +364,7 @@ export class PitcheyClient {
       return;
     }
     if (!frame || typeof frame !== 'object' || typeof frame.type !== 'string') return;
+    if (frame.type !== 'pong') this._emit('frame', frame);
     switch (frame.type) {
       case 'connected': return this._onConnected(frame);
       case 'queued_message': return this._onQueued(frame);
@@ -534,11 +538,11 @@ export class PitcheyClient {
   }
 
   /** A frame that gets one reply of type `reply` (or, with reply null, none). @private */
-  _request(frame, reply, pick = (f) => f) {
+  _request(frame, reply, pick = (f) => f, retry = true) {
     if (this._stopped) return Promise.reject(new PitcheyError('closed', 'client is closed'));
     return new Promise((resolve, reject) => {
-      const entry = this._entry({ ...frame, requestId: newRequestId() }, {
-        reply, userFacing: true, resolve: (f) => resolve(pick(f)), reject,
+      const entry = this._entry({ ...frame, requestId: frame.requestId ?? newRequestId() }, {
+        reply, retry, userFacing: true, resolve: (f) => resolve(pick(f)), reject,
       });
       entry.timer = setTimeout(() => {
         this._settle(entry, new PitcheyError('timeout', `no answer to ${frame.type} in time`));
@@ -641,6 +645,20 @@ export class PitcheyClient {
   }
 
   // -- public helpers -------------------------------------------------------------------------
+
+  /**
+   * Send any frame (a `requestId` is added). With `reply`, resolves with the first frame of that
+   * type answering it; without, once the server handled it silently. Rejects with the server's
+   * `error`. With `retry: false` it is dropped, not resent, when the connection is lost first.
+   * @param {{type: string, [key: string]: any}} frame
+   * @param {string | null} [reply]
+   * @param {{retry?: boolean}} [options]
+   */
+  request(frame, reply = null, options = {}) {
+    if (!frame || typeof frame.type !== 'string') return Promise.reject(new TypeError('frame.type is required'));
+    if (frame.type === 'send_message') return this.sendMessage(frame);
+    return this._request(frame, reply, undefined, options.retry ?? true);
+  }
 
   /**
    * Send a message. Kept until the server acknowledges it, across reconnects, under one
