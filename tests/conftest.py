@@ -148,6 +148,12 @@ def write_config(path: Path, overrides: dict[str, Any]) -> None:
     path.write_text(text)
 
 
+# The PostgreSQL engine's names for SQLite tables the Pitchey schema has no table for (the
+# same columns, as far as tests read them).
+PG_TABLES = {"notifications": "ws_notifications", "pitch_comments": "ws_pitch_comments",
+             "pitch_likes": "ws_pitch_likes", "publish_requests": "ws_publish_requests"}
+
+
 class Daemon:
     """One pitchey-ws process on a free port with its own database and config.
 
@@ -180,6 +186,10 @@ class Daemon:
     @property
     def postgresql(self) -> bool:
         return self.engine == "postgresql"
+
+    def table(self, name: str) -> str:
+        """``name`` (a table of schema.sql) as this daemon's engine calls it."""
+        return PG_TABLES.get(name, name) if self.postgresql else name
 
     @property
     def url(self) -> str:

@@ -33,8 +33,9 @@ async def after_connected(client: Client) -> list[dict[str, object]]:
 
 
 def notifications_of(daemon: Daemon, user: int) -> int:
-    return int(daemon.query("SELECT COUNT(*) FROM notifications WHERE user_id = ?",
-                            (user,))[0][0])
+    return int(daemon.query(
+        f"SELECT COUNT(*) FROM {daemon.table('notifications')} WHERE user_id = ?", (user,)
+    )[0][0])
 
 
 async def test_nda_signed_to_offline_creator_arrives_after_connected(
@@ -129,11 +130,11 @@ def test_every_server_frame_type_is_reserved() -> None:
 async def test_bad_publish_bodies_store_nothing(daemon: Daemon, body: dict[str, object],
                                                 status: int) -> None:
     """Every malformed publish gets a clear 4xx error and stores nothing."""
-    before = daemon.query("SELECT COUNT(*) FROM notifications")
+    before = daemon.query(f"SELECT COUNT(*) FROM {daemon.table('notifications')}")
     got, answer = call(daemon, "POST", "/api/publish", body)
     assert got == status, answer
     assert answer["error"] and answer["message"]
-    assert daemon.query("SELECT COUNT(*) FROM notifications") == before
+    assert daemon.query(f"SELECT COUNT(*) FROM {daemon.table('notifications')}") == before
 
 
 async def test_api_key_required_and_user_jwt_refused(daemon: Daemon) -> None:
