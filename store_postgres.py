@@ -3,7 +3,10 @@ outside this module sees SQL or asyncpg (imported only when ``database.url`` is 
 
 **Tables.** The Pitchey app's own tables (PROTOCOL.md section 13, ``pitchey-schema.sql``):
 ``users``, ``conversations``, ``conversation_participants``, ``messages``,
-``message_read_receipts``, ``typing_indicators``, with the app's names and columns. With
+``message_read_receipts``, ``typing_indicators``, and for pitch activity ``pitches`` (owner
+``user_id``; public when ``status = 'published'``), ``ndas`` (signers with
+``access_granted`` may see a private pitch) and ``pitch_views`` (a row per first view of a
+user; ``viewCount`` counts distinct viewers), with the app's names and columns. With
 ``pitchey_schema = "create"`` this engine creates them (a superset of what it needs; columns
 the daemon cannot fill, such as ``users.email``, are nullable there). With ``"existing"`` it
 uses the app's tables as they are: it adds no column or index to them and never inserts into
@@ -16,7 +19,12 @@ own, created by numbered migrations (``ws_schema_version``):
   ``message_read_receipts.delivered_at`` is NOT NULL, so a receipt row is written only when
   the message was delivered (or read), with the real time: a receipt never means "not yet";
 - ``ws_read_notices``: read notices owed to senders;
-- ``ws_direct_conversations``, ``ws_users`` (last_seen), ``ws_settings``.
+- ``ws_direct_conversations``, ``ws_users`` (last_seen), ``ws_settings``;
+- (migration 2) ``ws_pitch_allowed`` (the backend's allowed users of a private pitch; with
+  ``"existing"``, ``put_pitch`` writes only these, the app's ``pitches`` row rules),
+  ``ws_pitch_likes``, ``ws_pitch_comments``, ``ws_notifications``, ``ws_publish_requests``.
+  Comment and notification ids are taken from their sequences before the write (the
+  notification of a comment carries its id); a failed write leaves a gap.
 
 **Writes.** One task, the write loop, owns one connection and commits everything queued in
 one transaction (group commit); each caller's future resolves after COMMIT. Within a batch,
