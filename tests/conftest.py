@@ -174,8 +174,8 @@ class Daemon:
         self.database_url = database_url
         if self.database_url is None and self.engine == "postgresql":
             self.database_url = self.postgres.create_database()
-        if self.database_url is not None:
-            self.engine = "postgresql"
+        # Pinned now: the class's engine changes when the next module's engine starts.
+        self.engine = "postgresql" if self.database_url is not None else "sqlite"
         defaults: dict[str, Any] = {"presence.offline_grace_seconds": 0,
                                     "server.log_level": "DEBUG"}
         if self.database_url is not None:

@@ -17,7 +17,7 @@ from conftest import ROOT, Client, Connector, Daemon, make_token, new_user, runn
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def daemon(tmp_path_factory: pytest.TempPathFactory, engine: str) -> Iterator[Daemon]:
     """This module's daemon, with the backend API on."""
     d = Daemon(tmp_path_factory.mktemp("backend"), {"api.key": KEY, "api.max_event_bytes": 512,
                                                     "api.max_publish_users": 5})

@@ -14,7 +14,7 @@ _pitch_ids = itertools.count(500)
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def daemon(tmp_path_factory: pytest.TempPathFactory, engine: str) -> Iterator[Daemon]:
     """This module's daemon, with the backend API on."""
     d = Daemon(tmp_path_factory.mktemp("notifications"), {"api.key": KEY})
     d.start()

@@ -16,7 +16,7 @@ MAX_CHARS = 100
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def daemon(tmp_path_factory: pytest.TempPathFactory, engine: str) -> Iterator[Daemon]:
     """This module's daemon: the backend API on, small limits to reach."""
     d = Daemon(tmp_path_factory.mktemp("pitch"), {
         "api.key": KEY, "limits.max_pitch_subscriptions": 3,
