@@ -588,7 +588,10 @@ class HttpApi:
         allowed = _ids(body.get("allowedUserIds"), "allowedUserIds",
                        self.backend.max_allowed_users, required=False)
         row = PitchRow(params[0], owner, title, str(visibility), frozenset(allowed))
-        await self.service.put_pitch(row)
+        try:
+            await self.service.put_pitch(row)
+        except ConstraintViolation as exc:  # an existing Pitchey database without this pitch
+            raise ApiError(409, "conflict", str(exc)) from None
         return json_answer(200, {"success": True, "pitch": {
             "id": row.id, "ownerId": owner, "title": title, "visibility": visibility,
             "allowedUserIds": sorted(row.allowed)}})

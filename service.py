@@ -557,6 +557,9 @@ class Service:
         unsubscribed (and stop typing there)."""
         async with self.in_flight.hold(("pitch", row.id)):
             await self.store.put_pitch(row, p.now_iso())
+            # As stored: on an existing Pitchey database the app's row rules (owner, title,
+            # status) and its NDA signers are allowed too.
+            row = await self.store.pitch(row.id) or row
             self._remember_pitch(row)
         for client in list(self.watching.get(row.id, ())):
             if not row.visible_to(client.user_id):

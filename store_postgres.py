@@ -3,7 +3,10 @@ outside this module sees SQL or asyncpg (imported only when ``database.url`` is 
 
 **Tables.** The Pitchey app's own tables (PROTOCOL.md section 13, ``pitchey-schema.sql``):
 ``users``, ``conversations``, ``conversation_participants``, ``messages``,
-``message_read_receipts``, ``typing_indicators``, with the app's names and columns. With
+``message_read_receipts``, ``typing_indicators``, and for pitch activity ``pitches`` (owner
+``user_id``; public when ``status = 'published'``), ``ndas`` (signers with
+``access_granted`` may see a private pitch) and ``pitch_views`` (a row per first view of a
+user; ``viewCount`` counts distinct viewers), with the app's names and columns. With
 ``pitchey_schema = "create"`` this engine creates them (a superset of what it needs; columns
 the daemon cannot fill, such as ``users.email``, are nullable there). With ``"existing"`` it
 uses the app's tables as they are: it adds no column or index to them and never inserts into
@@ -16,7 +19,12 @@ own, created by numbered migrations (``ws_schema_version``):
   ``message_read_receipts.delivered_at`` is NOT NULL, so a receipt row is written only when
   the message was delivered (or read), with the real time: a receipt never means "not yet";
 - ``ws_read_notices``: read notices owed to senders;
-- ``ws_direct_conversations``, ``ws_users`` (last_seen), ``ws_settings``.
+- ``ws_direct_conversations``, ``ws_users`` (last_seen), ``ws_settings``;
+- (migration 2) ``ws_pitch_allowed`` (the backend's allowed users of a private pitch; with
+  ``"existing"``, ``put_pitch`` writes only these, the app's ``pitches`` row rules),
+  ``ws_pitch_likes``, ``ws_pitch_comments``, ``ws_notifications``, ``ws_publish_requests``.
+  Comment and notification ids are taken from their sequences before the write (the
+  notification of a comment carries its id); a failed write leaves a gap.
 
 **Writes.** One task, the write loop, owns one connection and commits everything queued in
 one transaction (group commit); each caller's future resolves after COMMIT. Within a batch,
@@ -53,13 +61,19 @@ import asyncpg
 
 from protocol import dumps, now_iso
 from rows import (
+    CommentRow,
     ConversationRow,
     ConversationSummary,
     MessageDetail,
     MessageRow,
+    NewNotification,
+    NotificationRow,
     PendingEvent,
     PendingMessage,
+    PendingNotification,
     PendingRead,
+    PitchRow,
+    PitchStats,
     Receipt,
     UserRow,
 )
@@ -211,10 +225,47 @@ CREATE TABLE IF NOT EXISTS typing_indicators (
     updated_at      timestamp NOT NULL DEFAULT now(),
     UNIQUE (conversation_id, user_id)
 );
+-- Pitches (PROTOCOL.md 9): the app's columns, its enums as text; the ones the backend's
+-- PUT /api/pitches cannot fill (logline, genre, format) nullable. status 'published' is
+-- public, anything else private (the owner, NDA signers with access_granted, ws_pitch_allowed).
+CREATE TABLE IF NOT EXISTS pitches (
+    id           serial PRIMARY KEY,
+    user_id      integer NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    title        varchar(200) NOT NULL,
+    logline      text,
+    genre        varchar(20),
+    format       varchar(20),
+    status       varchar(20) NOT NULL DEFAULT 'draft',
+    published_at timestamp,
+    view_count   integer DEFAULT 0,
+    like_count   integer DEFAULT 0,
+    nda_count    integer DEFAULT 0,
+    created_at   timestamp NOT NULL DEFAULT now(),
+    updated_at   timestamp NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS pitches_user_id_idx ON pitches (user_id);
+CREATE TABLE IF NOT EXISTS ndas (
+    id             serial PRIMARY KEY,
+    pitch_id       integer NOT NULL REFERENCES pitches (id) ON DELETE CASCADE,
+    signer_id      integer NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    nda_type       varchar(20),
+    signed_at      timestamp NOT NULL DEFAULT now(),
+    access_granted boolean DEFAULT true,
+    UNIQUE (pitch_id, signer_id)
+);
+CREATE TABLE IF NOT EXISTS pitch_views (
+    id        serial PRIMARY KEY,
+    pitch_id  integer NOT NULL REFERENCES pitches (id) ON DELETE CASCADE,
+    viewer_id integer REFERENCES users (id) ON DELETE SET NULL,
+    view_type varchar(20),
+    viewed_at timestamp NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS pitch_views_pitch_id_idx ON pitch_views (pitch_id);
 """
 
 APP_TABLE_NAMES = ("users", "conversations", "conversation_participants", "messages",
-                   "message_read_receipts", "typing_indicators")
+                   "message_read_receipts", "typing_indicators", "pitches", "ndas",
+                   "pitch_views")
 
 # pitchey-ws's own tables: migration n brings the schema from version n - 1 to n.
 MIGRATIONS: tuple[str, ...] = (
@@ -260,11 +311,58 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX ws_read_notices_sender ON ws_read_notices (sender_id);
     """,
+    # 2: pitch activity and notifications (PROTOCOL.md 9-11). Pitches and their views are
+    # the app's pitches / ndas / pitch_views; what the app has no table for is here.
+    """
+    CREATE TABLE ws_pitch_allowed (
+        pitch_id integer NOT NULL REFERENCES pitches (id) ON DELETE CASCADE,
+        user_id  bigint NOT NULL,
+        PRIMARY KEY (pitch_id, user_id)
+    );
+    CREATE TABLE ws_pitch_likes (
+        pitch_id integer NOT NULL REFERENCES pitches (id) ON DELETE CASCADE,
+        user_id  bigint NOT NULL,
+        liked_at timestamp NOT NULL,
+        PRIMARY KEY (pitch_id, user_id)
+    );
+    CREATE TABLE ws_pitch_comments (
+        id         bigserial PRIMARY KEY,
+        pitch_id   integer NOT NULL REFERENCES pitches (id) ON DELETE CASCADE,
+        user_id    bigint NOT NULL,
+        content    text NOT NULL,
+        created_at timestamp NOT NULL,
+        request_id text,
+        CONSTRAINT ws_pitch_comments_request UNIQUE (user_id, request_id)
+    );
+    CREATE INDEX ws_pitch_comments_pitch ON ws_pitch_comments (pitch_id, id);
+    CREATE TABLE ws_notifications (
+        id           bigserial PRIMARY KEY,
+        user_id      bigint NOT NULL,
+        type         text NOT NULL,
+        fields       json NOT NULL,
+        created_at   timestamp NOT NULL,
+        delivered_at timestamp,
+        read_at      timestamp
+    );
+    CREATE INDEX ws_notifications_user ON ws_notifications (user_id, id);
+    CREATE INDEX ws_notifications_undelivered ON ws_notifications (user_id, id)
+        WHERE delivered_at IS NULL;
+    CREATE INDEX ws_notifications_unread ON ws_notifications (user_id, id)
+        WHERE read_at IS NULL;
+    CREATE INDEX ws_notifications_created ON ws_notifications (created_at);
+    CREATE TABLE ws_publish_requests (
+        key        text PRIMARY KEY,
+        answer     json NOT NULL,
+        created_at timestamp NOT NULL
+    );
+    CREATE INDEX ws_publish_requests_created ON ws_publish_requests (created_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Unique indexes that mean "this request was stored before".
-_REQUEST_KEYS = frozenset({"ws_message_requests_pkey", "ws_conversation_requests_pkey"})
+_REQUEST_KEYS = frozenset({"ws_message_requests_pkey", "ws_conversation_requests_pkey",
+                           "ws_pitch_comments_request"})
 
 
 def _timestamp_out(text: str) -> str:
@@ -698,24 +796,37 @@ class PostgresStore:
     def _create_conversation(
         self, created_by: int, members: Sequence[int], title: str | None, is_group: bool,
         request_id: str | None, pitch_id: int | None, now: str,
+        conversation_id: int | None = None,
     ) -> _Write:
-        write = self._ensure_users(_Write(takes_conversation_id=True), members)
+        """The conversation's rows; its id from the sequence at commit time, or the one
+        given (then the sequence is moved past it, so later ids are assigned above it)."""
+        cid: int | _Id = CONVERSATION_ID if conversation_id is None else conversation_id
+        write = self._ensure_users(_Write(takes_conversation_id=conversation_id is None),
+                                   members)
+        if conversation_id is not None:
+            write.conversation_id = conversation_id
         write.add(
             "INSERT INTO conversations (id, pitch_id, created_by_id, title, is_group,"
             " created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6)",
-            (CONVERSATION_ID, pitch_id, created_by, title, is_group, now),
+            (cid, pitch_id, created_by, title, is_group, now),
         )
         for user_id in dict.fromkeys(members):
             write.add(
                 "INSERT INTO conversation_participants (conversation_id, user_id, is_active,"
                 " joined_at, mute_notifications) VALUES ($1, $2, true, $3, false)",
-                (CONVERSATION_ID, user_id, now),
+                (cid, user_id, now),
             )
         if request_id is not None:
             write.add(
                 "INSERT INTO ws_conversation_requests (created_by_id, request_id,"
                 " conversation_id) VALUES ($1, $2, $3)",
-                (created_by, request_id, CONVERSATION_ID),
+                (created_by, request_id, cid),
+            )
+        if conversation_id is not None:
+            write.add(
+                "SELECT setval($1::regclass, GREATEST($2::bigint,"
+                " COALESCE(pg_sequence_last_value($1::regclass), 0)))",
+                (self._conversation_seq, conversation_id),
             )
         return write
 
@@ -727,15 +838,18 @@ class PostgresStore:
         request_id: str | None,
         pitch_id: int | None,
         now: str,
+        *,
+        conversation_id: int | None = None,
     ) -> ConversationRow:
         distinct = set(members)
         is_group = len(distinct) > 2
         write = self._create_conversation(
-            created_by, members, title, is_group, request_id, pitch_id, now
+            created_by, members, title, is_group, request_id, pitch_id, now, conversation_id
         )
         if not is_group and title is None and pitch_id is None and len(distinct) == 2:
             low, high = sorted(distinct)
-            write.add(_INSERT_DIRECT + " ON CONFLICT DO NOTHING", (low, high, CONVERSATION_ID))
+            write.add(_INSERT_DIRECT + " ON CONFLICT DO NOTHING",
+                      (low, high, write.conversation_id or CONVERSATION_ID))
         await self._write(write)
         assert write.conversation_id is not None
         return ConversationRow(write.conversation_id, title, is_group, created_by,
@@ -866,6 +980,9 @@ class PostgresStore:
     async def pending(self, user_id: int, limit: int) -> list[PendingEvent]:
         messages = await self._fetch(
             _MESSAGE_SELECT + " JOIN ws_undelivered u ON u.message_id = m.id"
+            # A user removed from a conversation is owed none of its messages any more.
+            " JOIN conversation_participants p ON p.conversation_id = m.conversation_id"
+            "   AND p.user_id = u.user_id AND p.is_active IS NOT FALSE"
             " WHERE u.user_id = $1 ORDER BY u.message_id LIMIT $2",
             user_id, limit,
         )
@@ -882,14 +999,27 @@ class PostgresStore:
         )
         events: list[PendingEvent] = [PendingMessage(r[7], _message(r)) for r in messages]
         events.extend(PendingRead(r[0], r[1], r[2], r[3], r[4]) for r in reads)
+        notes = await self._fetch(
+            _NOTIFICATION_SELECT + " WHERE user_id = $1 AND delivered_at IS NULL"
+            " ORDER BY id LIMIT $2",
+            user_id, limit,
+        )
+        events.extend(PendingNotification(r[4], _notification(r)) for r in notes)
         events.sort(key=_pending_order)
         return events[:limit]
 
     def record_deliveries(
-        self, messages: Mapping[int, Sequence[int]], reads: Sequence[tuple[int, int]]
+        self, messages: Mapping[int, Sequence[int]], reads: Sequence[tuple[int, int]],
+        notifications: Sequence[int] = (),
     ) -> asyncio.Future[None]:
         now = now_iso()
         write = _Write()
+        if notifications:
+            write.add(
+                "UPDATE ws_notifications SET delivered_at = $1 WHERE delivered_at IS NULL"
+                " AND id = ANY($2::bigint[])",
+                (now, list(notifications)),
+            )
         for message_id, user_ids in messages.items():
             write.add(_DELIVERED, (message_id, list(user_ids), now))
         for message_id, reader_id in reads:
@@ -1018,6 +1148,286 @@ class PostgresStore:
             write.add(_MARK_MESSAGE_READ, (now, message_id))
         await self._write(write)
 
+    # -- participants (the backend's API) --------------------------------------------------
+
+    async def change_participants(
+        self, conversation_id: int, add: Sequence[int], remove: Sequence[int], now: str
+    ) -> ConversationRow | None:
+        if await self.conversation(conversation_id) is None:
+            return None
+        write = self._ensure_users(_Write(), add)
+        for user_id in dict.fromkeys(add):
+            write.add(
+                "INSERT INTO conversation_participants (conversation_id, user_id, is_active,"
+                " joined_at, mute_notifications) VALUES ($1, $2, true, $3, false)"
+                " ON CONFLICT (conversation_id, user_id) DO UPDATE SET is_active = true,"
+                " left_at = NULL, joined_at = EXCLUDED.joined_at"
+                " WHERE conversation_participants.is_active IS FALSE",
+                (conversation_id, user_id, now),
+            )
+        for user_id in dict.fromkeys(remove):
+            write.add(
+                "UPDATE conversation_participants SET is_active = false, left_at = $1"
+                " WHERE conversation_id = $2 AND user_id = $3 AND is_active IS NOT FALSE",
+                (now, conversation_id, user_id),
+            )
+        # Its members changed: it is no longer "the" conversation of a pair.
+        write.add("DELETE FROM ws_direct_conversations WHERE conversation_id = $1",
+                  (conversation_id,))
+        await self._write(write)
+        return await self.conversation(conversation_id)
+
+    # -- pitches: the app's pitches, ndas and pitch_views, and ws_pitch_* -------------------
+
+    async def pitch(self, pitch_id: int) -> PitchRow | None:
+        if not 0 < pitch_id <= INT4_MAX:
+            return None
+        rows = await self._fetch(
+            "SELECT id, user_id, title, status::text FROM pitches WHERE id = $1", pitch_id
+        )
+        if not rows:
+            return None
+        # Besides the owner: NDA signers the app granted access, and whom the backend allowed.
+        allowed = await self._fetch(
+            "SELECT signer_id::bigint FROM ndas WHERE pitch_id = $1 AND access_granted IS TRUE"
+            " UNION SELECT user_id FROM ws_pitch_allowed WHERE pitch_id = $1 LIMIT $2",
+            pitch_id, MAX_ROWS,
+        )
+        r = rows[0]
+        visibility = "public" if r[3] == "published" else "private"
+        return PitchRow(r[0], r[1], r[2], visibility, frozenset(a[0] for a in allowed))
+
+    async def put_pitch(self, pitch: PitchRow, now: str) -> None:
+        """With ``pitchey_schema = "create"``: the ``pitches`` row (public = 'published',
+        private = 'hidden') and the allowed set. With ``"existing"`` the app's row is left as
+        it is (its owner, title and status rule): only the allowed set is stored, and a pitch
+        the app does not have is ConstraintViolation."""
+        write = _Write()
+        if self.existing:
+            if await self.pitch(pitch.id) is None:
+                raise ConstraintViolation(
+                    f"pitch {pitch.id} is not in the app's pitches table"
+                    ' (database.pitchey_schema = "existing": the app owns its pitches)'
+                )
+        else:
+            self._ensure_users(write, [pitch.owner_id])
+            status = "published" if pitch.visibility == "public" else "hidden"
+            write.add(
+                "INSERT INTO pitches (id, user_id, title, status, published_at, created_at,"
+                " updated_at) VALUES ($1, $2, $3, $4::varchar,"
+                " CASE WHEN $4::varchar = 'published' THEN $5::timestamp END, $5, $5)"
+                " ON CONFLICT (id) DO UPDATE SET user_id = EXCLUDED.user_id,"
+                " title = EXCLUDED.title, status = EXCLUDED.status,"
+                " published_at = COALESCE(pitches.published_at, EXCLUDED.published_at),"
+                " updated_at = EXCLUDED.updated_at",
+                (pitch.id, pitch.owner_id, pitch.title, status, now),
+            )
+        # INSERTs run before every other statement of a batch: add the new set, then drop
+        # whoever is not in it.
+        allowed = sorted(pitch.allowed)
+        write.add(
+            "INSERT INTO ws_pitch_allowed (pitch_id, user_id)"
+            " SELECT $1, unnest($2::bigint[]) ON CONFLICT DO NOTHING",
+            (pitch.id, allowed),
+        )
+        write.add(
+            "DELETE FROM ws_pitch_allowed WHERE pitch_id = $1 AND user_id <> ALL($2::bigint[])",
+            (pitch.id, allowed),
+        )
+        await self._write(write)
+
+    async def pitch_stats(self, pitch_id: int, user_id: int) -> PitchStats:
+        if not 0 < pitch_id <= INT4_MAX:
+            return PitchStats(0, 0, False)
+        rows = await self._fetch(
+            # pitch_views is the app's log (a row per view, maybe anonymous): distinct viewers.
+            "SELECT (SELECT COUNT(DISTINCT viewer_id) FROM pitch_views WHERE pitch_id = $1),"
+            " (SELECT COUNT(*) FROM ws_pitch_likes WHERE pitch_id = $1),"
+            " EXISTS (SELECT 1 FROM ws_pitch_likes WHERE pitch_id = $1 AND user_id = $2)",
+            pitch_id, user_id,
+        )
+        views, likes, liked = rows[0]
+        return PitchStats(int(views), int(likes), bool(liked))
+
+    async def has_viewed(self, pitch_id: int, user_id: int) -> bool:
+        if not (0 < pitch_id <= INT4_MAX and 0 < user_id <= INT4_MAX):
+            return False
+        rows = await self._fetch(
+            "SELECT 1 FROM pitch_views WHERE pitch_id = $1 AND viewer_id = $2 LIMIT 1",
+            pitch_id, user_id,
+        )
+        return bool(rows)
+
+    async def add_view(self, pitch_id: int, user_id: int, now: str) -> None:
+        write = self._ensure_users(_Write(), [user_id])
+        await self._write(write.add(
+            "INSERT INTO pitch_views (pitch_id, viewer_id, viewed_at)"
+            " SELECT $1::integer, $2::integer, $3::timestamp WHERE NOT EXISTS"
+            " (SELECT 1 FROM pitch_views WHERE pitch_id = $1 AND viewer_id = $2)",
+            (pitch_id, user_id, now),
+        ))
+
+    async def set_like(
+        self, pitch_id: int, user_id: int, liked: bool, now: str,
+        notify: NewNotification | None,
+    ) -> int | None:
+        write = _Write()
+        if liked:
+            write.add(
+                "INSERT INTO ws_pitch_likes (pitch_id, user_id, liked_at) VALUES ($1, $2, $3)"
+                " ON CONFLICT DO NOTHING",
+                (pitch_id, user_id, now),
+            )
+        else:
+            write.add("DELETE FROM ws_pitch_likes WHERE pitch_id = $1 AND user_id = $2",
+                      (pitch_id, user_id))
+        ids = await self._add_notifications(write, [notify] if notify else [], now)
+        await self._write(write)
+        return ids[0] if ids else None
+
+    async def add_comment(
+        self, pitch_id: int, user_id: int, content: str, request_id: str | None, now: str,
+        notify: Callable[[int], NewNotification] | None,
+    ) -> tuple[int, int | None]:
+        # The id first: the owner's notification carries it. (A failed write leaves a gap.)
+        (comment_id,), = await self._next_ids("ws_pitch_comments_id_seq", 1)
+        write = _Write().add(
+            "INSERT INTO ws_pitch_comments (id, pitch_id, user_id, content, created_at,"
+            " request_id) VALUES ($1, $2, $3, $4, $5, $6)",
+            (comment_id, pitch_id, user_id, content, now, request_id),
+        )
+        ids = await self._add_notifications(
+            write, [notify(comment_id)] if notify else [], now
+        )
+        await self._write(write)
+        return comment_id, ids[0] if ids else None
+
+    async def comment_by_request(self, user_id: int, request_id: str) -> CommentRow | None:
+        rows = await self._fetch(
+            _COMMENT_SELECT + " WHERE c.user_id = $1 AND c.request_id = $2", user_id, request_id
+        )
+        return _comment(rows[0]) if rows else None
+
+    async def comments(
+        self, pitch_id: int, before: int | None, limit: int
+    ) -> tuple[list[CommentRow], bool]:
+        if not 0 < pitch_id <= INT4_MAX:
+            return [], False
+        rows = await self._fetch(
+            _COMMENT_SELECT + " WHERE c.pitch_id = $1 AND c.id < $2::numeric"
+            " ORDER BY c.id DESC LIMIT $3",
+            pitch_id, before or INT8_MAX, limit + 1,
+        )
+        return [_comment(r) for r in reversed(rows[:limit])], len(rows) > limit
+
+    # -- notifications: ws_notifications, ws_publish_requests ------------------------------
+
+    async def _next_ids(self, sequence: str, count: int) -> list[tuple[int]]:
+        """``count`` values of one of the ws_* tables' sequences, ascending."""
+        rows = await self._fetch(
+            "SELECT nextval($1::regclass) AS id FROM generate_series(1, $2) ORDER BY id",
+            sequence, count,
+        )
+        return [(r[0],) for r in rows]
+
+    async def _add_notifications(
+        self, write: _Write, notes: Sequence[NewNotification], now: str
+    ) -> list[int]:
+        if not notes:
+            return []
+        ids = [r[0] for r in await self._next_ids("ws_notifications_id_seq", len(notes))]
+        for nid, note in zip(ids, notes, strict=True):
+            write.add(
+                "INSERT INTO ws_notifications (id, user_id, type, fields, created_at)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                (nid, note.user_id, note.type, note.fields, now),
+            )
+        return ids
+
+    async def add_notifications(
+        self, notes: Sequence[NewNotification], now: str, publish_key: str | None = None,
+        answer: Callable[[list[int]], str] | None = None,
+    ) -> list[int]:
+        write = _Write()
+        ids = await self._add_notifications(write, notes, now)
+        if publish_key is not None:
+            assert answer is not None
+            write.add(
+                "INSERT INTO ws_publish_requests (key, answer, created_at) VALUES ($1, $2, $3)",
+                (publish_key, answer(ids), now),
+            )
+        await self._write(write)
+        return ids
+
+    async def publish_answer(self, key: str) -> str | None:
+        rows = await self._fetch(
+            "SELECT answer::text FROM ws_publish_requests WHERE key = $1", key
+        )
+        return rows[0][0] if rows else None
+
+    async def put_publish_answer(self, key: str, answer: str, now: str) -> None:
+        await self._write(_Write().add(
+            "INSERT INTO ws_publish_requests (key, answer, created_at) VALUES ($1, $2, $3)"
+            " ON CONFLICT (key) DO UPDATE SET answer = EXCLUDED.answer",
+            (key, answer, now),
+        ))
+
+    async def notification_page(
+        self, user_id: int, before: int | None, limit: int, unread_only: bool
+    ) -> tuple[list[NotificationRow], bool]:
+        unread = " AND read_at IS NULL" if unread_only else ""
+        rows = await self._fetch(
+            _NOTIFICATION_SELECT + f" WHERE user_id = $1 AND id < $2::numeric{unread}"
+            " ORDER BY id DESC LIMIT $3",
+            user_id, before or INT8_MAX, limit + 1,
+        )
+        return [_notification(r) for r in rows[:limit]], len(rows) > limit
+
+    async def unread_notifications(self, user_id: int) -> int:
+        rows = await self._fetch(
+            "SELECT COUNT(*) FROM ws_notifications WHERE user_id = $1 AND read_at IS NULL",
+            user_id,
+        )
+        return int(rows[0][0])
+
+    async def mark_notifications_read(
+        self, user_id: int, ids: Sequence[int] | None, now: str
+    ) -> list[int]:
+        if ids is None:
+            rows = await self._fetch(
+                "SELECT id FROM ws_notifications WHERE user_id = $1 AND read_at IS NULL"
+                " ORDER BY id LIMIT $2",
+                user_id, MAX_ROWS,
+            )
+        else:
+            wanted = [i for i in ids if 0 < i <= INT8_MAX]
+            rows = await self._fetch(
+                "SELECT id FROM ws_notifications WHERE user_id = $1 AND read_at IS NULL"
+                " AND id = ANY($2::bigint[]) ORDER BY id",
+                user_id, wanted,
+            )
+        changed = [r[0] for r in rows]
+        if changed:
+            await self._write(_Write().add(
+                "UPDATE ws_notifications SET read_at = $1 WHERE user_id = $2"
+                " AND read_at IS NULL AND id = ANY($3::bigint[])",
+                (now, user_id, changed),
+            ))
+        return changed
+
+    async def prune_notifications(self, max_per_user: int, created_before: str) -> None:
+        await self._write(_Write().add(
+            "DELETE FROM ws_notifications WHERE created_at < $1", (created_before,)
+        ).add(
+            # Beyond max_per_user: read ones go first, oldest first (unread rank before read).
+            "DELETE FROM ws_notifications WHERE id IN (SELECT id FROM ("
+            " SELECT id, ROW_NUMBER() OVER (PARTITION BY user_id"
+            "   ORDER BY (read_at IS NULL) DESC, id DESC) AS rank FROM ws_notifications"
+            " WHERE user_id IN (SELECT user_id FROM ws_notifications GROUP BY user_id"
+            "   HAVING COUNT(*) > $1)) ranked WHERE rank > $1)",
+            (max_per_user,),
+        ).add("DELETE FROM ws_publish_requests WHERE created_at < $1", (created_before,)))
+
 
 def _fail_all(batch: Sequence[tuple[_Write, asyncio.Future[None]]], error: StoreError) -> None:
     for _, future in batch:
@@ -1029,7 +1439,9 @@ def _fail_all(batch: Sequence[tuple[_Write, asyncio.Future[None]]], error: Store
 _PARENTS_FIRST = ("users", "ws_users", "conversations", "conversation_participants",
                   "ws_conversation_requests", "ws_direct_conversations", "messages",
                   "ws_message_requests", "ws_undelivered", "message_read_receipts",
-                  "ws_read_notices", "typing_indicators")
+                  "ws_read_notices", "typing_indicators", "pitches", "ws_pitch_allowed",
+                  "pitch_views", "ws_pitch_likes", "ws_pitch_comments", "ws_notifications",
+                  "ws_publish_requests")
 _INSERT_INTO = re.compile(r"INSERT INTO (\w+)")
 
 
@@ -1102,6 +1514,8 @@ def _pending_order(event: PendingEvent) -> tuple[str, int, int]:
             return (queued_at, 0, message.id)
         case PendingRead(queued_at=queued_at, message_id=message_id):
             return (queued_at, 1, message_id)
+        case PendingNotification(queued_at=queued_at, notification=notification):
+            return (queued_at, 2, notification.id)
 
 
 # A message as MessageRow, with the app's nullable columns given the daemon's defaults.
@@ -1111,6 +1525,25 @@ _MESSAGE_SELECT = (
     " COALESCE(m.is_read, false)"
     " FROM messages m LEFT JOIN users su ON su.id = m.sender_id"
 )
+
+_NOTIFICATION_SELECT = (
+    "SELECT id, user_id, type, fields::text, created_at, read_at FROM ws_notifications"
+)
+_COMMENT_SELECT = (
+    "SELECT c.id, c.pitch_id, c.user_id, u.username, c.content, c.created_at"
+    " FROM ws_pitch_comments c LEFT JOIN users u ON u.id = c.user_id"
+)
+# Largest values of the ws_* tables' bigint ids (a cursor past every row).
+INT8_MAX = 2**63 - 1
+
+
+def _notification(row: Sequence[Any]) -> NotificationRow:
+    return NotificationRow(row[0], row[1], row[2], row[3], row[4], row[5])
+
+
+def _comment(row: Sequence[Any]) -> CommentRow:
+    return CommentRow(row[0], row[1], row[2], row[3], row[4], row[5])
+
 
 # The message ids $1 has not read: not yet delivered, or delivered and unread (disjoint: a
 # delivery or a read removes the ws_undelivered row as it writes the receipt).

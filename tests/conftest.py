@@ -148,6 +148,12 @@ def write_config(path: Path, overrides: dict[str, Any]) -> None:
     path.write_text(text)
 
 
+# The PostgreSQL engine's names for SQLite tables the Pitchey schema has no table for (the
+# same columns, as far as tests read them).
+PG_TABLES = {"notifications": "ws_notifications", "pitch_comments": "ws_pitch_comments",
+             "pitch_likes": "ws_pitch_likes", "publish_requests": "ws_publish_requests"}
+
+
 class Daemon:
     """One pitchey-ws process on a free port with its own database and config.
 
@@ -168,8 +174,8 @@ class Daemon:
         self.database_url = database_url
         if self.database_url is None and self.engine == "postgresql":
             self.database_url = self.postgres.create_database()
-        if self.database_url is not None:
-            self.engine = "postgresql"
+        # Pinned now: the class's engine changes when the next module's engine starts.
+        self.engine = "postgresql" if self.database_url is not None else "sqlite"
         defaults: dict[str, Any] = {"presence.offline_grace_seconds": 0,
                                     "server.log_level": "DEBUG"}
         if self.database_url is not None:
@@ -180,6 +186,10 @@ class Daemon:
     @property
     def postgresql(self) -> bool:
         return self.engine == "postgresql"
+
+    def table(self, name: str) -> str:
+        """``name`` (a table of schema.sql) as this daemon's engine calls it."""
+        return PG_TABLES.get(name, name) if self.postgresql else name
 
     @property
     def url(self) -> str:

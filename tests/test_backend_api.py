@@ -17,7 +17,7 @@ from conftest import ROOT, Client, Connector, Daemon, make_token, new_user, runn
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def daemon(tmp_path_factory: pytest.TempPathFactory, engine: str) -> Iterator[Daemon]:
     """This module's daemon, with the backend API on."""
     d = Daemon(tmp_path_factory.mktemp("backend"), {"api.key": KEY, "api.max_event_bytes": 512,
                                                     "api.max_publish_users": 5})
@@ -33,8 +33,9 @@ async def after_connected(client: Client) -> list[dict[str, object]]:
 
 
 def notifications_of(daemon: Daemon, user: int) -> int:
-    return int(daemon.query("SELECT COUNT(*) FROM notifications WHERE user_id = ?",
-                            (user,))[0][0])
+    return int(daemon.query(
+        f"SELECT COUNT(*) FROM {daemon.table('notifications')} WHERE user_id = ?", (user,)
+    )[0][0])
 
 
 async def test_nda_signed_to_offline_creator_arrives_after_connected(
@@ -129,11 +130,11 @@ def test_every_server_frame_type_is_reserved() -> None:
 async def test_bad_publish_bodies_store_nothing(daemon: Daemon, body: dict[str, object],
                                                 status: int) -> None:
     """Every malformed publish gets a clear 4xx error and stores nothing."""
-    before = daemon.query("SELECT COUNT(*) FROM notifications")
+    before = daemon.query(f"SELECT COUNT(*) FROM {daemon.table('notifications')}")
     got, answer = call(daemon, "POST", "/api/publish", body)
     assert got == status, answer
     assert answer["error"] and answer["message"]
-    assert daemon.query("SELECT COUNT(*) FROM notifications") == before
+    assert daemon.query(f"SELECT COUNT(*) FROM {daemon.table('notifications')}") == before
 
 
 async def test_api_key_required_and_user_jwt_refused(daemon: Daemon) -> None:

@@ -14,7 +14,7 @@ _pitch_ids = itertools.count(500)
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def daemon(tmp_path_factory: pytest.TempPathFactory, engine: str) -> Iterator[Daemon]:
     """This module's daemon, with the backend API on."""
     d = Daemon(tmp_path_factory.mktemp("notifications"), {"api.key": KEY})
     d.start()
@@ -68,7 +68,7 @@ async def test_owner_comments_and_likes_make_no_notification(daemon: Daemon,
     assert "notificationId" not in liked
     await owner.request({"type": "pitch_comment", "pitchId": pitch, "comment": "mine"},
                         "comment_sent")
-    assert daemon.query("SELECT COUNT(*) FROM notifications WHERE user_id = ?",
+    assert daemon.query(f"SELECT COUNT(*) FROM {daemon.table('notifications')} WHERE user_id = ?",
                         (owner_id,)) == [(0,)]
 
 
@@ -155,7 +155,7 @@ async def test_like_survives_kill_9_and_is_delivered_once(tmp_path: Path) -> Non
         await fan.send({"type": "pitch_like", "pitchId": 7})
         await fan.request({"type": "pitch_comment", "pitchId": 7, "comment": "c"},
                           "comment_sent")
-        await eventually_db(d, "SELECT COUNT(*) FROM notifications WHERE user_id = ?",
+        await eventually_db(d, f"SELECT COUNT(*) FROM {d.table('notifications')} WHERE user_id = ?",
                             (owner_id,), [(2,)])
         d.kill()
         d.start()
@@ -163,7 +163,7 @@ async def test_like_survives_kill_9_and_is_delivered_once(tmp_path: Path) -> Non
         frames = await replay(owner)
         assert [f["type"] for f in frames] == ["pitch_liked", "new_comment"]
         assert all("queuedAt" in f for f in frames)
-        await eventually_db(d, "SELECT COUNT(*) FROM notifications WHERE user_id = ?"
+        await eventually_db(d, f"SELECT COUNT(*) FROM {d.table('notifications')} WHERE user_id = ?"
                             " AND delivered_at IS NULL", (owner_id,), [(0,)])
         d.kill()
         d.start()
@@ -191,8 +191,8 @@ async def test_prune_keeps_max_per_user_read_ones_first(tmp_path: Path) -> None:
         assert status == 200
         d.restart()
         # Two of the five go: the two read ones (the newest), before any unread one.
-        await eventually_db(d, "SELECT id FROM notifications WHERE user_id = ? ORDER BY id",
-                            (user,), [(i,) for i in ids[:3]])
+        await eventually_db(d, f"SELECT id FROM {d.table('notifications')} WHERE user_id = ?"
+                            " ORDER BY id", (user,), [(i,) for i in ids[:3]])
     finally:
         if d.proc is not None:
             d.stop()

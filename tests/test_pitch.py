@@ -16,7 +16,7 @@ MAX_CHARS = 100
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def daemon(tmp_path_factory: pytest.TempPathFactory, engine: str) -> Iterator[Daemon]:
     """This module's daemon: the backend API on, small limits to reach."""
     d = Daemon(tmp_path_factory.mktemp("pitch"), {
         "api.key": KEY, "limits.max_pitch_subscriptions": 3,
@@ -115,7 +115,7 @@ async def test_comment_request_id_is_idempotent(daemon: Daemon, connect_to: Conn
     assert first["commentId"] == again["commentId"]
     await w.expect("new_comment", commentId=first["commentId"])
     await w.absent("new_comment")
-    assert daemon.query("SELECT COUNT(*) FROM pitch_comments WHERE pitch_id = ?",
+    assert daemon.query(f"SELECT COUNT(*) FROM {daemon.table('pitch_comments')} WHERE pitch_id = ?",
                         (pitch,)) == [(1,)]
 
 
@@ -136,7 +136,7 @@ async def test_private_pitch_is_forbidden_for_every_frame(daemon: Daemon,
             error = await stranger.request({**frame, "pitchId": target}, "error")
             assert error["code"] == "forbidden", (frame, error)
     assert daemon.query("SELECT COUNT(*) FROM pitch_views WHERE pitch_id = ?", (pitch,)) == [(0,)]
-    assert daemon.query("SELECT COUNT(*) FROM pitch_comments WHERE pitch_id = ?",
+    assert daemon.query(f"SELECT COUNT(*) FROM {daemon.table('pitch_comments')} WHERE pitch_id = ?",
                         (pitch,)) == [(0,)]
     status, _ = call(daemon, "GET", f"/api/pitches/{pitch}/activity",
                      token=make_token(stranger.user_id))
@@ -185,7 +185,7 @@ async def test_bad_pitch_frames_are_invalid(daemon: Daemon, connect_to: Connecto
     assert error["code"] == "invalid_message"
     error = await client.request({**frame, "pitchId": "seven"}, "error")
     assert error["code"] == "invalid_message"
-    assert daemon.query("SELECT COUNT(*) FROM pitch_comments WHERE pitch_id = ?",
+    assert daemon.query(f"SELECT COUNT(*) FROM {daemon.table('pitch_comments')} WHERE pitch_id = ?",
                         (pitch,)) == [(0,)]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from backend import KEY, call
 from conftest import TIMEOUT, Connector, Daemon, eventually, make_token, pg_query
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -73,7 +74,8 @@ def _script(url: str, sql: str) -> None:
 
 @pytest.fixture
 async def existing(tmp_path: Path, pitchey_db: str) -> AsyncIterator[Connector]:
-    daemon = Daemon(tmp_path, {"database.pitchey_schema": "existing"}, database_url=pitchey_db)
+    daemon = Daemon(tmp_path, {"database.pitchey_schema": "existing", "api.key": KEY},
+                    database_url=pitchey_db)
     before = daemon.query(COLUMNS, (list(APP_TABLES),))
     daemon.start()
     connector = Connector(daemon)
@@ -165,3 +167,69 @@ async def test_unknown_user_refused(existing: Connector) -> None:
     assert response.status_code == 401
     assert json.loads(response.body)["error"] == "unknown_user"
     assert daemon.query("SELECT COUNT(*) FROM users WHERE id = ?", (999,)) == [(0,)]
+
+
+async def test_app_pitches_ndas_and_views(existing: Connector) -> None:
+    """Pitches are the app's rows: a published one is watchable by anyone, a draft only by its
+    owner and NDA signers with access_granted; a view is a pitch_views row; the owner's
+    notification of a like is kept in a ws_* table."""
+    daemon = existing.daemon
+    url = daemon.database_url or ""
+    _script(url, """
+        INSERT INTO pitches (id, user_id, title, logline, genre, format, status)
+        VALUES (8, 1, 'Cold Open', 'Not yet.', 'drama', 'tv', 'draft');
+        INSERT INTO ndas (pitch_id, signer_id, nda_type, access_granted)
+        VALUES (8, 2, 'basic', true), (8, 3, 'basic', false);
+    """)
+    alex = await existing(1, username="alex")
+    sarah = await existing(2, username="sarah")
+    stellar = await existing(3, username="stellar")
+    # Published (pitch 7): a user without an NDA may watch it; the view is the app's row.
+    seen = await stellar.request({"type": "pitch_view", "pitchId": 7}, "pitch_viewed")
+    assert seen["viewCount"] == 1
+    owner_frame = await alex.expect("pitch_viewed", pitchId=7)
+    assert owner_frame["userId"] == 3 and owner_frame["username"] == "stellar"
+    views = "SELECT pitch_id, viewer_id FROM pitch_views WHERE pitch_id = ? ORDER BY id"
+    assert daemon.query(views, (7,)) == [(7, 3)]
+    activity = await stellar.request({"type": "get_pitch_activity", "pitchId": 7},
+                                     "pitch_activity")
+    assert activity["ownerId"] == 1 and activity["title"] == "Night Train"
+    # Draft (pitch 8): forbidden to a signer without access, visible to one with it.
+    error = await stellar.request({"type": "pitch_view", "pitchId": 8}, "error")
+    assert error["code"] == "forbidden"
+    assert (await sarah.request({"type": "pitch_view", "pitchId": 8}, "pitch_viewed")
+            )["viewCount"] == 1
+    assert daemon.query(views, (8,)) == [(8, 2)]
+    # A like by the signer: the owner's notification, stored in ws_notifications.
+    await sarah.send({"type": "pitch_like", "pitchId": 8})
+    liked = await alex.expect("pitch_liked", pitchId=8)
+    assert liked["userId"] == 2 and "notificationId" in liked
+    assert daemon.query("SELECT user_id, type FROM ws_notifications") == [(1, "pitch_liked")]
+    assert daemon.query("SELECT like_count, view_count FROM pitches WHERE id = 8") == [(0, 0)]
+    # The app's pitch rows and users are as the app left them.
+    assert daemon.query("SELECT COUNT(*) FROM pitches") == [(2,)]
+    assert daemon.query("SELECT COUNT(*) FROM users") == [(3,)]
+
+
+async def test_backend_pitch_registration_on_app_pitches(existing: Connector) -> None:
+    """PUT /api/pitches on an existing database: the app's row rules (owner, title, status);
+    the allowed users are added (a ws_* table); a pitch the app does not have is 409."""
+    daemon = existing.daemon
+    _script(daemon.database_url or "", """
+        INSERT INTO pitches (id, user_id, title, logline, genre, format, status)
+        VALUES (9, 1, 'Hidden Gem', 'Shh.', 'drama', 'short', 'hidden');
+    """)
+    status, _ = call(daemon, "PUT", "/api/pitches/9",
+                     {"ownerId": 1, "title": "Hidden Gem", "visibility": "private",
+                      "allowedUserIds": [3]})
+    assert status == 200
+    stellar = await existing(3, username="stellar")
+    activity = await stellar.request({"type": "get_pitch_activity", "pitchId": 9},
+                                     "pitch_activity")
+    assert activity["ownerId"] == 1
+    assert daemon.query("SELECT title, status::text FROM pitches WHERE id = 9") == [
+        ("Hidden Gem", "hidden")]
+    status, body = call(daemon, "PUT", "/api/pitches/77",
+                        {"ownerId": 1, "title": "New", "visibility": "public"})
+    assert status == 409 and body["error"] == "conflict"
+    assert daemon.query("SELECT COUNT(*) FROM pitches WHERE id = 77") == [(0,)]
