@@ -44,6 +44,10 @@ SQLITE_ONLY = frozenset({
     "test_lifecycle",  # unusable database files at startup
     "test_protocol", "test_servers", "test_service", "test_errors", "test_config",
     "test_browser", "test_js_client", "test_proxy", "test_smoke",
+    # Browser clients of the HTTP API and the hooks: what they test is the client and the
+    # routes, the same on either engine (and each run costs a Chromium).
+    "test_react", "test_browser_api",
+    "test_descriptors",  # starts its own process with a descriptor limit, on SQLite
 })
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -46,7 +46,9 @@ FIND_ICONS = """(pattern) => {
   for (const node of document.querySelectorAll('*')) {
     for (const pseudo of ['::before', '::after']) {
       const content = getComputedStyle(node, pseudo).content;
-      if (content && content !== 'none' && re.test(content)) found.push(`${node.tagName}${pseudo} ${content}`);
+      if (content && content !== 'none' && re.test(content)) {
+        found.push(`${node.tagName}${pseudo} ${content}`);
+      }
     }
   }
   if (re.test(document.body.innerText)) found.push(document.body.innerText.match(re)[0]);
@@ -272,7 +274,8 @@ async def scenario(browser: Browser, daemon: Daemon, tmp_path: Path) -> None:
                 await tab.page.wait_for_event("requestfailed")
         await expect(tab.page.locator("#notice")).to_have_text(
             "Connection lost — reconnecting…")
-        await expect(tab.page.locator("#conn")).to_contain_text(re.compile("Reconnecting…|Connecting…"))
+        await expect(tab.page.locator("#conn")).to_contain_text(
+            re.compile("Reconnecting…|Connecting…"))
     daemon.start("--demo")
     async with connect(f"{daemon.url}?token={demo_token(daemon, 2)}") as ws:
         phone = Client(ws, 2)

@@ -47,9 +47,6 @@ CLIENT = ROOT / "client"
 NPM = shutil.which("npm")
 WAIT_MS = 15_000 * SCALE
 XSS = "<img src=x onerror=alert(1)>"
-NEEDS_PITCH = pytest.mark.xfail(
-    reason="needs the pitch/notification daemon frames (issue 12)", strict=False
-)
 
 pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is missing"),
@@ -117,7 +114,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def make_daemon(tmp: Path, origin: str) -> Daemon:
-    return Daemon(tmp, {"http.cors_origins": [origin], "presence.offline_grace_seconds": 0})
+    return Daemon(tmp, {"http.cors_origins": [origin], "presence.offline_grace_seconds": 0,
+                        "api.key": API_KEY})
 
 
 @pytest.fixture(scope="module")
@@ -454,10 +452,10 @@ async def test_toasts_can_be_switched_off(daemon: Daemon, site: str, browser: Br
 API_KEY = "react-test-api-key-" + "0" * 32
 
 
-def publish(daemon: Daemon, body: dict[str, Any]) -> dict[str, Any]:
-    """POST /api/publish with the backend's API key (section 11)."""
+def backend(daemon: Daemon, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A call of the backend's API with its key (PROTOCOL.md section 11)."""
     request = urllib.request.Request(
-        daemon.http + "/api/publish", data=json.dumps(body).encode(), method="POST",
+        daemon.http + path, data=json.dumps(body).encode(), method=method,
         headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=5 * SCALE) as answer:
@@ -465,11 +463,16 @@ def publish(daemon: Daemon, body: dict[str, Any]) -> dict[str, Any]:
         return result
 
 
-@NEEDS_PITCH
+def publish(daemon: Daemon, body: dict[str, Any]) -> dict[str, Any]:
+    return backend(daemon, "POST", "/api/publish", body)
+
+
 async def test_pitch_page_with_two_watchers(daemon: Daemon, site: str, browser: Browser) -> None:
     """Two users watch pitch 1 through usePitchUpdates: counts start from get_pitch_activity,
     a view, a like, a comment and typing reach the other watcher."""
     a, b = new_user(), new_user()
+    await asyncio.to_thread(backend, daemon, "PUT", "/api/pitches/1", {
+        "ownerId": new_user(), "title": "The Last Lighthouse", "visibility": "public"})
     one = await open_tab(browser, site, daemon, make_token(a, username="Ada"), mode="pitch",
                          pitch=1)
     await one.page.wait_for_function(
@@ -489,7 +492,6 @@ async def test_pitch_page_with_two_watchers(daemon: Daemon, site: str, browser: 
         1, timeout=WAIT_MS)
 
 
-@NEEDS_PITCH
 async def test_nda_signed_shown_by_use_notifications(
     site: str, browser: Browser, tmp_path: Path
 ) -> None:
@@ -512,20 +514,6 @@ async def nda_scenario(daemon: Daemon, site: str, browser: Browser) -> None:
     item = tab.page.locator('#notifications li[data-type="nda_signed"]')
     await expect(item).to_have_count(1, timeout=WAIT_MS)
     await expect(item).to_have_attribute("data-pitch", "3")
-
-
-def test_unknown_pitch_frames_on_this_branch(daemon: Daemon) -> None:
-    """Guard for the xfail marks above: they hold only while the daemon lacks pitch frames."""
-    asyncio.run(_probe_pitch(daemon))
-
-
-async def _probe_pitch(daemon: Daemon) -> None:
-    async with connect(f"{daemon.url}?token={make_token(new_user())}") as ws:
-        c = Client(ws, 0)
-        await c.expect("connected")
-        error = await c.request({"type": "get_pitch_activity", "pitchId": 1}, "error")
-        if error["code"] != "unknown_type":
-            pytest.fail("the daemon answers pitch frames now: drop NEEDS_PITCH in test_react.py")
 
 
 def test_package_version_is_the_daemon_version() -> None:
