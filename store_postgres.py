@@ -91,6 +91,11 @@ from store import (
 
 log = logging.getLogger("pitchey.store")
 
+# SQLSTATEs of a transaction the server aborted to resolve a conflict with another one
+# (serialization failure, deadlock): running the same batch again is the cure.
+TRANSIENT = frozenset({"40001", "40P01"})
+TRANSIENT_RETRIES = 3
+
 # Advisory lock keys (any constants; other programs on the database must not use them).
 _ID_LOCK = 0x7069_7463_6865_7901  # held by each transaction that takes message ids
 _MIGRATE_LOCK = 0x7069_7463_6865_7902  # held while the schema is checked and migrated
@@ -582,7 +587,7 @@ class PostgresStore:
             started = time.perf_counter()
             errors: list[StoreError | None]
             try:
-                wrote = await self._commit(writes)
+                wrote = await self._commit_retrying(writes)
             except asyncio.CancelledError:
                 _fail_all(batch, StoreClosed("store closed"))
                 raise
@@ -623,6 +628,19 @@ class PostgresStore:
                         future.set_result(None)
             if self.on_commit is not None:
                 self.on_commit(len(batch), time.perf_counter() - started)
+
+    async def _commit_retrying(self, writes: list[_Write]) -> bool:
+        """``_commit``, run again (at most ``TRANSIENT_RETRIES`` times) when PostgreSQL broke a
+        deadlock or a serialization conflict with another daemon's transaction by aborting
+        this one: the batch is fine, only its timing was not."""
+        for attempt in range(TRANSIENT_RETRIES + 1):
+            try:
+                return await self._commit(writes)
+            except asyncpg.PostgresError as exc:
+                if getattr(exc, "sqlstate", None) not in TRANSIENT or attempt == TRANSIENT_RETRIES:
+                    raise
+                log.debug("batch aborted by the server (%s); running it again", exc.sqlstate)
+        raise AssertionError("unreachable")
 
     async def _connection(self) -> asyncpg.Connection:
         """The writer's connection, connected again after a loss."""
@@ -763,7 +781,8 @@ class PostgresStore:
         if self.existing:
             return write  # an unknown user fails the write's foreign keys instead
         now = now_iso()
-        for user_id in user_ids:
+        # In id order, so two transactions ensuring the same users lock them in one order.
+        for user_id in sorted(set(user_ids)):
             write.add(_ENSURE_USER, (user_id, now))
         return write
 
