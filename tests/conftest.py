@@ -56,7 +56,8 @@ _request_ids = itertools.count(1)
 
 
 # Modules about one engine's own features.
-ONE_ENGINE = {"test_pitchey_schema": "postgresql", "test_store_postgres": "postgresql"}
+ONE_ENGINE = {"test_pitchey_schema": "postgresql", "test_store_postgres": "postgresql",
+              "test_multinode": "postgresql"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
