@@ -43,6 +43,7 @@ SQLITE_ONLY = frozenset({
     "test_cli",  # `token --db FILE` reads the SQLite file
     "test_lifecycle",  # unusable database files at startup
     "test_protocol", "test_servers", "test_service", "test_errors", "test_config",
+    "test_backplane",
     "test_browser", "test_js_client", "test_proxy", "test_smoke",
 })
 
