@@ -86,6 +86,25 @@ class AuthConfig:
 @dataclass(frozen=True)
 class PresenceConfig:
     offline_grace_seconds: float = 2
+    # With a Redis backplane: a daemon that stops renewing its heartbeat for this long is
+    # taken as dead, and its users go offline (unless connected to another daemon).
+    node_ttl_seconds: float = 15
+    # Seconds between two heartbeats (and sweeps for dead daemons); below node_ttl_seconds.
+    heartbeat_seconds: float = 5
+
+
+@dataclass(frozen=True)
+class BackplaneConfig:
+    # "" = in-process (one daemon); "redis://host:port/db" joins the daemons sharing it.
+    url: str = ""
+    # Frames for other daemons waiting to be published; beyond this the oldest are dropped
+    # and their users are told to sync.
+    max_outgoing: int = 10000
+    # Most frames sent to Redis in one pipeline.
+    max_batch: int = 256
+    # Reconnection backoff after Redis is lost: first and longest wait, in seconds.
+    reconnect_min_seconds: float = 0.1
+    reconnect_max_seconds: float = 5
 
 
 @dataclass(frozen=True)
@@ -161,6 +180,7 @@ class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     presence: PresenceConfig = field(default_factory=PresenceConfig)
+    backplane: BackplaneConfig = field(default_factory=BackplaneConfig)
     typing: TypingConfig = field(default_factory=TypingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     conversations: ConversationsConfig = field(default_factory=ConversationsConfig)
@@ -240,6 +260,12 @@ def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -
         "database.cache_request_ids": config.database.cache_request_ids,
         "database.cache_users": config.database.cache_users,
         "typing.ttl_seconds": config.typing.ttl_seconds,
+        "presence.node_ttl_seconds": config.presence.node_ttl_seconds,
+        "presence.heartbeat_seconds": config.presence.heartbeat_seconds,
+        "backplane.max_outgoing": config.backplane.max_outgoing,
+        "backplane.max_batch": config.backplane.max_batch,
+        "backplane.reconnect_min_seconds": config.backplane.reconnect_min_seconds,
+        "backplane.reconnect_max_seconds": config.backplane.reconnect_max_seconds,
         "limits.frames_per_second": config.limits.frames_per_second,
         "limits.frames_burst": config.limits.frames_burst,
         "limits.deliveries_per_second": config.limits.deliveries_per_second,
@@ -310,6 +336,17 @@ def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -
         raise ConfigError(
             f"database.url: sqlite:///PATH or postgresql://..., got {url.split('://')[0]!r}"
         )
+    if config.presence.heartbeat_seconds >= config.presence.node_ttl_seconds:
+        raise ConfigError(
+            "presence.heartbeat_seconds: must be below presence.node_ttl_seconds"
+            f" ({config.presence.heartbeat_seconds} >= {config.presence.node_ttl_seconds})"
+        )
+    burl = config.backplane.url
+    if burl and not burl.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"backplane.url: redis://... or empty, got {burl.split('://')[0]!r}")
+    if burl and config.database.engine != "postgresql":
+        raise ConfigError("backplane.url: several daemons need a shared database"
+                          " (database.url = \"postgresql://...\")")
     if config.database.pitchey_schema not in ("create", "existing"):
         raise ConfigError(
             "database.pitchey_schema: one of create, existing,"

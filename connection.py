@@ -248,7 +248,12 @@ class Sessions:
                                        command.is_typing)
             and service.conversations.cached_member(command.conversation_id, client.user_id)
         )
-        wait = user.bucket.take(self.config.limits.typing_repeat_cost if cheap else 1.0)
+        cost = self.config.limits.typing_repeat_cost if cheap else 1.0
+        if self.hub.shared:
+            # One bucket across every daemon (an atomic Lua script in Redis).
+            wait = await self.hub.backplane.take(client.user_id, cost, user.bucket)
+        else:
+            wait = user.bucket.take(cost)
         if wait > 0:
             self.metrics.errors[p.RATE_LIMITED] += 1
             request_id = command.request_id if command is not None else None

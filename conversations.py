@@ -88,6 +88,14 @@ class Conversations:
         while len(self._pairs) > self.capacity:
             self._pairs.popitem(last=False)
 
+    def knows_pair(self, a: int, b: int) -> bool:
+        return (min(a, b), max(a, b)) in self._pairs
+
+    def forget(self, conversation_id: int) -> None:
+        """Another daemon changed it: read it again on next use."""
+        self._rows.pop(conversation_id, None)
+        self.forget_pairs(conversation_id)
+
     def forget_pairs(self, conversation_id: int) -> None:
         """The conversation's members changed (the backend's API): it is no longer the direct
         conversation of any pair (the store drops its key too)."""

@@ -92,7 +92,7 @@ class Handlers:
         self.reply(client, p.messages_page(cmd.conversation_id, rows, has_more), "messages")
 
     async def on_get_online_users(self, client: Client, _: p.GetOnlineUsers) -> None:
-        users = self.service.online_contacts(client.user_id)
+        users = await self.service.online_users(client.user_id)
         self.reply(client, p.online_users(users), "online_users")
 
     async def on_create_conversation(self, client: Client, cmd: p.CreateConversation) -> None:

@@ -293,7 +293,11 @@ class HttpApi:
         except AuthError as exc:
             raise ApiError(401, exc.code, exc.message,
                            [("WWW-Authenticate", "Bearer")]) from None
-        wait = self.hub.bucket(identity.user_id).take()
+        bucket = self.hub.bucket(identity.user_id)
+        if self.hub.shared:
+            wait = await self.hub.backplane.take(identity.user_id, 1.0, bucket)
+        else:
+            wait = bucket.take()
         if wait > 0:
             raise ApiError(429, p.RATE_LIMITED, "Too many requests; slow down",
                            [("Retry-After", str(max(1, math.ceil(wait))))])

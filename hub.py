@@ -28,6 +28,7 @@ from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.protocol import State
 
 import protocol as p
+from backplane import Backplane, InProcess, Leave
 from config import LimitsConfig
 from limits import FloodGuard, TokenBucket
 from protocol import iso_from_epoch, now_iso
@@ -226,6 +227,7 @@ class Hub:
         recorder: Recorder,
         load_contacts: ContactsLoader,
         on_offline: OfflineCallback,
+        backplane: Backplane | None = None,
     ) -> None:
         self.limits = limits
         self.max_pending_bytes = max_pending_bytes
@@ -234,6 +236,10 @@ class Hub:
         self.recorder = recorder
         self.load_contacts = load_contacts
         self.on_offline = on_offline
+        # Other daemons (PROTOCOL.md 13). ``shared`` is read on every fan-out: with the
+        # in-process backplane the hub never calls it on a hot path.
+        self.backplane: Backplane = backplane if backplane is not None else InProcess()
+        self.shared = self.backplane.shared
         self.users: dict[int, UserState] = {}
         self.connections = 0
         self.slow_consumer_closes = 0
@@ -301,7 +307,11 @@ class Hub:
             # Merged, not assigned: a conversation created while this read is under way has
             # already added its members to user.contacts (add_contacts).
             user.contacts |= await self.load_contacts(client.user_id)
+            if self.shared:
+                # Subscribed before the replay reads the backlog; first anywhere?
+                first = await self.backplane.join(client.user_id, username, user_type)
         else:
+            was_empty = not user.clients
             user.clients.append(client)
             self.connections += 1
             client.user = user
@@ -312,8 +322,12 @@ class Hub:
                 user.offline_timer.cancel()
                 user.offline_timer = None
                 first = False
+            if self.shared and was_empty:
+                # Back here while leaving (or in grace): registered again, announced by nobody.
+                await self.backplane.join(client.user_id, username, user_type)
         if first and client in user.clients:
-            self.send_to(self.online_contacts(user), p.user_online(user.user_id, user.username))
+            self.send_to(self.presence_targets(user),
+                         p.user_online(user.user_id, user.username))
         return user
 
     def detach(self, client: Client) -> None:
@@ -332,22 +346,58 @@ class Hub:
         user.last_seen = now_iso()
         for callback in self.on_last_close:
             callback(user.user_id)
-        if self.grace_seconds > 0:
+        if self.shared:
+            self.background.spawn(self._leave_shared(user), name=f"leave-{user.user_id}")
+        elif self.grace_seconds > 0:
             user.offline_timer = asyncio.get_running_loop().call_later(
                 self.grace_seconds, self._gone, user
             )
         else:
             self._gone(user)
 
-    def _gone(self, user: UserState) -> None:
+    def _gone(self, user: UserState, announce: bool = True) -> None:
         if user.clients or self.users.get(user.user_id) is not user:
             return
         del self.users[user.user_id]
         self._keep_bucket(user)
+        if self.shared:
+            self.backplane.forget(user.user_id)
+        if not announce:
+            return  # still connected on another daemon
         last_seen = user.last_seen or now_iso()
         self.on_offline(user.user_id, last_seen)
         frame = p.user_offline(user.user_id, user.username, last_seen)
-        self.send_to(self.online_contacts(user), frame)
+        self.send_to(self.presence_targets(user), frame)
+
+    async def _leave_shared(self, user: UserState) -> None:
+        """The last local connection closed: ask the backplane whether the user is gone
+        everywhere, and start the grace period when this daemon owns it."""
+        outcome = await self.backplane.leave(user.user_id, self.grace_seconds)
+        if user.clients or self.users.get(user.user_id) is not user:
+            return  # back on this daemon meanwhile (join registered it again)
+        match outcome:
+            case Leave.OFFLINE:
+                self._gone(user)
+            case Leave.ELSEWHERE:
+                self._gone(user, announce=False)
+            case Leave.GRACE:
+                user.offline_timer = asyncio.get_running_loop().call_later(
+                    self.grace_seconds, self._grace_over, user)
+
+    def _grace_over(self, user: UserState) -> None:
+        user.offline_timer = None
+        self.background.spawn(self._settle(user), name=f"settle-{user.user_id}")
+
+    async def _settle(self, user: UserState) -> None:
+        announce = await self.backplane.settle(user.user_id)
+        self._gone(user, announce)
+
+    def presence_targets(self, user: UserState) -> list[int]:
+        """Who hears of this user's presence: the contacts online here, or with other
+        daemons every contact (their daemons filter by who they hold)."""
+        if self.shared:
+            return list(user.contacts)
+        return self.online_contacts(user)
 
     def flush_presence(self) -> None:
         """Shutdown: report lastSeen of users still inside the grace period, drop timers."""
@@ -384,11 +434,37 @@ class Hub:
         user) when ``who`` is None: a new_message is one event per recipient. The user of
         ``skip`` (the sender, whose other tabs get an echo) gets no event.
         """
+        origin = skip.user_id if skip is not None else None
+        if self.shared:
+            user_ids = list(user_ids)
+            reached = self._local(user_ids, text, event, skip, origin)
+            # After the local write, never awaited (backplane contract 1).
+            self.backplane.publish(user_ids, text, event, origin)
+            return reached
+        return self._local(user_ids, text, event, skip, origin)
+
+    def deliver(self, user_id: int, text: str, event: EventTemplate | None,
+                origin: int | None) -> None:
+        """A frame another daemon published for ``user_id``: to its connections here."""
+        self._local((user_id,), text, event, None, origin)
+
+    def resync(self, reason: str) -> None:
+        """Frames from other daemons may have been lost: every connection here is told to
+        sync (docs/protocol.md, multi-node)."""
+        self.send_clients(self.all_clients(), p.sync_required(reason))
+
+    def _local(
+        self,
+        user_ids: Iterable[int],
+        text: str,
+        event: EventTemplate | None,
+        skip: Client | None,
+        origin: int | None,
+    ) -> set[int]:
         reached: set[int] = set()
         targets: list[Client] = []
         live: list[int] = []  # tagged users written to now (not held back by a replay)
         users = self.users
-        origin = skip.user_id if skip is not None else None
         for uid in user_ids:
             user = users.get(uid)
             if user is None:

@@ -26,6 +26,7 @@ import config as cfg
 import demo
 import protocol as p
 from auth import AuthError, Verifier
+from backplane import open_backplane
 from connection import Sessions
 from conversations import Conversations
 from delivery import DeliveryLog
@@ -61,6 +62,16 @@ class App:
         self.verifier = Verifier(config.auth)
         self.background = Background()
         self.deliveries = DeliveryLog(self.store)
+        bp = config.backplane
+        self.backplane = open_backplane(
+            bp.url, node_ttl_seconds=config.presence.node_ttl_seconds,
+            heartbeat_seconds=config.presence.heartbeat_seconds,
+            frames_per_second=config.limits.frames_per_second,
+            frames_burst=config.limits.frames_burst, max_outgoing=bp.max_outgoing,
+            max_batch=bp.max_batch, reconnect_min_seconds=bp.reconnect_min_seconds,
+            reconnect_max_seconds=bp.reconnect_max_seconds,
+            load_contacts=self.store.contacts, on_offline=self.store.set_last_seen_later,
+        ) if bp.url else open_backplane("")
         self.hub = Hub(
             config.limits,
             config.server.max_pending_bytes,
@@ -69,6 +80,7 @@ class App:
             self.deliveries,
             self.store.contacts,
             self.store.set_last_seen_later,
+            self.backplane,
         )
         self.conversations = Conversations(self.store, config.database.cache_conversations)
         self.typing = TypingTracker(self.hub, self.store, config.typing.ttl_seconds)
@@ -94,8 +106,19 @@ class App:
         self.server: Server | None = None
 
     def _forget_profile(self, user_id: int) -> None:
-        # The backend registered a new profile: read it again at the user's next handshake.
+        # The backend registered a new profile: read it again at the user's next handshake
+        # (on every daemon).
         self.sessions.profiles.pop(user_id, None)
+        self.backplane.invalidate({"profile": user_id})
+
+    def _invalidated(self, change: dict[str, object]) -> None:
+        """Another daemon changed what this one caches."""
+        profile = change.get("profile")
+        if isinstance(profile, int):
+            self.sessions.profiles.pop(profile, None)
+            return
+        self.background.spawn(self.service.conversation_changed(change),
+                              name="conversation-changed")
 
     def _cors_origins(self) -> tuple[str, ...]:
         # Demo mode's page and tokens are for local use; any origin may try them.
@@ -111,7 +134,10 @@ class App:
         Raises OSError when the port cannot be bound, with the store closed again."""
         await self.store.open()
         try:
-            await self.store.clear_typing()
+            if not self.backplane.shared:
+                # Other daemons' users may be typing in a shared database.
+                await self.store.clear_typing()
+            await self.backplane.start(self.hub, self._invalidated)
             if self.config.server.demo:
                 self.demo = await demo.setup(self.store, self.config)
                 self.verifier = Verifier(self.demo.auth)
@@ -172,6 +198,7 @@ class App:
         self.service.pitch_typing.cancel_all()
         self.hub.flush_presence()
         await self.background.wait(1)
+        await self.backplane.stop()
         await self.store.close()
         log.info("stopped")
 

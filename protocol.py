@@ -1127,3 +1127,10 @@ SERVER_FRAME_TYPES: Final = frozenset({
 NOTIFICATION_FIELDS: Final = frozenset({"type", "notificationId", "createdAt", "queuedAt",
                                         "readAt"})
 EVENT_TYPE: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+def sync_required(reason: str) -> str:
+    """Frames for this connection may have been lost between daemons (the backplane was
+    unreachable): the client should ``sync`` from the newest messageId it has (docs/protocol.md,
+    multi-node)."""
+    return encode("sync_required", reason=reason, timestamp=now_iso())

@@ -254,7 +254,10 @@ class Service:
             if recipient_id == sender:
                 raise p.ProtocolError(p.INVALID_MESSAGE, "recipientId must be another user")
             if self.clients_create:
+                known = self.conversations.knows_pair(sender, recipient_id)
                 conversation = await self.conversations.direct(sender, recipient_id, now)
+                if not known:
+                    self._share_conversation(conversation)  # maybe new: contacts elsewhere
             else:
                 found = await self.conversations.existing_direct(sender, recipient_id)
                 if found is None:
@@ -361,6 +364,7 @@ class Service:
             raise
         self.conversations.put(row)
         self.hub.add_contacts(members)
+        self._share_conversation(row)
         return row
 
     # -- reads -----------------------------------------------------------------------------
@@ -429,6 +433,55 @@ class Service:
             out.append(p.OnlineUser(uid, other.username, other.user_type,
                                     other.last_seen if not other.clients else None))
         return out
+
+    async def online_users(self, user_id: int) -> list[p.OnlineUser]:
+        """The caller's online contacts: this daemon's, or with other daemons the global
+        presence (PROTOCOL.md 13)."""
+        if not self.hub.shared:
+            return self.online_contacts(user_id)
+        user = self.hub.users.get(user_id)
+        if user is None:
+            return []
+        found = await self.hub.backplane.online(user.contacts)
+        out = []
+        for uid in sorted(found):
+            here = self.hub.users.get(uid)
+            seen = found[uid]
+            if here is not None:
+                out.append(p.OnlineUser(uid, here.username, here.user_type,
+                                        here.last_seen if not seen.connected else None))
+            else:
+                out.append(p.OnlineUser(uid, p.display_name(uid, seen.username),
+                                        seen.user_type, None))
+        return out
+
+    async def conversation_changed(self, change: dict[str, Any]) -> None:
+        """Another daemon created a conversation or changed its participants: drop the
+        cached row (read again on next use), make its members contacts, and end what removed
+        members had here (typing; presence with those they no longer share one with)."""
+        conversation_id = change.get("conversation")
+        if not isinstance(conversation_id, int):
+            return
+        self.conversations.forget(conversation_id)
+        members = [m for m in change.get("members", ()) if isinstance(m, int)]
+        removed = [m for m in change.get("removed", ()) if isinstance(m, int)]
+        self.hub.add_contacts(members)
+        for user_id in removed:
+            self.typing.stop(conversation_id, user_id)
+            user = self.hub.users.get(user_id)
+            if user is not None:
+                user.contacts = await self.store.contacts(user_id)
+            for member in members:
+                other = self.hub.users.get(member)
+                if other is not None and user_id in other.contacts:
+                    other.contacts = await self.store.contacts(member)
+
+    def _share_conversation(self, row: ConversationRow, removed: frozenset[int] = frozenset()
+                            ) -> None:
+        if self.hub.shared:
+            self.hub.backplane.invalidate({"conversation": row.id,
+                                           "members": sorted(row.members),
+                                           "removed": sorted(removed)})
 
     async def typing_in(self, conversation_id: int, user_id: int, is_typing: bool) -> None:
         row = await self.member_of(conversation_id, user_id)
@@ -512,6 +565,7 @@ class Service:
         self.conversations.forget_pairs(conversation_id)
         removed = before.members - row.members
         added = row.members - before.members
+        self._share_conversation(row, frozenset(removed))
         for user_id in removed:
             self.typing.stop(conversation_id, user_id)
         self.hub.add_contacts(row.members)

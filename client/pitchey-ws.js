@@ -372,6 +372,14 @@ export class PitcheyClient {
       case 'message_read': return this._onRead(frame);
       case 'message_sent': return this._onSent(frame);
       case 'error': return this._onError(frame);
+      case 'sync_required':
+        // Several daemons lost touch (docs/protocol.md): catch up on this connection.
+        if (this._syncFrom === null && this._maxSeen !== null) {
+          this._startSync(this._maxSeen);
+          this._pump();
+        }
+        this._emit('sync_required', frame);
+        return;
       default:
         if (REPLIES.has(frame.type) || (frame.type === 'conversation_created' && frame.requestId)) {
           this._onReply(frame);

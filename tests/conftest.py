@@ -43,6 +43,7 @@ SQLITE_ONLY = frozenset({
     "test_cli",  # `token --db FILE` reads the SQLite file
     "test_lifecycle",  # unusable database files at startup
     "test_protocol", "test_servers", "test_service", "test_errors", "test_config",
+    "test_backplane",
     "test_browser", "test_js_client", "test_proxy", "test_smoke",
     # Browser clients of the HTTP API and the hooks: what they test is the client and the
     # routes, the same on either engine (and each run costs a Chromium).
@@ -60,7 +61,8 @@ _request_ids = itertools.count(1)
 
 
 # Modules about one engine's own features.
-ONE_ENGINE = {"test_pitchey_schema": "postgresql", "test_store_postgres": "postgresql"}
+ONE_ENGINE = {"test_pitchey_schema": "postgresql", "test_store_postgres": "postgresql",
+              "test_multinode": "postgresql"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -1,0 +1,299 @@
+"""Several daemons on one PostgreSQL database and one Redis (PROTOCOL.md 13).
+
+Real servers on loopback: redis-server (servers.RedisServer), PostgreSQL (one database shared
+by the daemons), and daemons on ports of their own. Waits are on frames; a node's death is seen
+within ``presence.node_ttl_seconds``, short here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TIMEOUT, Client, Connector, Daemon, eventually_db, new_user
+from servers import PostgresServer, RedisServer
+
+TTL = 2.0
+OVERRIDES: dict[str, Any] = {
+    "presence.offline_grace_seconds": 0,
+    "presence.node_ttl_seconds": TTL,
+    "presence.heartbeat_seconds": 0.3,
+    "backplane.reconnect_max_seconds": 0.5,
+    "limits.frames_burst": 20,
+    "limits.frames_per_second": 1,
+}
+
+
+class Cluster:
+    def __init__(self, tmp: Path, database_url: str, redis_url: str, nodes: int,
+                 overrides: dict[str, Any] | None = None) -> None:
+        settings = {**OVERRIDES, "backplane.url": redis_url, **(overrides or {})}
+        self.nodes = [Daemon(tmp / f"node{i}", settings, database_url=database_url)
+                      for i in range(nodes)]
+        self.connectors = [Connector(node) for node in self.nodes]
+
+    def start(self) -> None:
+        for node in self.nodes:  # one after the other: the first creates the schema
+            node.start()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.proc is not None:
+                with contextlib.suppress(Exception):
+                    node.stop()
+
+    async def close_clients(self) -> None:
+        for connector in self.connectors:
+            await connector.close_all()
+
+
+def _cluster(tmp: Path, postgres: PostgresServer, redis: RedisServer, nodes: int) -> Cluster:
+    url = postgres.create_database()
+    # Daemon writes its config in __init__; the directory must exist first.
+    for i in range(nodes):
+        (tmp / f"node{i}").mkdir(parents=True, exist_ok=True)
+    cluster = Cluster(tmp, url, redis.url, nodes)
+    cluster.start()
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, postgres_server: PostgresServer,
+            _redis_session: RedisServer) -> Iterator[Cluster]:
+    """Three daemons sharing the session's PostgreSQL (one database) and Redis."""
+    _redis_session.start()
+    c = _cluster(tmp_path_factory.mktemp("cluster"), postgres_server, _redis_session, 3)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+async def nodes(cluster: Cluster) -> AsyncIterator[list[Connector]]:
+    yield cluster.connectors
+    await cluster.close_clients()
+
+
+async def conversation(sender: Client, other: int) -> int:
+    """The direct conversation of sender and other, made by a first message (send_message by
+    recipientId). (Not create_conversation: the PostgreSQL engine of this branch lacks it yet.)
+    """
+    reply = await sender.request({"type": "send_message", "recipientId": other,
+                                  "content": "hello", "requestId": f"hello-{other}"},
+                                 "message_sent", requestId=f"hello-{other}")
+    return int(reply["conversationId"])
+
+
+def count(client: Client, kind: str, **match: Any) -> int:
+    return sum(1 for f in client.seen
+               if f.get("type") == kind and all(f.get(k) == v for k, v in match.items()))
+
+
+async def test_message_reaches_other_nodes_once(nodes: list[Connector],
+                                                cluster: Cluster) -> None:
+    """A message sent on node 1 reaches the other participant on nodes 2 and 3, and the
+    sender's tab on node 2, exactly once each; the delivery is recorded."""
+    a, b = new_user(), new_user()
+    a1 = await nodes[0](a)
+    a2 = await nodes[1](a)
+    b2 = await nodes[1](b)
+    b3 = await nodes[2](b)
+    cid = await conversation(a1, b)
+    for tab in (b2, b3, a2):
+        await tab.expect("new_message", conversationId=cid)
+    sent = await a1.request({"type": "send_message", "conversationId": cid, "content": "one",
+                             "requestId": "m1"}, "message_sent", requestId="m1")
+    first = sent["messageId"]
+    for tab in (b2, b3, a2):
+        frame = await tab.expect("new_message", messageId=first)
+        assert frame["content"] == "one" and frame["senderId"] == a
+    # Frames of one daemon reach another in order: once the second message is in, a
+    # duplicate of the first would have been read before it.
+    second = (await a1.request({"type": "send_message", "conversationId": cid,
+                                "content": "two"}, "message_sent"))["messageId"]
+    for tab in (b2, b3, a2):
+        await tab.expect("new_message", messageId=second)
+        assert count(tab, "new_message", messageId=first) == 0
+
+
+@pytest.mark.xfail(reason="PostgresStore.record_deliveries lacks the notifications argument"
+                          " on this branch (the notification store port is on another branch)",
+                   strict=False)
+async def test_delivery_recorded_by_the_writing_node(nodes: list[Connector],
+                                                     cluster: Cluster) -> None:
+    """A frame written on another daemon is recorded as delivered (by that daemon)."""
+    a, b = new_user(), new_user()
+    a1 = await nodes[0](a)
+    b2 = await nodes[1](b)
+    await conversation(a1, b)
+    sent = await a1.request({"type": "send_message", "recipientId": b, "content": "r",
+                             "requestId": "d1"}, "message_sent", requestId="d1")
+    await b2.expect("new_message", messageId=sent["messageId"])
+    # On PostgreSQL a receipt row is a delivery.
+    await eventually_db(cluster.nodes[0], "SELECT count(*) FROM message_read_receipts"
+                        " WHERE message_id = ? AND user_id = ?", (sent["messageId"], b),
+                        [(1,)])
+
+
+async def test_idempotent_retry_on_another_node(nodes: list[Connector]) -> None:
+    """A send retried with the same requestId on another daemon answers the original
+    messageId and fans out nothing new."""
+    a, b = new_user(), new_user()
+    a1 = await nodes[0](a)
+    b3 = await nodes[2](b)
+    cid = await conversation(a1, b)
+    frame = {"type": "send_message", "conversationId": cid, "content": "x", "requestId": "r"}
+    first = (await a1.request(frame, "message_sent", requestId="r"))["messageId"]
+    await b3.expect("new_message", messageId=first)
+    a2 = await nodes[1](a)
+    again = await a2.request(frame, "message_sent", requestId="r")
+    assert again["messageId"] == first
+    later = (await a2.request({"type": "send_message", "conversationId": cid,
+                               "content": "y"}, "message_sent"))["messageId"]
+    await b3.expect("new_message", messageId=later)
+    assert count(b3, "new_message", messageId=first) == 0
+
+
+async def test_presence_across_nodes(nodes: list[Connector]) -> None:
+    """Online and offline are global: a tab on another daemon keeps a user online, the last
+    close anywhere announces user_offline, and get_online_users sees other daemons' users."""
+    a, b = new_user(), new_user()
+    a1 = await nodes[0](a)
+    b2 = await nodes[1](b)
+    await conversation(a1, b)
+    await a1.close()
+    await b2.expect("user_offline", userId=a)
+    a1 = await nodes[0](a)
+    await b2.expect("user_online", userId=a)
+    listed = await b2.request({"type": "get_online_users"}, "online_users")
+    assert [u["userId"] for u in listed["users"]] == [a]
+    a3 = await nodes[2](a)
+    await a1.close()
+    await b2.quiet("user_offline", within=1.0)
+    listed = await b2.request({"type": "get_online_users"}, "online_users")
+    assert [u["userId"] for u in listed["users"]] == [a]
+    await a3.close()
+    gone = await b2.expect("user_offline", userId=a)
+    assert gone["lastSeen"]
+    listed = await b2.request({"type": "get_online_users"}, "online_users")
+    assert listed["users"] == []
+
+
+async def test_typing_across_nodes(nodes: list[Connector]) -> None:
+    """typing_start and typing_stop on one daemon reach the other participant on another."""
+    a, b = new_user(), new_user()
+    a1 = await nodes[0](a)
+    b2 = await nodes[1](b)
+    cid = await conversation(a1, b)
+    await a1.send({"type": "typing_start", "conversationId": cid})
+    await b2.expect("user_typing", userId=a, isTyping=True, conversationId=cid)
+    await a1.send({"type": "typing_stop", "conversationId": cid})
+    await b2.expect("user_typing", userId=a, isTyping=False, conversationId=cid)
+
+
+async def test_rate_limit_shared_across_nodes(nodes: list[Connector]) -> None:
+    """One token bucket per user across daemons: two connections on two daemons together
+    get no more than the burst (20) at 1 token a second."""
+    u = new_user()
+    c1 = await nodes[0](u)
+    c2 = await nodes[1](u)
+    for _ in range(15):
+        await c1.send({"type": "ping"})
+        await c2.send({"type": "ping"})
+    answered = limited = 0
+    for client in (c1, c2):
+        for _ in range(15):
+            frame = await client.recv()
+            while frame["type"] not in ("pong", "error"):
+                frame = await client.recv()
+            if frame["type"] == "pong":
+                answered += 1
+            else:
+                assert frame["code"] == "rate_limited"
+                limited += 1
+    assert answered <= 22, answered  # 20, plus what refilled meanwhile
+    assert limited >= 8
+
+
+# -- failures: clusters of their own ------------------------------------------------------
+
+
+@pytest.fixture
+def pair(tmp_path: Path, postgres_server: PostgresServer,
+         fresh_redis_server: RedisServer) -> Iterator[tuple[Cluster, RedisServer]]:
+    c = _cluster(tmp_path, postgres_server, fresh_redis_server, 2)
+    yield c, fresh_redis_server
+    c.stop()
+
+
+async def test_killed_node(pair: tuple[Cluster, RedisServer]) -> None:
+    """kill -9 of a daemon: its users are shown offline within the TTL, reconnect to another
+    daemon, sync, and find every acknowledged message exactly once."""
+    cluster, _ = pair
+    n1, n2 = cluster.connectors
+    a, b = new_user(), new_user()
+    try:
+        a1 = await n1(a)
+        b2 = await n2(b)
+        cid = await conversation(a1, b)
+        hello = await b2.expect("new_message", conversationId=cid)
+        sent = [hello["messageId"]]
+        for i in range(3):
+            reply = await a1.request({"type": "send_message", "conversationId": cid,
+                                      "content": f"m{i}", "requestId": f"k{i}"},
+                                     "message_sent", requestId=f"k{i}")
+            sent.append(reply["messageId"])
+        cluster.nodes[0].kill()
+        await b2.expect("user_offline", userId=a, timeout=TTL + TIMEOUT)
+        a2 = await n2(a)
+        await b2.expect("user_online", userId=a)
+        await a2.send({"type": "sync", "sinceMessageId": 0})
+        ids = []
+        while (frame := await a2.recv())["type"] != "sync_complete":
+            if frame["type"] == "queued_message":
+                ids.append(frame["messageId"])
+        assert ids == sent
+        ids_b = []
+        await b2.send({"type": "sync", "sinceMessageId": 0})
+        while (frame := await b2.recv())["type"] != "sync_complete":
+            if frame["type"] == "queued_message":
+                ids_b.append(frame["messageId"])
+        assert ids_b == sent
+    finally:
+        await cluster.close_clients()
+
+
+async def test_redis_restart(pair: tuple[Cluster, RedisServer]) -> None:
+    """Redis stopped mid-conversation: sends are still acknowledged; when it is back, clients
+    are told to sync (sync_required), sync recovers what they missed, and live delivery
+    resumes."""
+    cluster, redis = pair
+    n1, n2 = cluster.connectors
+    a, b = new_user(), new_user()
+    try:
+        a1 = await n1(a)
+        b2 = await n2(b)
+        cid = await conversation(a1, b)
+        await b2.expect("new_message", conversationId=cid)
+        before = (await a1.request({"type": "send_message", "conversationId": cid,
+                                    "content": "before"}, "message_sent"))["messageId"]
+        await b2.expect("new_message", messageId=before)
+        redis.stop()
+        during = (await a1.request({"type": "send_message", "conversationId": cid,
+                                    "content": "during"}, "message_sent"))["messageId"]
+        redis.start()
+        await b2.expect("sync_required", timeout=TIMEOUT * 2)
+        await a1.expect("sync_required", timeout=TIMEOUT * 2)
+        await b2.send({"type": "sync", "sinceMessageId": before})
+        ids = []
+        while (frame := await b2.recv())["type"] != "sync_complete":
+            if frame["type"] == "queued_message":
+                ids.append(frame["messageId"])
+        assert ids == [during]
+        after = (await a1.request({"type": "send_message", "conversationId": cid,
+                                   "content": "after"}, "message_sent"))["messageId"]
+        await b2.expect("new_message", messageId=after)
+    finally:
+        await cluster.close_clients()
