@@ -118,9 +118,6 @@ async def test_message_reaches_other_nodes_once(nodes: list[Connector],
         assert count(tab, "new_message", messageId=first) == 0
 
 
-@pytest.mark.xfail(reason="PostgresStore.record_deliveries lacks the notifications argument"
-                          " on this branch (the notification store port is on another branch)",
-                   strict=False)
 async def test_delivery_recorded_by_the_writing_node(nodes: list[Connector],
                                                      cluster: Cluster) -> None:
     """A frame written on another daemon is recorded as delivered (by that daemon)."""
