@@ -1122,6 +1122,7 @@ SERVER_FRAME_TYPES: Final = frozenset({
     "user_typing", "user_online", "user_offline", "online_users", "sync_complete",
     "token_refreshed", "conversations", "pitch_viewed", "pitch_liked", "pitch_unliked",
     "new_comment", "comment_sent", "pitch_activity", "notifications", "notifications_read",
+    "sync_required",
 })
 # Fields a notification frame gets from the daemon; an event may not bring its own.
 NOTIFICATION_FIELDS: Final = frozenset({"type", "notificationId", "createdAt", "queuedAt",

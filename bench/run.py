@@ -989,6 +989,25 @@ def sqlite_reference(s: Settings) -> list[dict[str, Any]]:
     return out
 
 
+def postgres_reference(s: Settings) -> list[dict[str, Any]]:
+    """bench/pg_ref.py on fresh databases of the bench's PostgreSQL server, per batch size."""
+    out = []
+    for mode in ("minimal", "daemon"):
+        for batch in s.sqlite_batches:
+            url = postgres_url(f"pgref_{mode}_{batch}")
+            proc = Proc("pgref", [sys.executable, str(HERE / "pg_ref.py"), "--url", url,
+                                  "--batch", str(batch), "--seconds", str(s.sqlite_seconds),
+                                  "--mode", mode, "--content-chars", str(s.content_chars)],
+                        OUT / "pg-ref.log", SERVER_CORE)
+            try:
+                proc.popen.wait(s.sqlite_seconds + 60)
+            finally:
+                proc.stop()
+            lines = (OUT / "pg-ref.log").read_text().strip().splitlines()
+            out.append(json.loads(lines[-1]))
+    return out
+
+
 # -- orchestration --------------------------------------------------------------------------
 
 
@@ -1122,6 +1141,12 @@ async def bench(args: argparse.Namespace, s: Settings, notes: dict[str, Any]) ->
         for r in results["sqlite"]:
             log(f"  {r['mode']} batch {r['batch']} recipients {r['recipients']}: "
                 f"{r['messages_per_s']} msg/s")
+    if any(TARGETS[t].postgres for t in args.targets):
+        log("[postgres reference]")
+        results["postgres_ref"] = await asyncio.to_thread(postgres_reference, s)
+        for r in results["postgres_ref"]:
+            log(f"  {r['mode']} batch {r['batch']}: {r['messages_per_s']} msg/s,"
+                f" {r['mean_commit_ms']} ms per transaction")
     results["checks"] = checks(results)
     return results
 
