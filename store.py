@@ -47,6 +47,9 @@ from rows import (
     NewNotification,
     NotificationRow,
     PendingEvent,
+    PendingMessage,
+    PendingNotification,
+    PendingRead,
     PitchRow,
     PitchStats,
     UserRow,
@@ -343,6 +346,18 @@ class Store(Protocol):
     async def prune_notifications(self, max_per_user: int, created_before: str) -> None:
         """Delete notifications (and publish keys) created before ``created_before``, and
         each user's beyond ``max_per_user``: read ones first, oldest first."""
+
+
+def pending_order(event: PendingEvent) -> tuple[str, int, int]:
+    """The replay's order, for every engine: oldest queued first; at one instant messages,
+    then read notices, then notifications, each by id."""
+    match event:
+        case PendingMessage(queued_at=queued_at, message=message):
+            return (queued_at, 0, message.id)
+        case PendingRead(queued_at=queued_at, message_id=message_id):
+            return (queued_at, 1, message_id)
+        case PendingNotification(queued_at=queued_at, notification=notification):
+            return (queued_at, 2, notification.id)
 
 
 class KeyedLock:

@@ -87,6 +87,7 @@ from store import (
     StoreClosed,
     StoreError,
     Unavailable,
+    pending_order,
 )
 
 log = logging.getLogger("pitchey.store")
@@ -1024,7 +1025,7 @@ class PostgresStore:
             user_id, limit,
         )
         events.extend(PendingNotification(r[4], _notification(r)) for r in notes)
-        events.sort(key=_pending_order)
+        events.sort(key=pending_order)
         return events[:limit]
 
     def record_deliveries(
@@ -1525,16 +1526,6 @@ def _log_failure(future: asyncio.Future[None]) -> None:
     exc = future.exception()
     if exc is not None and not isinstance(exc, Unavailable | Corrupt | StoreClosed):
         log.error("background write failed", exc_info=exc)
-
-
-def _pending_order(event: PendingEvent) -> tuple[str, int, int]:
-    match event:
-        case PendingMessage(queued_at=queued_at, message=message):
-            return (queued_at, 0, message.id)
-        case PendingRead(queued_at=queued_at, message_id=message_id):
-            return (queued_at, 1, message_id)
-        case PendingNotification(queued_at=queued_at, notification=notification):
-            return (queued_at, 2, notification.id)
 
 
 # A message as MessageRow, with the app's nullable columns given the daemon's defaults.

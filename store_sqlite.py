@@ -82,6 +82,7 @@ from store import (
     StoreClosed,
     StoreError,
     Unavailable,
+    pending_order,
 )
 
 log = logging.getLogger("pitchey.store")
@@ -810,7 +811,7 @@ class SqliteStore:
             (user_id, limit),
         )
         events.extend(PendingNotification(r[4], NotificationRow(*r)) for r in notes)
-        events.sort(key=_pending_order)
+        events.sort(key=pending_order)
         return events[:limit]
 
     def record_deliveries(
@@ -1408,16 +1409,6 @@ def _log_failure(future: asyncio.Future[None]) -> None:
     # A failing disk is logged once by the store, not once per background write.
     if exc is not None and not isinstance(exc, Unavailable | Corrupt):
         log.error("background write failed", exc_info=exc)
-
-
-def _pending_order(event: PendingEvent) -> tuple[str, int, int]:
-    match event:
-        case PendingMessage(queued_at=queued_at, message=message):
-            return (queued_at, 0, message.id)
-        case PendingRead(queued_at=queued_at, message_id=message_id):
-            return (queued_at, 1, message_id)
-        case PendingNotification(queued_at=queued_at, notification=notification):
-            return (queued_at, 2, notification.id)
 
 
 # The read notices owed to one sender, oldest first: a range of receipts_read_owed.
