@@ -1086,9 +1086,11 @@ def event(kind: str, fields: dict[str, Any]) -> str:
 
 def notification_frame(row: NotificationRow, queued_at: str | None = None) -> str:
     """A notification as a frame of its own type: its fields, ``notificationId`` and
-    ``createdAt`` (and ``queuedAt`` when replayed after ``connected``)."""
-    fields: dict[str, Any] = {**loads(row.fields), "notificationId": row.id,
-                              "createdAt": row.created_at}
+    ``createdAt`` (and ``queuedAt`` when replayed after ``connected``). An event published
+    without a ``timestamp`` gets ``createdAt`` as one: the Pitchey frontend reads
+    ``nda_signed {signedBy, timestamp, pitchId}``."""
+    fields: dict[str, Any] = {"timestamp": row.created_at, **loads(row.fields),
+                              "notificationId": row.id, "createdAt": row.created_at}
     if queued_at is not None:
         fields["queuedAt"] = queued_at
     return encode(row.type, **fields)
@@ -1096,8 +1098,8 @@ def notification_frame(row: NotificationRow, queued_at: str | None = None) -> st
 
 def notification_entry(row: NotificationRow) -> dict[str, Any]:
     """One entry of ``notifications`` and of ``GET /api/notifications``."""
-    return {**loads(row.fields), "notificationId": row.id, "type": row.type,
-            "createdAt": row.created_at, "readAt": row.read_at}
+    return {"timestamp": row.created_at, **loads(row.fields), "notificationId": row.id,
+            "type": row.type, "createdAt": row.created_at, "readAt": row.read_at}
 
 
 def notifications_page(rows: list[NotificationRow], unread: int, has_more: bool,

@@ -196,3 +196,24 @@ async def test_prune_keeps_max_per_user_read_ones_first(tmp_path: Path) -> None:
     finally:
         if d.proc is not None:
             d.stop()
+
+
+async def test_nda_signed_carries_a_timestamp(daemon: Daemon, connect_to: Connector) -> None:
+    """nda_signed published without a timestamp gets createdAt as one (the Pitchey frontend
+    reads {signedBy, timestamp, pitchId}), live, replayed and listed; a given one is kept."""
+    online, offline = new_user(), new_user()
+    live = await connect_to(online)
+    event = {"type": "nda_signed", "pitchId": 3, "signedBy": "Victor Hale"}
+    status, _ = call(daemon, "POST", "/api/publish", {"users": [online, offline], "event": event})
+    assert status == 200
+    frame = await live.expect("nda_signed")
+    assert frame["timestamp"] == frame["createdAt"] and frame["signedBy"] == "Victor Hale"
+    back = await connect_to(offline)
+    queued = await back.expect("nda_signed")
+    assert queued["timestamp"] == queued["createdAt"] and "queuedAt" in queued
+    listed = (await back.request({"type": "get_notifications"}, "notifications"))
+    assert listed["notifications"][0]["timestamp"] == queued["createdAt"]
+    given = {**event, "timestamp": "2026-11-30T10:00:00.000Z"}
+    call(daemon, "POST", "/api/publish", {"users": [online], "event": given})
+    frame = await live.expect("nda_signed")
+    assert frame["timestamp"] == "2026-11-30T10:00:00.000Z"
