@@ -452,3 +452,35 @@ async def test_handshake_after_a_request_on_a_kept_alive_connection(daemon: Daem
         assert json.loads(body) == {**json.loads(body), "type": "connected", "userId": user}
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize("method, path, allow", [
+    ("GET", "/api/notifications", "GET"),
+    ("POST", "/api/notifications/read", "POST"),
+    ("GET", "/api/pitches/77/activity", "GET"),
+    ("POST", "/api/messages/77/read", "POST"),
+])
+def test_route_refusals(daemon: Daemon, method: str, path: str, allow: str) -> None:
+    """Each route of section 8: 401 without a token, 405 with Allow for another method, 413
+    over max_message_bytes and 400 for a malformed body (POST), 429 with Retry-After once the
+    user's bucket is empty."""
+    status, headers, body = call(daemon.port, method, path)
+    assert status == 401 and body["error"] == "missing_token", body
+    user = new_user()
+    other = "DELETE"
+    status, headers, body = call(daemon.port, other, path, token=tok(user))
+    assert status == 405 and allow in headers["allow"] and body["error"], body
+    if method == "POST":
+        status, _, body = call(daemon.port, "POST", path, raw=b"{" + b" " * 70000 + b"}",
+                               token=tok(user))
+        assert status == 413 and body["error"] == "too_large", body
+        status, _, body = call(daemon.port, "POST", path, raw=b"{not json", token=tok(user))
+        assert status == 400 and body["error"] == "invalid_json", body
+    limited = new_user()
+    for _ in range(200):
+        status, headers, body = call(daemon.port, method, path, token=tok(limited),
+                                     body={} if method == "POST" else None)
+        if status == 429:
+            break
+    assert status == 429 and body["error"] == "rate_limited", body
+    assert int(headers["retry-after"]) >= 1
