@@ -117,6 +117,9 @@ class App:
         if isinstance(profile, int):
             self.sessions.profiles.pop(profile, None)
             return
+        if "pitch" in change:
+            self.service.pitch_frame_elsewhere(change)
+            return
         self.background.spawn(self.service.conversation_changed(change),
                               name="conversation-changed")
 

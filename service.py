@@ -632,6 +632,35 @@ class Service:
         return [c for c in self.watching.get(pitch.id, ())
                 if c.user_id != pitch.owner_id and c is not skip]
 
+    def _to_watchers(self, pitch: PitchRow, text: str, *, owner: bool,
+                     exclude_user: int | None = None, skip: Client | None = None) -> int:
+        """Write a pitch frame to this daemon's watchers of the pitch (with the owner's
+        connections when ``owner``), and have every other daemon do the same for its own
+        (PROTOCOL.md 13: watchers may be connected anywhere). Returns the connections written
+        to here."""
+        if owner:
+            clients = [c for c in self._watchers(pitch, exclude_user) if c is not skip]
+        else:
+            clients = [c for c in self._non_owner_watchers(pitch, skip)
+                       if c.user_id != exclude_user]
+        written = self.hub.send_clients(clients, text)
+        if self.hub.shared:
+            self.hub.backplane.invalidate({"pitch": pitch.id, "frame": text, "owner": owner,
+                                           "exclude": exclude_user})
+        return written
+
+    def pitch_frame_elsewhere(self, change: dict[str, Any]) -> None:
+        """A pitch frame another daemon wrote to its watchers: the same for the ones here."""
+        pitch = self.pitches.get(int(change["pitch"]))
+        if pitch is None:
+            return  # no connection here watches a pitch this daemon never loaded
+        exclude = change.get("exclude")
+        if bool(change.get("owner")):
+            clients = self._watchers(pitch, exclude if isinstance(exclude, int) else None)
+        else:
+            clients = [c for c in self._non_owner_watchers(pitch, None) if c.user_id != exclude]
+        self.hub.send_clients(clients, str(change["frame"]))
+
     def _unsubscribe(self, client: Client, pitch_id: int) -> None:
         watchers = self.watching.get(pitch_id)
         if watchers is not None:
@@ -667,8 +696,7 @@ class Service:
                 return
             await self.store.add_view(pitch_id, user_id, p.now_iso())
         stats = await self.store.pitch_stats(pitch_id, user_id)
-        self.hub.send_clients(self._non_owner_watchers(pitch, None),
-                              p.pitch_viewed(pitch_id, stats.view_count))
+        self._to_watchers(pitch, p.pitch_viewed(pitch_id, stats.view_count), owner=False)
         self.hub.send_to([pitch.owner_id],
                          p.pitch_viewed(pitch_id, stats.view_count, (user_id, username)))
 
@@ -692,7 +720,7 @@ class Service:
         there is one (the same frame plus notificationId and createdAt, recorded as its
         delivery): one frame per event per connection, never two."""
         plain = p.event(kind, fields)
-        self.hub.send_clients(self._non_owner_watchers(pitch, skip), plain)
+        self._to_watchers(pitch, plain, owner=False, skip=skip)
         if notification_id is None:
             self.hub.send_to([pitch.owner_id], plain, skip=skip)
             return
@@ -771,7 +799,7 @@ class Service:
             return
         user = self.hub.users.get(user_id)
         frame = p.pitch_user_typing(pitch_id, user_id, user.username if user else None, typing)
-        self.hub.send_clients(self._watchers(pitch, exclude_user=user_id), frame)
+        self._to_watchers(pitch, frame, owner=True, exclude_user=user_id)
 
     async def pitch_typing_in(self, user_id: int, pitch_id: int, is_typing: bool) -> None:
         pitch = await self.visible_pitch(pitch_id, user_id)
@@ -875,7 +903,7 @@ class Service:
             pitch = await self.pitch(pitch_id)
             if pitch is None:
                 raise p.ProtocolError(p.INVALID_MESSAGE, f"unknown pitch {pitch_id}")
-            delivered = self.hub.send_clients(self._watchers(pitch), p.event(kind, fields))
+            delivered = self._to_watchers(pitch, p.event(kind, fields), owner=True)
         else:
             assert conversation_id is not None
             conversation = await self.conversations.get(conversation_id)

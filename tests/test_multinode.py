@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from backend import KEY, put_pitch
 from conftest import TIMEOUT, Client, Connector, Daemon, eventually_db, new_user
 from servers import PostgresServer, RedisServer
 
@@ -24,6 +25,7 @@ OVERRIDES: dict[str, Any] = {
     "backplane.reconnect_max_seconds": 0.5,
     "limits.frames_burst": 20,
     "limits.frames_per_second": 1,
+    "api.key": KEY,
 }
 
 
@@ -294,3 +296,37 @@ async def test_redis_restart(pair: tuple[Cluster, RedisServer]) -> None:
         await b2.expect("new_message", messageId=after)
     finally:
         await cluster.close_clients()
+
+
+async def test_pitch_activity_reaches_watchers_on_every_node(nodes: list[Connector],
+                                                            cluster: Cluster) -> None:
+    """Watchers of one pitch on nodes 2 and 3 see a view, a like, comment typing and a
+    comment made on node 1, exactly once each; the owner on node 3 gets the like once, as a
+    notification."""
+    owner, fan, w2_id, w3_id = new_user(), new_user(), new_user(), new_user()
+    pitch = 900 + owner % 1000
+    put_pitch(cluster.nodes[0], pitch, owner)
+    boss = await nodes[2](owner)
+    w2 = await nodes[1](w2_id)
+    w3 = await nodes[2](w3_id)
+    for watcher in (w2, w3):
+        await watcher.request({"type": "get_pitch_activity", "pitchId": pitch},
+                              "pitch_activity")
+        await watcher.send({"type": "pitch_view", "pitchId": pitch})
+    await w2.expect("pitch_viewed", pitchId=pitch, viewCount=2)  # w3's view, from node 3
+    f = await nodes[0](fan, username="Fan")
+    await f.send({"type": "pitch_like", "pitchId": pitch})
+    await f.send({"type": "typing", "pitchId": pitch, "isTyping": True})
+    await f.request({"type": "pitch_comment", "pitchId": pitch, "comment": "Bravo",
+                     "requestId": "c1"}, "comment_sent")
+    for watcher in (w2, w3):
+        await watcher.expect("pitch_liked", pitchId=pitch, userId=fan)
+        await watcher.expect("user_typing", pitchId=pitch, userId=fan, isTyping=True)
+        await watcher.expect("new_comment", pitchId=pitch, comment="Bravo")
+    liked = await boss.expect("pitch_liked", pitchId=pitch, userId=fan)
+    commented = await boss.expect("new_comment", pitchId=pitch, comment="Bravo")
+    assert "notificationId" in liked and "notificationId" in commented
+    for client in (w2, w3, boss):
+        await client.absent("pitch_liked")
+        assert count(client, "new_comment", pitchId=pitch) == 0  # each taken once above
+        assert count(client, "pitch_liked", pitchId=pitch) == 0
