@@ -327,12 +327,20 @@ class Service:
         else:
             async with self.in_flight.hold(("conversation", creator, request_id)):
                 existing = await self.store.conversation_by_request(creator, request_id)
+                if existing is None:
+                    try:
+                        row = await self._create(creator, members, title, request_id, pitch_id)
+                    except DuplicateRequest:
+                        # The same retry reached another daemon, which stored it first (the
+                        # unique index is the arbiter): answer with that conversation.
+                        existing = await self.store.conversation_by_request(creator, request_id)
+                        if existing is None:
+                            raise
                 if existing is not None:
                     again = await self.conversations.get(existing)
                     if again is None:
                         raise StoreError(f"conversation {existing} vanished")
                     return Created(again, True)
-                row = await self._create(creator, members, title, request_id, pitch_id)
         self.hub.send_to(row.members, p.conversation_created(row), skip=origin)
         return Created(row, False)
 

@@ -330,3 +330,18 @@ async def test_pitch_activity_reaches_watchers_on_every_node(nodes: list[Connect
         await client.absent("pitch_liked")
         assert count(client, "new_comment", pitchId=pitch) == 0  # each taken once above
         assert count(client, "pitch_liked", pitchId=pitch) == 0
+
+
+async def test_create_conversation_retry_on_two_nodes_is_one(nodes: list[Connector],
+                                                            cluster: Cluster) -> None:
+    """The same create_conversation requestId sent to two nodes at once makes one
+    conversation, answered to both (the database's unique index decides the race)."""
+    import asyncio
+
+    a, b = new_user(), new_user()
+    tab1, tab2 = await nodes[0](a), await nodes[1](a)
+    frame = {"type": "create_conversation", "participantIds": [b], "requestId": "twice"}
+    one, two = await asyncio.gather(tab1.request(frame, "conversation_created"),
+                                    tab2.request(frame, "conversation_created"))
+    assert one["conversationId"] == two["conversationId"]
+    assert not [f for f in tab1.seen + tab2.seen if f.get("type") == "error"]
