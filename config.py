@@ -384,8 +384,9 @@ def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 
 
-def parser_limits(limits: LimitsConfig) -> protocol.Limits:
-    """The field limits ``protocol.parse`` enforces, from the ``limits`` section."""
+def parser_limits(config: Config) -> protocol.Limits:
+    """The field limits ``protocol.parse`` enforces (every door's parser uses these)."""
+    limits = config.limits
     return protocol.Limits(
         max_content_chars=limits.max_content_chars,
         max_attachments=limits.max_attachments,
@@ -393,6 +394,7 @@ def parser_limits(limits: LimitsConfig) -> protocol.Limits:
         max_request_id_chars=limits.max_request_id_chars,
         max_participants=limits.max_participants,
         max_title_chars=limits.max_title_chars,
+        max_notification_ids=config.notifications.max_per_user,
     )
 
 
@@ -401,13 +403,13 @@ def frame_limit(config: Config) -> int:
     ``server.max_message_bytes``, or the largest ``send_message`` within every field limit when
     that is larger, so such a message is never refused for its size (docs/protocol.md). Other
     frames over ``server.max_message_bytes`` are closed with 1009 by the connection."""
-    worst = protocol.send_message_worst_case(parser_limits(config.limits))
+    worst = protocol.send_message_worst_case(parser_limits(config))
     return max(config.server.max_message_bytes, worst)
 
 
 def _check_frame_limit(config: Config) -> None:
     """The field limits must add up to a frame the daemon can read (MAX_FRAME_BYTES)."""
-    worst = protocol.send_message_worst_case(parser_limits(config.limits))
+    worst = protocol.send_message_worst_case(parser_limits(config))
     if max(worst, config.server.max_message_bytes) <= MAX_FRAME_BYTES:
         return
     if config.server.max_message_bytes > MAX_FRAME_BYTES:

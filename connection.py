@@ -23,7 +23,7 @@ from websockets.http11 import Request, Response
 
 import protocol as p
 from auth import AuthError, Identity, Verifier
-from config import Config
+from config import Config, parser_limits
 from handlers import Handlers
 from http_front import LogSummary
 from http_routes import json_response
@@ -54,15 +54,7 @@ class Sessions:
         self.service = service
         self.metrics = metrics
         self.verifier = verifier
-        self.limits = p.Limits(
-            max_content_chars=config.limits.max_content_chars,
-            max_attachments=config.limits.max_attachments,
-            max_attachment_field_chars=config.limits.max_attachment_field_chars,
-            max_request_id_chars=config.limits.max_request_id_chars,
-            max_participants=config.limits.max_participants,
-            max_title_chars=config.limits.max_title_chars,
-            max_notification_ids=config.notifications.max_per_user,
-        )
+        self.limits = parser_limits(config)
         self.handlers = Handlers(service, metrics, verifier, self.arm_expiry)
         self.identities: weakref.WeakKeyDictionary[ServerConnection, Identity] = (
             weakref.WeakKeyDictionary()
