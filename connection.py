@@ -27,7 +27,7 @@ from config import Config, parser_limits
 from handlers import Handlers
 from http_front import LogSummary
 from http_routes import json_response
-from hub import Client, Hub, expiry_delay
+from hub import WRITE_BATCH, Client, Hub, expiry_delay
 from metrics import Metrics
 from rows import Event, EventKind, PendingMessage, PendingNotification, PendingRead
 from service import Service, store_error_reply
@@ -186,31 +186,38 @@ class Sessions:
         """Send the user's undelivered durable events, oldest first, bounded; return them."""
         carried: set[Event] = set()
         record = self.service.deliveries.record
+        frames_out = self.metrics.frames_out
         user_id = client.user_id
-        for pending in await self.service.pending(user_id):
-            event: Event
-            match pending:
-                case PendingMessage(queued_at=queued_at, message=message):
-                    frame = p.queued_new_message(message, queued_at)
-                    event = (EventKind.MESSAGE, message.id, user_id)
-                case PendingRead():
-                    fields = p.read_fields(pending.message_id, pending.conversation_id,
-                                           pending.reader_id, pending.reader_name,
-                                           pending.queued_at)
-                    frame = p.queued_message("message_read", pending.queued_at, fields)
-                    event = (EventKind.READ, pending.message_id, pending.reader_id)
-                case PendingNotification(queued_at=queued_at, notification=notification):
-                    # Its own type with queuedAt, not a queued_message (PROTOCOL.md 10).
-                    frame = p.notification_frame(notification, queued_at)
-                    event = (EventKind.NOTIFICATION, notification.id, user_id)
-                case _:
-                    assert_never(pending)
-            await client.write_now(frame)
-            carried.add(event)
-            record(event, user_id)
-            self.metrics.frames_out[
-                "notification" if event[0] is EventKind.NOTIFICATION else "queued_message"
-            ] += 1
+        pending = await self.service.pending(user_id)
+        for start in range(0, len(pending), WRITE_BATCH):
+            batch: list[str] = []
+            events: list[Event] = []
+            for item in pending[start:start + WRITE_BATCH]:
+                event: Event
+                match item:
+                    case PendingMessage(queued_at=queued_at, message=message):
+                        batch.append(p.queued_new_message(message, queued_at))
+                        event = (EventKind.MESSAGE, message.id, user_id)
+                    case PendingRead():
+                        fields = p.read_fields(item.message_id, item.conversation_id,
+                                               item.reader_id, item.reader_name, item.queued_at)
+                        batch.append(p.queued_message("message_read", item.queued_at, fields))
+                        event = (EventKind.READ, item.message_id, item.reader_id)
+                    case PendingNotification(queued_at=queued_at, notification=notification):
+                        # Its own type with queuedAt, not a queued_message (PROTOCOL.md 10).
+                        batch.append(p.notification_frame(notification, queued_at))
+                        event = (EventKind.NOTIFICATION, notification.id, user_id)
+                    case _:
+                        assert_never(item)
+                events.append(event)
+            client.write_batch(batch)
+            for event in events:
+                carried.add(event)
+                record(event, user_id)
+                frames_out[
+                    "notification" if event[0] is EventKind.NOTIFICATION else "queued_message"
+                ] += 1
+            await client.drain()
         return carried
 
     async def dispatch(self, client: Client, text: str) -> None:

@@ -9,9 +9,10 @@ when ``await conn.send(...)`` returns, every frame that command caused has been 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,12 @@ class RecordingClient(Client):
     def write(self, text: str) -> None:
         self.frames.append(json.loads(text))
 
-    async def write_now(self, text: str) -> None:
-        self.write(text)
+    def write_batch(self, texts: Sequence[str]) -> None:
+        for text in texts:
+            self.write(text)
+
+    async def drain(self) -> None:
+        await asyncio.sleep(0)
 
     def buffered(self) -> int:
         return 0

@@ -313,3 +313,26 @@ async def test_version_1_receipts_get_their_sender(tmp_path: Path) -> None:
     assert db.execute("SELECT sender_id FROM message_read_receipts").fetchall() == [(1,)]
     indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "receipts_read_owed" in indexes and "receipts_read_unnotified" not in indexes
+
+
+async def test_pending_orders_by_queue_time_when_ids_disagree(
+    store: engine.SqliteStore,
+) -> None:
+    """The replay's order is oldest queued first (store.pending_order) even when a later id
+    carries an earlier time (a backend publish with its own timestamp, another daemon's
+    clock): the fast path that skips the sort for messages in id order must notice."""
+    await store.create_conversation(10, [10, 20], None, None, None, NOW)
+    late, early = "2026-11-26T00:00:02.000Z", "2026-11-26T00:00:01.000Z"
+    first = await store.add_message(
+        NewMessage(1, 10, None, [20], "late", "text", [], None, None, None, late))
+    second = await store.add_message(
+        NewMessage(1, 10, None, [20], "early", "text", [], None, None, None, early))
+    assert first < second
+    pending = await store.pending(20, 10)
+    assert [(e.queued_at, e.message.id) for e in pending  # type: ignore[union-attr]
+            ] == [(early, second), (late, first)]
+    # In id order when the times agree: no reordering.
+    third = await store.add_message(
+        NewMessage(1, 10, None, [20], "later", "text", [], None, None, None, late))
+    assert [e.message.id for e in await store.pending(20, 10)  # type: ignore[union-attr]
+            ] == [second, first, third]
