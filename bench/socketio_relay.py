@@ -12,8 +12,9 @@ Idiomatic Socket.IO: every connection joins the room ``user:<id>`` and a message
 once to the rooms of the conversation's members, skipping the sender's own connection; the
 token comes in the CONNECT packet's ``auth`` (``{"token": ...}``, or ``?token=`` in the URL),
 its payload read but its signature not checked. No compression (the driver offers none), frames
-up to 64 KiB (``max_http_buffer_size``), Engine.IO pings every 20 s. No database, no checks, no
-limits: the library's cost for this protocol, beside the bare relay's.
+up to 64 KiB (``max_http_buffer_size``), Engine.IO pings every 20 s, a listen backlog of 4,096
+(the daemon's). No database, no checks, no limits: the library's cost for this protocol, beside
+the bare relay's.
 
     python bench/socketio_relay.py --port 8765
 """
@@ -30,6 +31,8 @@ from urllib.parse import parse_qs
 import socketio
 from aiohttp import web
 from relay import now_iso, unverified_claims
+
+BACKLOG = 4096
 
 
 def frame(kind: str, **fields: Any) -> dict[str, Any]:
@@ -144,7 +147,9 @@ async def main(host: str, port: int) -> None:
     app.router.add_get("/api/health", relay.health)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    # The daemon's server.backlog: with aiohttp's 128 a 5,000-handshake storm drops SYNs and
+    # then times TCP's retransmissions (p99 ~30 s), not the library.
+    await web.TCPSite(runner, host, port, backlog=BACKLOG).start()
     stop = asyncio.get_running_loop().create_future()
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.cancel)

@@ -4,10 +4,10 @@
 // `conversation_created`, `send_message` -> `message_sent` to the sender and `new_message` to
 // every other connection of every participant (encoded once, written to each), `ping` ->
 // `pong`, GET /api/health. The same server options: no compression, 64 KiB frames, a ping
-// every 20 s (a connection that has not answered the previous one is dropped). The token's
-// payload is read but its signature is not checked; no database, no checks, no limits. What
-// Node's event loop and the `ws` package (pinned in bench/package.json) reach for this
-// protocol, next to the Python relay.
+// every 20 s (a connection that has not answered the previous one is dropped); a listen
+// backlog of 4,096, the daemon's. The token's payload is read but its signature is not
+// checked; no database, no checks, no limits. What Node's event loop and the `ws` package
+// (pinned in bench/package.json) reach for this protocol, next to the Python relay.
 //
 //     node bench/ws_relay.js --port 8765 [--host 127.0.0.1]
 "use strict";
@@ -17,6 +17,7 @@ const { WebSocketServer } = require("ws");
 
 const WS_PATH = "/api/messages/ws";
 const KEEPALIVE_MS = 20000;
+const BACKLOG = 4096; // the daemon's server.backlog (Node's default is 511)
 
 function option(name, fallback) {
   const i = process.argv.indexOf(name);
@@ -216,7 +217,7 @@ function main() {
   };
   process.on("SIGTERM", stop);
   process.on("SIGINT", stop);
-  server.listen(port, host);
+  server.listen({ port, host, backlog: BACKLOG });
 }
 
 main();
