@@ -11,12 +11,11 @@ Scenarios (docs/benchmarks.md gives the exact definitions):
 5. ``latency``: open loop at half the daemon's scenario-1 maximum; send -> receive, p50/p99.
 
 Targets: the daemon (plain, and on uvloop / without orjson via ``bench/serve_variant.py``),
-the bare relay ``bench/relay.py``, the same relay on Node and ``ws`` (``bench/ws_relay.js``) and
-on python-socketio (``bench/socketio_relay.py``, driven over Socket.IO framing); plus
-``bench/sqlite_ref.py`` for the storage limit. The server
-is pinned to core 0, the driver (this process) to core 1; a scenario whose driver used more than
-90% of its core is marked VOID (it measured the driver). Every process started here is stopped
-at the end, also on error or Ctrl-C.
+the bare relay ``bench/relay.py``, the same relay on python-socketio (``bench/socketio_relay.py``,
+driven over Socket.IO framing) and on Node and ``ws`` (``bench/ws_relay.js``); plus
+``bench/sqlite_ref.py`` for the storage limit. The server is pinned to core 0, the driver (this
+process) to core 1; a scenario whose driver used more than 90% of its core is marked VOID (it
+measured the driver). Every process started here is stopped at the end, also on error or Ctrl-C.
 
     python bench/run.py [--quick] [--targets daemon,relay] [--scenarios storm,one_to_one]
 """
@@ -112,10 +111,9 @@ def postgres_url(label: str) -> str:
 TARGETS = {
     "daemon": Target("daemon", about="pitchey_ws.py as shipped"),
     "relay": Target("relay", about="reference (a): bench/relay.py, websockets, no persistence"),
-    "relay-node": Target("relay-node", scenarios=("storm", "one_to_one", "latency", "fanout"),
+    "relay-node": Target("relay-node",
                          about="reference (d): bench/ws_relay.js, Node and ws, no persistence"),
     "relay-socketio": Target("relay-socketio", codec="socketio",
-                             scenarios=("storm", "one_to_one", "latency", "fanout"),
                              about="reference (c): bench/socketio_relay.py, python-socketio on"
                                    " aiohttp, no persistence"),
     "daemon+uvloop": Target("daemon", ("--uvloop",), about="daemon on uvloop"),
