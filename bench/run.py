@@ -350,7 +350,7 @@ class Server:
                 status, _ = await http_get(self.port, "/api/health", 2)
                 if status == 200:
                     return
-            except OSError:
+            except (OSError, EOFError):  # not listening yet, or closed without an answer
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.target} not healthy after {limit}s")
@@ -369,7 +369,8 @@ def node_binary() -> str | None:
 
 def unavailable(target: str) -> str | None:
     """Why ``target`` cannot run on this machine (None: it can). A reference relay on a
-    runtime that is missing is skipped with this reason instead of failing the run."""
+    runtime that is missing is skipped with this reason instead of failing the run (as is a
+    target whose server does not start: ``bench()`` records its error the same way)."""
     kind = TARGETS[target].kind
     if kind == "relay-node":
         if node_binary() is None:
@@ -1198,7 +1199,12 @@ async def bench(args: argparse.Namespace, s: Settings, notes: dict[str, Any]) ->
             log(f"  skipped: {reason}")
             skipped[target] = reason
             continue
-        res = await bench_target(target, args.scenarios, s, latency_rate)
+        try:
+            res = await bench_target(target, args.scenarios, s, latency_rate)
+        except RuntimeError as exc:  # its server would not start, or set-up failed
+            log(f"  FAILED: {exc}")
+            skipped[target] = f"failed: {exc}"
+            continue
         results["targets"][target] = res
         if target == "daemon" and "one_to_one" in res and args.latency_rate is None:
             latency_rate = 0.5 * res["one_to_one"]["messages_per_s"]
@@ -1417,6 +1423,8 @@ def markdown_figures(results: dict[str, Any]) -> str:
         for r in results["sqlite"]:
             out.append(f"| {r['mode']} | {r['recipients']} | {r['batch']} | "
                        f"{fmt(r['messages_per_s'])} | {fmt(r['receipts_per_s'])} |")
+    for name, reason in results.get("skipped", {}).items():
+        out += ["", f"`{name}` has no figures: {reason}."]
     o = get(t, "daemon", "one_to_one", "commits")
     if o:
         out += ["", f"Daemon group commit during 1:1: {o['commits']:.0f} commits, mean batch"
@@ -1475,8 +1483,6 @@ def reference_figures(results: dict[str, Any]) -> list[str]:
     verdict_line = socketio_verdict(results)
     if verdict_line:
         out += ["", verdict_line]
-    for name, reason in results.get("skipped", {}).items():
-        out += ["", f"`{name}` was skipped: {reason}."]
     return out
 
 
@@ -1695,7 +1701,7 @@ def main(argv: list[str] | None = None) -> int:
     if verdict_line:
         print(verdict_line.replace("**", ""))
     for name, reason in results.get("skipped", {}).items():
-        print(f"{name} skipped: {reason}")
+        print(f"{name}: no figures: {reason}")
     void = [f"{n}/{k}" for n, res in results["targets"].items() for k, r in flat(res)
             if r.get("void")]
     if void:
