@@ -50,7 +50,7 @@ bench/node_modules/.package-lock.json: bench/package-lock.json
 	@command -v npm >/dev/null || { echo "npm not found: the Node reference relay (relay-node) will be skipped"; exit 0; }; \
 	cd bench && npm ci --no-audit --no-fund
 
-# Not part of `make test`: ~12 minutes, loads both cores. BENCH_ARGS=--quick for a smoke run.
+# Not part of `make test`: ~10-13 minutes, loads both cores. BENCH_ARGS=--quick for a smoke run.
 bench: $(DEV_STAMP) bench/node_modules/.package-lock.json
 	$(PIP) -r bench/requirements.txt
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
