@@ -11,10 +11,11 @@ Scenarios (docs/benchmarks.md gives the exact definitions):
 5. ``latency``: open loop at half the daemon's scenario-1 maximum; send -> receive, p50/p99.
 
 Targets: the daemon (plain, and on uvloop / without orjson via ``bench/serve_variant.py``),
-the bare relay ``bench/relay.py``; plus ``bench/sqlite_ref.py`` for the storage limit. The server
-is pinned to core 0, the driver (this process) to core 1; a scenario whose driver used more than
-90% of its core is marked VOID (it measured the driver). Every process started here is stopped
-at the end, also on error or Ctrl-C.
+the bare relay ``bench/relay.py``, the same relay on python-socketio (``bench/socketio_relay.py``,
+driven over Socket.IO framing) and on Node and ``ws`` (``bench/ws_relay.js``); plus
+``bench/sqlite_ref.py`` for the storage limit. The server is pinned to core 0, the driver (this
+process) to core 1; a scenario whose driver used more than 90% of its core is marked VOID (it
+measured the driver). Every process started here is stopped at the end, also on error or Ctrl-C.
 
     python bench/run.py [--quick] [--targets daemon,relay] [--scenarios storm,one_to_one]
 """
@@ -54,6 +55,7 @@ import wsclient  # noqa: E402
 
 HOST = "127.0.0.1"
 WS_PATH = "/api/messages/ws"
+SIO_PATH = "/socket.io/?EIO=4&transport=websocket"  # Engine.IO v4, WebSocket transport only
 SECRET = "bench-secret-not-for-production-0123456789abcdef"
 VOID_CPU = 0.90
 NOISY = 0.10  # share of a core used by other processes or stolen, beyond which a figure is noisy
@@ -67,7 +69,7 @@ CONTENT_L = b'"content":"L'
 
 @dataclass(frozen=True)
 class Target:
-    kind: str  # "daemon" or "relay"
+    kind: str  # "daemon", or a reference relay: "relay", "relay-node", "relay-socketio"
     flags: tuple[str, ...] = ()  # for bench/serve_variant.py or bench/relay.py
     scenarios: tuple[str, ...] | None = None  # None: every scenario asked for
     request_ids: bool = True  # the driver's send_message frames carry a requestId
@@ -79,6 +81,9 @@ class Target:
     root_env: str | None = None
     # On the PostgreSQL engine: a fresh database of a server the bench starts (tests/servers.py).
     postgres: bool = False
+    # How the driver frames the daemon's protocol: "json" (one JSON text frame per frame, the
+    # daemon's own) or "socketio" (Socket.IO v5 events over Engine.IO v4, wsclient.SocketIOConn).
+    codec: str = "json"
 
 
 _postgres_server: Any = None
@@ -106,6 +111,11 @@ def postgres_url(label: str) -> str:
 TARGETS = {
     "daemon": Target("daemon", about="pitchey_ws.py as shipped"),
     "relay": Target("relay", about="reference (a): bench/relay.py, websockets, no persistence"),
+    "relay-node": Target("relay-node",
+                         about="reference (d): bench/ws_relay.js, Node and ws, no persistence"),
+    "relay-socketio": Target("relay-socketio", codec="socketio",
+                             about="reference (c): bench/socketio_relay.py, python-socketio on"
+                                   " aiohttp, no persistence"),
     "daemon+uvloop": Target("daemon", ("--uvloop",), about="daemon on uvloop"),
     "daemon+stdjson": Target("daemon", ("--stdjson",),
                              about="daemon without orjson: protocol JSON by the standard library"),
@@ -125,7 +135,9 @@ TARGETS = {
     "daemon@base": Target("daemon", root_env="PITCHEY_BENCH_BASE",
                           about="pitchey_ws.py of the checkout in $PITCHEY_BENCH_BASE"),
 }
-DEFAULT_TARGETS = ["daemon", "relay", "daemon+uvloop", "daemon+stdjson", "daemon+normal"]
+DEFAULT_TARGETS = ["daemon", "relay", "relay-node", "relay-socketio", "daemon+uvloop",
+                   "daemon+stdjson", "daemon+normal"]
+REFERENCES = ["relay", "relay-node", "relay-socketio"]  # the reference relays, in report order
 SCENARIOS = ["storm", "one_to_one", "latency", "fanout"]
 
 
@@ -303,8 +315,13 @@ class Server:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{self.db}{suffix}").unlink(missing_ok=True)
         py = sys.executable
+        listen = ["--host", HOST, "--port", str(self.port)]
         if kind == "relay":
-            argv = [py, str(HERE / "relay.py"), "--host", HOST, "--port", str(self.port), *flags]
+            argv = [py, str(HERE / "relay.py"), *listen, *flags]
+        elif kind == "relay-node":
+            argv = [node_binary() or "node", str(HERE / "ws_relay.js"), *listen, *flags]
+        elif kind == "relay-socketio":
+            argv = [py, str(HERE / "socketio_relay.py"), *listen, *flags]
         else:
             config = work / f"{label}-config.toml"
             root = ROOT
@@ -333,7 +350,7 @@ class Server:
                 status, _ = await http_get(self.port, "/api/health", 2)
                 if status == 200:
                     return
-            except OSError:
+            except (OSError, EOFError):  # not listening yet, or closed without an answer
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.target} not healthy after {limit}s")
@@ -343,6 +360,30 @@ class Server:
         self.proc.stop()
         for suffix in ("", "-wal", "-shm"):
             Path(f"{self.db}{suffix}").unlink(missing_ok=True)
+
+
+def node_binary() -> str | None:
+    """The ``node`` to run bench/ws_relay.js with, or None."""
+    return shutil.which("node")
+
+
+def unavailable(target: str) -> str | None:
+    """Why ``target`` cannot run on this machine (None: it can). A reference relay on a
+    runtime that is missing is skipped with this reason instead of failing the run (as is a
+    target whose server does not start: ``bench()`` records its error the same way)."""
+    kind = TARGETS[target].kind
+    if kind == "relay-node":
+        if node_binary() is None:
+            return "node not found"
+        if not (HERE / "node_modules" / "ws" / "package.json").exists():
+            return "bench/node_modules/ws missing: run `npm ci` in bench/ (make bench does)"
+    if kind == "relay-socketio":
+        import importlib.util
+
+        for module in ("socketio", "aiohttp"):
+            if importlib.util.find_spec(module) is None:
+                return f"{module} not installed: pip install -r bench/requirements.txt"
+    return None
 
 
 @contextlib.asynccontextmanager
@@ -546,24 +587,35 @@ def ws_path(user_id: int) -> str:
     return f"{WS_PATH}?token={token(user_id)}"
 
 
-async def open_all(port: int, user_ids: list[int], concurrency: int, limit: float
-                   ) -> list[wsclient.Conn]:
+Dial = tuple[str, bytes | None]  # request path, Socket.IO CONNECT auth (None: plain frames)
+
+
+def dial(codec: str, user_id: int) -> Dial:
+    """Where and how ``user_id`` connects to a target speaking ``codec``: the daemon's protocol
+    carries the token in the URL; the Socket.IO relay gets it in the CONNECT packet's auth."""
+    if codec == "socketio":
+        return SIO_PATH, json.dumps({"token": token(user_id)}).encode()
+    return ws_path(user_id), None
+
+
+async def open_all(port: int, user_ids: list[int], concurrency: int, limit: float,
+                   codec: str = "json") -> list[wsclient.Conn]:
     """Connect every user (failing loudly: these are set-up connections, not the storm)."""
-    paths = [ws_path(u) for u in user_ids]
+    dials = [dial(codec, u) for u in user_ids]
     sem = asyncio.Semaphore(concurrency)
 
-    async def one(path: str) -> wsclient.Conn:
+    async def one(path: str, auth: bytes | None) -> wsclient.Conn:
         async with sem:
-            return await wsclient.connect(HOST, port, path, limit)
+            return await wsclient.connect(HOST, port, path, limit, auth)
 
-    results = await asyncio.gather(*(one(p) for p in paths), return_exceptions=True)
+    results = await asyncio.gather(*(one(*d) for d in dials), return_exceptions=True)
     conns = [r for r in results if isinstance(r, wsclient.Conn)]
     errors = [r for r in results if not isinstance(r, wsclient.Conn)]
     if errors:
         for c in conns:
             c.abort()
         raise RuntimeError(
-            f"{len(errors)} of {len(paths)} set-up connections failed: {errors[0]!r}")
+            f"{len(errors)} of {len(dials)} set-up connections failed: {errors[0]!r}")
     return conns
 
 
@@ -611,7 +663,7 @@ def pct(sorted_values: list[float], q: float) -> float:
 async def storm(server: Server, s: Settings) -> dict[str, Any]:
     n = s.storm_connections
     ids = list(range(100_001, 100_001 + n))
-    paths = [ws_path(u) for u in ids]  # minted before the clock starts
+    dials = [dial(server.spec.codec, u) for u in ids]  # minted before the clock starts
     rss0 = server.proc.rss_kib()
     conns: list[wsclient.Conn] = []
     failures: Counter[str] = Counter()
@@ -619,11 +671,11 @@ async def storm(server: Server, s: Settings) -> dict[str, Any]:
     concurrency = s.storm_concurrency or n
     sem = asyncio.Semaphore(concurrency)
 
-    async def one(path: str) -> None:
+    async def one(path: str, auth: bytes | None) -> None:
         async with sem:
             t = time.perf_counter()
             try:
-                conn = await wsclient.connect(HOST, server.port, path, s.handshake_timeout)
+                conn = await wsclient.connect(HOST, server.port, path, s.handshake_timeout, auth)
             except wsclient.HandshakeError as exc:
                 failures[f"http {exc.status}" if exc.status else str(exc)[:80]] += 1
                 return
@@ -635,7 +687,7 @@ async def storm(server: Server, s: Settings) -> dict[str, Any]:
 
     window = Window(server)
     window.start()
-    await asyncio.gather(*(one(p) for p in paths))
+    await asyncio.gather(*(one(*d) for d in dials))
     result = window.stop()
     try:
         await asyncio.sleep(s.storm_settle)
@@ -724,7 +776,8 @@ class Pairs:
 async def setup_pairs(server: Server, s: Settings) -> Pairs:
     a_ids = list(range(1, s.pairs + 1))
     b_ids = list(range(10_001, 10_001 + s.pairs))
-    conns = await open_all(server.port, a_ids + b_ids, 200, s.handshake_timeout)
+    conns = await open_all(server.port, a_ids + b_ids, 200, s.handshake_timeout,
+                           server.spec.codec)
     senders, receivers = conns[: s.pairs], conns[s.pairs :]
     cids = await asyncio.gather(*(
         create_conversation(a, [b], f"pair-{b}") for a, b in zip(senders, b_ids, strict=True)
@@ -909,7 +962,7 @@ class FanSender:
 
 async def fanout(server: Server, size: int, base: int, s: Settings) -> dict[str, Any]:
     ids = list(range(base, base + size))
-    conns = await open_all(server.port, ids, 200, s.handshake_timeout)
+    conns = await open_all(server.port, ids, 200, s.handshake_timeout, server.spec.codec)
     try:
         cid = await create_conversation(conns[0], ids[1:], f"group-{base}")
         fan = Fan(size - 1, s.fan_window)
@@ -1086,11 +1139,20 @@ def machine_info() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
                 break
     versions = {}
-    for name in ("websockets", "aiosqlite", "PyJWT", "uvloop", "orjson"):
+    for name in ("websockets", "aiosqlite", "PyJWT", "uvloop", "orjson", "python-socketio",
+                 "python-engineio", "aiohttp"):
         with contextlib.suppress(Exception):
             from importlib.metadata import version
 
             versions[name] = version(name)
+    node = node_binary()
+    if node is not None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            versions["node"] = subprocess.run([node, "--version"], capture_output=True,
+                                              text=True, timeout=10).stdout.strip().lstrip("v")
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        ws_package = HERE / "node_modules" / "ws" / "package.json"
+        versions["ws (npm)"] = json.loads(ws_package.read_text())["version"]
     import sqlite3
 
     commit = "unknown"
@@ -1129,9 +1191,20 @@ async def bench(args: argparse.Namespace, s: Settings, notes: dict[str, Any]) ->
         "targets": {},
     }
     latency_rate: float | None = args.latency_rate
+    skipped: dict[str, str] = {}
     for target in args.targets:
         log(f"[{target}]")
-        res = await bench_target(target, args.scenarios, s, latency_rate)
+        reason = unavailable(target)
+        if reason is not None:
+            log(f"  skipped: {reason}")
+            skipped[target] = reason
+            continue
+        try:
+            res = await bench_target(target, args.scenarios, s, latency_rate)
+        except RuntimeError as exc:  # its server would not start, or set-up failed
+            log(f"  FAILED: {exc}")
+            skipped[target] = f"failed: {exc}"
+            continue
         results["targets"][target] = res
         if target == "daemon" and "one_to_one" in res and args.latency_rate is None:
             latency_rate = 0.5 * res["one_to_one"]["messages_per_s"]
@@ -1147,6 +1220,7 @@ async def bench(args: argparse.Namespace, s: Settings, notes: dict[str, Any]) ->
         for r in results["postgres_ref"]:
             log(f"  {r['mode']} batch {r['batch']}: {r['messages_per_s']} msg/s,"
                 f" {r['mean_commit_ms']} ms per transaction")
+    results["skipped"] = skipped
     results["checks"] = checks(results)
     return results
 
@@ -1196,6 +1270,18 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
             f" CPU {d_f['server_cpu_us_per_delivery']} vs {r_f['server_cpu_us_per_delivery']}"
             f" us/delivery (CPU-based ratio {cpu_ratio(r_f, d_f, 'server_cpu_us_per_delivery')})",
             d_f["void"] or r_f["void"], d_f, r_f)
+    for label, key, rate, unit in (
+        ("1:1", ("one_to_one",), "messages", "message"),
+        ("fan-out 100 members", ("fanout", "100"), "deliveries", "delivery"),
+    ):
+        d, r = get(t, "daemon", *key), get(t, "relay-socketio", *key)
+        if d and r:
+            per_s, cpu = f"{rate}_per_s", f"server_cpu_us_per_{unit}"
+            ratio = d[per_s] / r[per_s]
+            add(f"{label} vs python-socketio relay", round(ratio, 3), "> 1x (ahead)", ratio > 1,
+                f"{d[per_s]:.0f} vs {r[per_s]:.0f} {rate}/s; server CPU {d[cpu]} vs {r[cpu]}"
+                f" us/{unit} (CPU-based ratio {cpu_ratio(r, d, cpu)})",
+                d["void"] or r["void"], d, r)
     st = get(t, "daemon", "storm")
     if st:
         kib = st["kib_per_connection"]
@@ -1311,6 +1397,7 @@ def markdown_figures(results: dict[str, Any]) -> str:
         cells += ([fmt(lt["offered_per_s"]), fmt(lt["p50_ms"], 2), fmt(lt["p99_ms"], 2)
                    + mark(lt), fmt(lt["max_ms"], 1), fmt(lt["lost"])] if lt else ["-"] * 5)
         out.append("| " + " | ".join(cells) + " |")
+    out += reference_figures(results)
     d = t.get("daemon", {})
     variants = [n for n in t if n.startswith("daemon+")]
     if d and variants:
@@ -1336,11 +1423,67 @@ def markdown_figures(results: dict[str, Any]) -> str:
         for r in results["sqlite"]:
             out.append(f"| {r['mode']} | {r['recipients']} | {r['batch']} | "
                        f"{fmt(r['messages_per_s'])} | {fmt(r['receipts_per_s'])} |")
+    for name, reason in results.get("skipped", {}).items():
+        out += ["", f"`{name}` has no figures: {reason}."]
     o = get(t, "daemon", "one_to_one", "commits")
     if o:
         out += ["", f"Daemon group commit during 1:1: {o['commits']:.0f} commits, mean batch"
                 f" {o['mean_batch']} writes, mean commit {o['mean_commit_ms']} ms."]
     return "\n".join(out)
+
+
+def socketio_verdict(results: dict[str, Any]) -> str | None:
+    """One line: is the daemon ahead of the python-socketio relay on 1:1 and on fan-out at 100
+    members in this run (the issue's target), with both ratios; None without both targets."""
+    t = results["targets"]
+    pairs = [(get(t, "daemon", "one_to_one"), get(t, "relay-socketio", "one_to_one"),
+              "messages_per_s", "1:1"),
+             (get(t, "daemon", "fanout", "100"), get(t, "relay-socketio", "fanout", "100"),
+              "deliveries_per_s", "fan-out 100")]
+    if not all(d and r for d, r, _, _ in pairs):
+        return None
+    ratios = [(label, d[key] / r[key], d["void"] or r["void"], d.get("noisy") or r.get("noisy"))
+              for d, r, key, label in pairs]
+    if any(void for _, _, void, _ in ratios):
+        answer = "VOID (driver saturated)"
+    else:
+        answer = "yes" if all(x > 1 for _, x, _, _ in ratios) else "no"
+    noisy = " (noisy)" if any(n for *_, n in ratios) else ""
+    detail = ", ".join(f"{label} {x:.2f}x" for label, x, _, _ in ratios)
+    return f"Ahead of python-socketio on 1:1 and fan-out at 100: **{answer}**{noisy} ({detail})."
+
+
+def reference_figures(results: dict[str, Any]) -> list[str]:
+    """The reference relays side by side, with the daemon's figure as a share of each."""
+    t = results["targets"]
+    refs = [n for n in REFERENCES if n in t]
+    out: list[str] = []
+    if refs:
+        out += ["", "### Reference relays (no persistence) and the daemon against each", "",
+                "| reference | 1:1 msg/s | fan-out 100 deliveries/s | server µs/msg (1:1)"
+                " | server µs/delivery (100) | idle KiB/conn | latency p99 ms"
+                " | daemon/reference 1:1 | daemon/reference fan-out 100 |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    d = t.get("daemon", {})
+    for name in refs:
+        res = t[name]
+        o, f = res.get("one_to_one"), get(res, "fanout", "100")
+        st, lt = res.get("storm"), res.get("latency")
+        out.append("| " + " | ".join([
+            name,
+            fmt(o["messages_per_s"]) + mark(o) if o else "-",
+            fmt(f["deliveries_per_s"]) + mark(f) if f else "-",
+            fmt(o["server_cpu_us_per_message"]) if o else "-",
+            fmt(f["server_cpu_us_per_delivery"], 1) if f else "-",
+            fmt(st["kib_per_connection"], 1) if st else "-",
+            fmt(lt["p99_ms"], 2) + mark(lt) if lt else "-",
+            ratio(get(d, "one_to_one", "messages_per_s"), get(res, "one_to_one", "messages_per_s")),
+            ratio(get(d, "fanout", "100", "deliveries_per_s"), get(f, "deliveries_per_s")),
+        ]) + " |")
+    verdict_line = socketio_verdict(results)
+    if verdict_line:
+        out += ["", verdict_line]
+    return out
 
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -1552,8 +1695,13 @@ def main(argv: list[str] | None = None) -> int:
     for c in results["checks"]:
         met = "VOID" if c["void"] else ("met" if c["met"] else "MISSED")
         met += "*" if c.get("noisy") else ""
-        print(f"{c['target']:<40} goal {c['goal']:<10} got {c['value']!s:<10} {met:<7}"
+        print(f"{c['target']:<46} goal {c['goal']:<14} got {c['value']!s:<10} {met:<7}"
               f" ({c['detail']})")
+    verdict_line = socketio_verdict(results)
+    if verdict_line:
+        print(verdict_line.replace("**", ""))
+    for name, reason in results.get("skipped", {}).items():
+        print(f"{name}: no figures: {reason}")
     void = [f"{n}/{k}" for n, res in results["targets"].items() for k, r in flat(res)
             if r.get("void")]
     if void:

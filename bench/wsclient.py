@@ -14,6 +14,10 @@ figure measures the driver. So this client does only what the benchmark needs:
   a value.
 
 Not a general-purpose client: no extensions, no fragmentation, no UTF-8 validation.
+
+:class:`SocketIOConn` speaks Socket.IO v5 over Engine.IO v4's WebSocket transport on the same
+frame code, for the python-socketio reference relay; roles see the same ``{"type":...}`` objects
+from it as from a plain connection.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import re
 import socket
 import struct
 from collections import deque
@@ -33,6 +38,14 @@ ZERO_MASK = b"\x00\x00\x00\x00"
 MAX_HEAD = 65536
 
 CONNECTED = b'{"type":"connected"'
+# Socket.IO packets as Engine.IO MESSAGE packets ("4" + Socket.IO type), one per text frame.
+SIO_OPEN = b"0{"  # Engine.IO OPEN, the server's first frame
+SIO_PING, SIO_PONG = b"2", b"3"  # Engine.IO v4: the server pings, the client answers
+SIO_CONNECT = b"40"  # CONNECT to the main namespace (client: + auth JSON; server: + {"sid":..})
+SIO_CONNECT_ERROR = b"44"
+SIO_EVENT = b'42["'
+SIO_CONNECTED = b'42["connected",'
+FRAME_TYPE = re.compile(rb'\{"type":\s*"([^"]+)"')
 
 
 class HandshakeError(Exception):
@@ -217,6 +230,71 @@ class Conn(asyncio.Protocol):
             self.transport.close()
 
 
+class SocketIOConn(Conn):
+    """A Socket.IO v5 client on Engine.IO v4's WebSocket transport (no polling, no upgrade).
+
+    After the upgrade the server sends Engine.IO OPEN (``0{"sid":..}``); the client answers with
+    CONNECT to the main namespace carrying ``auth`` (``40{"token":..}``); the server accepts with
+    ``40{"sid":..}`` (or refuses with ``44{..}``, a :class:`HandshakeError` with status 401) and
+    the relay emits ``connected``. ``opened`` resolves when both have arrived, in either order.
+
+    Events are ``42["name",{...}]``. Roles are the plain client's: they set ``handler`` and get
+    each event's object (the relay emits the daemon's frame as it, ``type`` first), and
+    :meth:`send` wraps a daemon-shaped frame into an event named by its ``type``. The server's
+    Engine.IO ping ``2`` is answered ``3`` here. Not handled: acks, binary events, namespaces
+    other than ``/``, events with more than one argument.
+    """
+
+    def __init__(self, host: str, port: int, path: str, auth: bytes) -> None:
+        super().__init__(host, port, path)
+        self.auth = auth
+        self.accepted = self.greeted = False
+        self._dispatch = self._packet  # bound once: the frame loop calls ``handler`` per frame
+
+    # The frame loop calls ``self.handler(payload)`` for every text frame once opened; here that
+    # is the Engine.IO/Socket.IO decoder, and what roles assign is the role it calls per event.
+    @property  # type: ignore[override]
+    def handler(self) -> Callable[[bytes], None]:
+        return self._dispatch
+
+    @handler.setter
+    def handler(self, role: Callable[[bytes], None]) -> None:
+        self.role = role
+
+    def send(self, payload: bytes) -> None:
+        """Send a daemon-shaped frame ``{"type":"X",...}`` as the event ``42["X",{...}]``."""
+        match = FRAME_TYPE.match(payload)
+        if match is None:
+            raise ValueError(f"not a typed frame: {payload[:60]!r}")
+        self.write(frame(SIO_EVENT + match.group(1) + b'",' + payload + b"]"))
+
+    def _packet(self, payload: bytes) -> None:
+        if payload.startswith(SIO_EVENT):
+            # '42["name",{...}]' -> '{...}': names are plain words, so the first comma ends it.
+            self.role(payload[payload.find(b",", 4) + 1 : -1])
+        elif payload == SIO_PING:
+            self.write(frame(SIO_PONG))
+
+    def _first(self, payload: bytes) -> None:
+        if payload == SIO_PING:
+            self.write(frame(SIO_PONG))
+        elif payload.startswith(SIO_OPEN):
+            self.write(frame(SIO_CONNECT + self.auth))
+        elif payload.startswith(SIO_CONNECT):
+            self.accepted = True
+        elif payload.startswith(SIO_CONNECTED):
+            self.greeted = True
+        elif payload.startswith(SIO_CONNECT_ERROR):
+            self._fail(401, "CONNECT_ERROR " + payload[2:200].decode("utf-8", "replace"))
+            return
+        else:
+            text = payload[:200].decode("utf-8", "replace")
+            self._fail(101, f"unexpected packet before connected: {text}")
+            return
+        if self.accepted and self.greeted:
+            self.opened.set_result(None)
+
+
 def _header(head: bytes, name: bytes) -> bytes | None:
     """The value of header ``name`` (lower case) in a response head, or None."""
     for line in head.split(b"\r\n")[1:]:
@@ -226,10 +304,12 @@ def _header(head: bytes, name: bytes) -> bytes | None:
     return None
 
 
-async def connect(host: str, port: int, path: str, limit: float) -> Conn:
-    """Open, upgrade, and wait for the server's ``connected`` frame."""
+async def connect(host: str, port: int, path: str, limit: float,
+                  sio_auth: bytes | None = None) -> Conn:
+    """Open, upgrade, and wait for the server's ``connected`` frame. With ``sio_auth``, ``path``
+    is a Socket.IO endpoint and ``sio_auth`` the JSON of the CONNECT packet's auth payload."""
     loop = asyncio.get_running_loop()
-    conn = Conn(host, port, path)
+    conn = Conn(host, port, path) if sio_auth is None else SocketIOConn(host, port, path, sio_auth)
 
     async def run() -> None:
         await loop.create_connection(lambda: conn, host, port)
