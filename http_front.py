@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import h11
 from websockets.asyncio.server import ServerConnection
@@ -190,9 +190,9 @@ class FrontConnection(ServerConnection):
 
     # -- asyncio protocol ------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.raw = transport
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        # A stream transport; not necessarily an asyncio.Transport subclass (uvloop's are not).
+        self.raw = transport = cast(asyncio.Transport, base)
         front = self.front
         if len(front.in_progress) >= front.max_in_progress:
             front.refused += 1

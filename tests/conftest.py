@@ -49,6 +49,7 @@ SQLITE_ONLY = frozenset({
     # routes, the same on either engine (and each run costs a Chromium).
     "test_react", "test_browser_api",
     "test_descriptors",  # starts its own process with a descriptor limit, on SQLite
+    "test_uvloop",  # the event loop, not the engine
 })
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,6 +189,8 @@ class Daemon:
             defaults["database.url"] = self.database_url
         write_config(self.config, {**defaults, **(overrides or {})})
         self.proc: subprocess.Popen[bytes] | None = None
+        # How the daemon is started (a test may run it under another event loop).
+        self.launcher: list[str] = [sys.executable, str(ROOT / "pitchey_ws.py")]
 
     @property
     def postgresql(self) -> bool:
@@ -214,7 +217,7 @@ class Daemon:
             environ.setdefault("PITCHEY_WS_DATABASE_URL", self.database_url)
         log = open(self.log, "ab")  # noqa: SIM115 - handed to the child, closed on stop
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "pitchey_ws.py"), "serve", "--config", str(self.config),
+            [*self.launcher, "serve", "--config", str(self.config),
              "--host", "127.0.0.1", "--port", str(self.port),
              *(() if self.postgresql else ("--db", str(self.db))), *extra],
             stdout=log, stderr=log, env=environ, cwd=self.tmp,
