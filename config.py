@@ -154,7 +154,7 @@ class DeliveryConfig:
 class HttpConfig:
     cors_origins: tuple[str, ...] = ()
     max_header_bytes: int = 16384
-    max_in_progress: int = 1024
+    max_in_progress: int = 4096
     header_timeout_seconds: float = 10
 
 
