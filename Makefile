@@ -50,10 +50,12 @@ bench/node_modules/.package-lock.json: bench/package-lock.json
 	@command -v npm >/dev/null || { echo "npm not found: the Node reference relay (relay-node) will be skipped"; exit 0; }; \
 	cd bench && npm ci --no-audit --no-fund
 
-# Not part of `make test`: ~10-13 minutes, loads both cores. BENCH_ARGS=--quick for a smoke run.
+# Not part of `make test`: ~10-13 minutes, loads both cores. BENCH_ARGS=--quick for a smoke run;
+# then bench/scale.py (databases of 10k, 100k and 1M messages, ~2 minutes; SCALE_ARGS=--sizes ...).
 bench: $(DEV_STAMP) bench/node_modules/.package-lock.json
 	$(PIP) -r bench/requirements.txt
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/scale.py $(SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache client/node_modules bench/node_modules

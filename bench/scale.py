@@ -308,7 +308,7 @@ async def replay_stall(d: Daemon) -> dict[str, Any]:
     conn.abort()
     by.abort()
     return {"alone_p50_ms": ms(statistics.median(alone)), "during_max_ms": ms(max(during)),
-            "during_pings": len(during)}
+            "during_p50_ms": ms(statistics.median(during)), "during_pings": len(during)}
 
 
 async def timed(conn: wsclient.Conn, frame: bytes, prefix: bytes) -> float:
@@ -410,7 +410,37 @@ def main() -> int:
             print(json.dumps(results[f"{target}@{size}"]), flush=True)
     run.OUT.mkdir(exist_ok=True)
     (run.OUT / "scale.json").write_text(json.dumps(results, indent=1))
+    for target in args.targets.split(","):
+        print(report(results, target, sizes))
     return 0
+
+
+def report(results: dict[str, Any], target: str, sizes: list[int]) -> str:
+    """The issue's targets as ratios within this run: the biggest size against the smallest,
+    and each bystander against itself alone."""
+    small, big = results[f"{target}@{min(sizes)}"], results[f"{target}@{max(sizes)}"]
+    rows: list[tuple[str, str, float, float]] = [
+        ("connect to first frame, 1,000 undelivered", "<= 1.5",
+         big["connect"]["first_frame_ms"], small["connect"]["first_frame_ms"]),
+        ("300-user reconnect storm", "<= 1.5", big["storm"]["all_ms"], small["storm"]["all_ms"]),
+        ("bystander ping: max during a 1,000-frame replay vs alone", "<= 5",
+         big["stall"]["during_max_ms"], big["stall"]["alone_p50_ms"]),
+    ]
+    if "sync" in big:
+        sync = big["sync"]
+        rows += [("sync from 0, 100k vs 1k history", "<= 2", sync["sync_big_ms"],
+                  sync["sync_small_ms"]),
+                 ("join beside the sync vs alone", "< 2", sync["join_during_sync_ms"],
+                  sync["join_alone_ms"])]
+    lines = [f"\n{target}: sizes {min(sizes):,} and {max(sizes):,}",
+             "| target | goal | measured | ratio | met |", "|---|---|---|---|---|"]
+    for name, goal, a, b in rows:
+        ratio = a / b if b else float("inf")
+        bound = float(goal.split()[-1])
+        met = ratio <= bound if goal.startswith("<=") else ratio < bound
+        verdict = "yes" if met else "no"
+        lines.append(f"| {name} | {goal}x | {a} / {b} ms | {ratio:.2f}x | {verdict} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
