@@ -546,21 +546,31 @@ class SqliteStore:
         """Rows of one query; ``factory`` builds each row's object on the reader's thread (a
         replay's 1,000 rows built here cost the event loop a millisecond)."""
         async with self._reading(long) as reader:
-            if factory is None:
-                return await self._fetch_on(reader, sql, params)
+            return await self._fetch_on(reader, sql, params, long, factory)
+
+    async def _fetch_on(self, reader: aiosqlite.Connection, sql: str, params: Params = (),
+                        chunked: bool = False, factory: Callable[[Any], Any] | None = None,
+                        ) -> list[Any]:
+        """All rows of one query, on a reader the caller holds. ``chunked`` (long reads): in
+        hand-offs of READ_CHUNK rows, so the reader's thread, which holds the GIL while it
+        builds rows, lets the event loop run between them instead of for a whole 1,000-row
+        replay. ``factory`` builds each row's object on the reader's thread."""
+        if factory is not None:
             # aiosqlite annotates it as a class; sqlite3 takes any callable (cursor, row).
             reader.row_factory = lambda _cursor, row: factory(row)  # type: ignore[assignment]
-            try:
-                return await self._fetch_on(reader, sql, params)
-            finally:
-                reader.row_factory = None
-
-    async def _fetch_on(self, reader: aiosqlite.Connection, sql: str, params: Params = ()
-                        ) -> list[Any]:
         try:
-            return list(await reader.execute_fetchall(sql, params))
+            if not chunked:
+                return list(await reader.execute_fetchall(sql, params))
+            rows: list[Any] = []
+            async with reader.execute(sql, params) as cursor:
+                while chunk := await cursor.fetchmany(READ_CHUNK):
+                    rows.extend(chunk)
+            return rows
         except sqlite3.Error as exc:
             raise self._noted(_store_error(exc)) from exc
+        finally:
+            if factory is not None:
+                reader.row_factory = None
 
     async def setting(self, key: str) -> str | None:
         rows = await self._fetch("SELECT value FROM settings WHERE key = ?", (key,))
@@ -795,11 +805,11 @@ class SqliteStore:
                         below = found[limit]
                 rows = await self._fetch_on(
                     reader, _MESSAGE_SELECT + " WHERE m.id IN (SELECT value FROM json_each(?))"
-                    " ORDER BY m.id", (dumps(found),),
+                    " ORDER BY m.id", (dumps(found),), chunked=True, factory=_message,
                 ) if found else []
             finally:
                 await self._fetch_on(reader, "COMMIT")
-        return [_message(r) for r in rows[:limit]], len(rows) > limit
+        return rows[:limit], len(rows) > limit
 
     # -- durable events --------------------------------------------------------------------
 
@@ -1225,6 +1235,10 @@ class SqliteStore:
 
 
 _Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
+
+
+# Rows a long read hands over from the reader's thread at a time (see _fetch_on).
+READ_CHUNK = 100
 
 
 def _writer_thread(jobs: queue.SimpleQueue[_Job | None]) -> None:

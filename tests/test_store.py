@@ -336,3 +336,16 @@ async def test_pending_orders_by_queue_time_when_ids_disagree(
         NewMessage(1, 10, None, [20], "later", "text", [], None, None, None, late))
     assert [e.message.id for e in await store.pending(20, 10)  # type: ignore[union-attr]
             ] == [second, first, third]
+
+
+async def test_long_reads_cross_chunk_boundaries(store: engine.SqliteStore) -> None:
+    """pending and since hand rows over READ_CHUNK at a time: every row arrives, in order,
+    and the limit still holds."""
+    await store.create_conversation(10, [10, 20], None, None, None, NOW)
+    count = engine.READ_CHUNK * 2 + 7
+    ids = [await store.add_message(message(1, 10, [20])) for _ in range(count)]
+    pending = await store.pending(20, count + 10)
+    assert [e.message.id for e in pending] == ids  # type: ignore[union-attr]
+    assert len(await store.pending(20, engine.READ_CHUNK + 1)) == engine.READ_CHUNK + 1
+    rows, has_more = await store.since(20, 0, count - 1)
+    assert [r.id for r in rows] == ids[:-1] and has_more
