@@ -223,7 +223,15 @@ class Daemon:
             stdout=log, stderr=log, env=environ, cwd=self.tmp,
         )
         log.close()
-        self.wait_healthy()
+        try:
+            self.wait_healthy()
+        except BaseException:
+            # Not left running when it never became healthy (a fixture's teardown may not run).
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+            raise
 
     def wait_healthy(self) -> None:
         deadline = time.monotonic() + 10 * SCALE

@@ -28,11 +28,12 @@ def uvloop_daemon(tmp_path: Path) -> Iterator[Daemon]:
     d = Daemon(tmp_path)
     boot = BOOT.format(path=str(ROOT / "pitchey_ws.py"), root=str(ROOT))
     d.launcher = [sys.executable, "-c", boot]
-    d.start()
     try:
+        d.start()
         yield d
     finally:
-        d.stop()
+        if d.proc is not None:  # also when it never became healthy
+            d.stop()
 
 
 async def test_http_and_websocket_under_uvloop(uvloop_daemon: Daemon) -> None:
