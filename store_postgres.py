@@ -27,16 +27,24 @@ own, created by numbered migrations (``ws_schema_version``):
   notification of a comment carries its id); a failed write leaves a gap.
 
 **Writes.** One task, the write loop, owns one connection and commits everything queued in
-one transaction (group commit); each caller's future resolves after COMMIT. Within a batch,
-statements are grouped by SQL text (one ``executemany`` each), INSERTs first in foreign-key
-order (``_PARENTS_FIRST``). When a batch fails it runs again as one transaction with a
+one transaction (group commit); each caller's future resolves after COMMIT. The costs that
+grow with a batch are PostgreSQL's per-row work, not statements or round trips: all the
+batch's messages are one statement (``_INSERT_MESSAGES``: arrays, one per column, through
+``unnest``), and a ``record_deliveries`` call is one statement (``_DELIVERED``). The send
+path's usual batch, messages and delivery records only, is a single statement run on its
+own (``_MESSAGES_AND_DELIVERED``), which is its own transaction: one round trip, answered
+after the commit. Any other batch runs in BEGIN ... COMMIT, its statements grouped by SQL
+text (one ``executemany`` each), INSERTs first in foreign-key order (``_PARENTS_FIRST``),
+the messages at their rank. When a batch fails it runs again as one transaction with a
 savepoint per write: the bad write fails alone.
 
 **Ids.** Message and conversation ids come from the tables' own sequences, taken inside the
-batch's transaction after ``pg_advisory_xact_lock(_ID_LOCK)``: a transaction that takes ids
-waits until every earlier one that took ids has committed or rolled back, so ids become
-visible in increasing order even with several daemons on one database. (Rows the app inserts
-itself do not take this lock; the app does not insert messages while pitchey-ws runs.)
+batch's transaction after ``pg_advisory_xact_lock(_ID_LOCK)`` (for messages, inside the
+message statement, ahead of the first ``nextval``: ``_MESSAGE_CTES`` says how): a
+transaction that takes ids waits until every earlier one that took ids has committed or
+rolled back, so ids become visible in increasing order even with several daemons on one
+database. (Rows the app inserts itself do not take this lock; the app does not insert
+messages while pitchey-ws runs.)
 
 **Errors.** asyncpg's errors become the store's: a repeated request id is DuplicateRequest,
 other constraint failures ConstraintViolation; a lost connection, a full disk, a read-only or
@@ -53,7 +61,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -651,7 +659,12 @@ class PostgresStore:
         raise AssertionError("unreachable")
 
     async def _connection(self) -> asyncpg.Connection:
-        """The writer's connection, connected again after a loss."""
+        """The writer's connection, connected again after a loss (or when a failure left it
+        inside a transaction: a batch may run as one statement outside any)."""
+        if self._writer is not None and not self._writer.is_closed() and (
+            self._writer.is_in_transaction()
+        ):
+            self._writer.terminate()
         if self._writer is None or self._writer.is_closed():
             if self._writer is not None:
                 self._writer.terminate()
@@ -676,10 +689,10 @@ class PostgresStore:
     async def _insert_messages(self, conn: asyncpg.Connection, writes: Sequence[_Write]) -> None:
         """The writes' messages, one statement for all of them; each write's message_id."""
         messages = [w.message for w in writes if w.message is not None]
-        rows = await conn.fetch(_INSERT_MESSAGES, *_message_columns(messages),
-                                self._message_seq)
-        for write, row in zip(writes, rows, strict=True):
-            write.message_id = row[0]
+        ids = await conn.fetchval(_INSERT_MESSAGES, *_message_columns(messages),
+                                  self._message_seq)
+        for write, message_id in zip(writes, ids, strict=True):
+            write.message_id = message_id
 
     async def _run(self, conn: asyncpg.Connection, writes: Sequence[_Write]) -> None:
         """The writes' statements in foreign-key order (``_rank_of``): each SQL text once,
@@ -706,28 +719,56 @@ class PostgresStore:
         if all(w.empty for w in writes):
             return False
         conn = await self._connection()
-        locked = any(w.message is not None for w in writes)
-        async with _transaction(conn, take_id_lock=locked):
-            await self._run(conn, writes)
+        if all(sql == _DELIVERED for w in writes for sql, _ in w.statements):
+            await self._commit_alone(conn, writes)
+        else:
+            async with conn.transaction():
+                await self._run(conn, writes)
         return True
+
+    async def _commit_alone(self, conn: asyncpg.Connection, writes: Sequence[_Write]) -> None:
+        """A batch of messages and delivery records only, the send path's usual batch: one
+        statement, which is its own transaction (no BEGIN, no COMMIT: one round trip, and
+        its answer comes after the commit)."""
+        message_ids: list[int] = []
+        user_ids: list[int] = []
+        times: list[str] = []
+        for write in writes:
+            for _, (mids, uids, ats) in write.statements:
+                message_ids.extend(mids)
+                user_ids.extend(uids)
+                times.extend(ats)
+        takers = [w for w in writes if w.message is not None]
+        if not takers:
+            await conn.execute(_DELIVERED, message_ids, user_ids, times)
+            return
+        params = [*_message_columns([w.message for w in takers if w.message is not None]),
+                  self._message_seq]
+        if message_ids:
+            ids = await conn.fetchval(_MESSAGES_AND_DELIVERED, *params, message_ids, user_ids,
+                                      times)
+        else:
+            ids = await conn.fetchval(_INSERT_MESSAGES, *params)
+        for write, message_id in zip(takers, ids, strict=True):
+            write.message_id = message_id
 
     async def _savepoint_commit(self, writes: Sequence[_Write]) -> list[Exception | None]:
         """One transaction, one savepoint per write; each write's error (None: committed)."""
         errors: list[Exception | None] = []
         conn = await self._connection()
-        locked = any(w.message is not None for w in writes)
-        async with _transaction(conn, take_id_lock=locked):
+        async with conn.transaction():
+            if any(w.message is not None for w in writes):
+                # Before any write's ids (each message statement takes it again, a no-op).
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _ID_LOCK)
             for write in writes:
-                await conn.execute("SAVEPOINT one_write")
                 try:
-                    await self._run(conn, [write])
+                    async with conn.transaction():
+                        await self._run(conn, [write])
                 except asyncpg.PostgresError as exc:
                     if isinstance(_store_error(exc), Unavailable | Corrupt):
                         raise
-                    await conn.execute("ROLLBACK TO SAVEPOINT one_write")
                     errors.append(exc)
                 else:
-                    await conn.execute("RELEASE SAVEPOINT one_write")
                     errors.append(None)
         return errors
 
@@ -1065,7 +1106,7 @@ class PostgresStore:
         delivered = [(m, u) for m, user_ids in messages.items() for u in user_ids]
         if delivered:
             message_ids, user_ids = zip(*delivered, strict=True)
-            write.add(_DELIVERED, (message_ids, user_ids, now))
+            write.add(_DELIVERED, (message_ids, user_ids, [now] * len(delivered)))
         if reads:
             write.add(_READ_NOTICES_SENT, tuple(zip(*reads, strict=True)))
         return self._submit(write)
@@ -1550,34 +1591,6 @@ def _log_failure(future: asyncio.Future[None]) -> None:
         log.error("background write failed", exc_info=exc)
 
 
-# The first round trip of a batch that writes messages: the id lock comes before any id is
-# taken (one simple query, two statements; the lock key is a constant, no parameter).
-_BEGIN_TAKING_IDS = f"BEGIN; SELECT pg_advisory_xact_lock({_ID_LOCK})"
-
-
-@contextlib.asynccontextmanager
-async def _transaction(conn: asyncpg.Connection, *, take_id_lock: bool) -> AsyncIterator[None]:
-    """BEGIN (and the id lock), COMMIT when the body returns, ROLLBACK when it raises. By
-    hand rather than ``conn.transaction()``: the lock rides on BEGIN's round trip. A
-    connection the rollback cannot clean (a cancelled query, a lost link) is terminated, and
-    the writer connects again for the next batch."""
-    try:
-        await conn.execute(_BEGIN_TAKING_IDS if take_id_lock else "BEGIN")
-        yield
-        await conn.execute("COMMIT")
-    except BaseException as exc:
-        if not conn.is_closed():
-            if isinstance(exc, Exception):
-                try:
-                    if conn.is_in_transaction():
-                        await conn.execute("ROLLBACK")
-                except Exception:
-                    conn.terminate()
-            else:
-                conn.terminate()
-        raise
-
-
 # A message as MessageRow, with the app's nullable columns given the daemon's defaults.
 _MESSAGE_SELECT = (
     "SELECT m.id, m.conversation_id, m.sender_id, su.username, m.content,"
@@ -1640,15 +1653,21 @@ _INSERT_DIRECT = (
     " VALUES ($1, $2, $3)"
 )
 # Delivered: the ws_undelivered rows of ($1[i], $2[i]) (message, recipient) go, and the
-# receipts are written with the real time: one statement for a whole record_deliveries call.
-_DELIVERED = (
-    "WITH d AS (DELETE FROM ws_undelivered u"
-    " USING unnest($1::integer[], $2::integer[]) AS x(message_id, user_id)"
+# receipts are written with the real time $3[i]: one statement for a record_deliveries call.
+# The CTE is numbered from its first parameter (it follows the messages' in
+# _MESSAGES_AND_DELIVERED).
+_GONE = (
+    "gone AS (DELETE FROM ws_undelivered u"
+    " USING unnest(${0}::integer[], ${1}::integer[], ${2}::text[]) AS x(message_id, user_id, at)"
     " WHERE u.message_id = x.message_id AND u.user_id = x.user_id"
-    " RETURNING u.message_id, u.user_id)"
-    " INSERT INTO message_read_receipts (message_id, user_id, delivered_at)"
-    " SELECT message_id, user_id, $3 FROM d ON CONFLICT (message_id, user_id) DO NOTHING"
+    " RETURNING u.message_id, u.user_id, x.at)"
 )
+_RECEIPTS = (
+    "INSERT INTO message_read_receipts (message_id, user_id, delivered_at)"
+    " SELECT message_id, user_id, at::timestamp FROM gone"
+    " ON CONFLICT (message_id, user_id) DO NOTHING"
+)
+_DELIVERED = f"WITH {_GONE.format(1, 2, 3)} {_RECEIPTS}"
 _READ_NOTICES_SENT = (
     "DELETE FROM ws_read_notices n"
     " USING unnest($1::integer[], $2::integer[]) AS x(message_id, reader_id)"
@@ -1673,21 +1692,28 @@ _MARK_MESSAGE_READ = (
 
 
 # A batch's messages, one statement whatever their number ($1..$10: a column each, in batch
-# order; $11/$12 one (message's position, user) per recipient; $13 the messages sequence).
-# Inside the transaction that took the id lock first (_BEGIN_TAKING_IDS): the ids, ascending
-# in batch order; the rows; their request ids; one undelivered row per recipient; and each
-# conversation's last_message_at, from its last message in the batch. Returns the ids in
-# batch order.
-_INSERT_MESSAGES = """
-WITH given AS MATERIALIZED (
+# order; $11/$12 one (message's position, user) per recipient; $13 the messages sequence):
+# the id lock, then the ids, ascending in batch order; the rows; their request ids; one
+# undelivered row per recipient; and each conversation's last_message_at, from its last
+# message in the batch. Returns the ids in batch order, as one array.
+#
+# The lock comes before the first id: nextval is computed on the rows of "given CROSS JOIN
+# locked", and no such row exists before "locked" has produced its one row, that is before
+# pg_advisory_xact_lock returned. The lock is held until the transaction ends, so ids become
+# visible in increasing order across daemons (taking it again in a transaction that holds it
+# is a no-op).
+_MESSAGE_CTES = f"""
+given AS MATERIALIZED (
     SELECT * FROM unnest($1::integer[], $2::integer[], $3::integer[], $4::integer[],
                          $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],
                          $10::text[])
         WITH ORDINALITY AS g(conversation_id, sender_id, receiver_id, pitch_id, subject,
                              content, message_type, attachments, sent_at, request_id, n)
+), locked AS MATERIALIZED (
+    SELECT pg_advisory_xact_lock({_ID_LOCK}) IS NULL AS never
 ), ids AS MATERIALIZED (
     SELECT row_number() OVER (ORDER BY id) AS n, id
-    FROM (SELECT nextval($13::regclass) AS id FROM given) taken
+    FROM (SELECT nextval($13::regclass) AS id FROM given CROSS JOIN locked) taken
 ), stored AS (
     INSERT INTO messages (id, conversation_id, sender_id, receiver_id, pitch_id, subject,
                           content, message_type, attachments, sent_at, is_read, is_edited,
@@ -1709,9 +1735,15 @@ WITH given AS MATERIALIZED (
     FROM (SELECT DISTINCT ON (conversation_id) conversation_id, sent_at::timestamp AS sent_at
           FROM given ORDER BY conversation_id, n DESC) l
     WHERE c.id = l.conversation_id
+)"""
+_INSERT_MESSAGES = f"WITH {_MESSAGE_CTES} SELECT array_agg(id ORDER BY n) FROM ids"
+# The send path's usual batch: its messages and the delivery records of earlier ones
+# ($14..$16, as _DELIVERED's $1..$3). A delivery concerns a committed message, never one of
+# this statement's, so the two parts touch different rows.
+_MESSAGES_AND_DELIVERED = (
+    f"WITH {_MESSAGE_CTES}, {_GONE.format(14, 15, 16)}, receipts AS ({_RECEIPTS})"
+    " SELECT array_agg(id ORDER BY n) FROM ids"
 )
-SELECT id FROM ids ORDER BY n
-"""
 
 
 def _message_columns(messages: Sequence[NewMessage]) -> list[Sequence[Any]]:
