@@ -136,6 +136,10 @@ TARGETS = {
                            about="driver sends no requestId"),
     "daemon@base": Target("daemon", root_env="PITCHEY_BENCH_BASE",
                           about="pitchey_ws.py of the checkout in $PITCHEY_BENCH_BASE"),
+    "daemon+postgres@base": Target("daemon", postgres=True, root_env="PITCHEY_BENCH_BASE",
+                                   scenarios=("one_to_one", "latency", "fanout"),
+                                   about="daemon+postgres, pitchey_ws.py of the checkout in"
+                                         " $PITCHEY_BENCH_BASE"),
 }
 DEFAULT_TARGETS = ["daemon", "relay", "daemon+uvloop", "daemon+stdjson", "daemon+normal"]
 SCENARIOS = ["storm", "one_to_one", "latency", "fanout"]
