@@ -1697,11 +1697,11 @@ _MARK_MESSAGE_READ = (
 # undelivered row per recipient; and each conversation's last_message_at, from its last
 # message in the batch. Returns the ids in batch order, as one array.
 #
-# The lock comes before the first id: nextval is computed on the rows of "given CROSS JOIN
-# locked", and no such row exists before "locked" has produced its one row, that is before
-# pg_advisory_xact_lock returned. The lock is held until the transaction ends, so ids become
-# visible in increasing order across daemons (taking it again in a transaction that holds it
-# is a no-op).
+# The lock comes before the first id whatever the plan: nextval's argument reads the row of
+# "locked" (its one column is always false, so the argument is always $13), and that row
+# exists only once pg_advisory_xact_lock has returned. The lock is held until the transaction
+# ends, so ids become visible in increasing order across daemons (taking it again in a
+# transaction that holds it is a no-op).
 _MESSAGE_CTES = f"""
 given AS MATERIALIZED (
     SELECT * FROM unnest($1::integer[], $2::integer[], $3::integer[], $4::integer[],
@@ -1713,7 +1713,8 @@ given AS MATERIALIZED (
     SELECT pg_advisory_xact_lock({_ID_LOCK}) IS NULL AS never
 ), ids AS MATERIALIZED (
     SELECT row_number() OVER (ORDER BY id) AS n, id
-    FROM (SELECT nextval($13::regclass) AS id FROM given CROSS JOIN locked) taken
+    FROM (SELECT nextval(CASE WHEN locked.never THEN NULL ELSE $13::regclass END) AS id
+          FROM given CROSS JOIN locked) taken
 ), stored AS (
     INSERT INTO messages (id, conversation_id, sender_id, receiver_id, pitch_id, subject,
                           content, message_type, attachments, sent_at, is_read, is_edited,
