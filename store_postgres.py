@@ -27,16 +27,24 @@ own, created by numbered migrations (``ws_schema_version``):
   notification of a comment carries its id); a failed write leaves a gap.
 
 **Writes.** One task, the write loop, owns one connection and commits everything queued in
-one transaction (group commit); each caller's future resolves after COMMIT. Within a batch,
-statements are grouped by SQL text (one ``executemany`` each), INSERTs first in foreign-key
-order (``_PARENTS_FIRST``). When a batch fails it runs again as one transaction with a
+one transaction (group commit); each caller's future resolves after COMMIT. The costs that
+grow with a batch are PostgreSQL's per-row work, not statements or round trips: all the
+batch's messages are one statement (``_INSERT_MESSAGES``: arrays, one per column, through
+``unnest``), and a ``record_deliveries`` call is one statement (``_DELIVERED``). The send
+path's usual batch, messages and delivery records only, is a single statement run on its
+own (``_MESSAGES_AND_DELIVERED``), which is its own transaction: one round trip, answered
+after the commit. Any other batch runs in BEGIN ... COMMIT, its statements grouped by SQL
+text (one ``executemany`` each), INSERTs first in foreign-key order (``_PARENTS_FIRST``),
+the messages at their rank. When a batch fails it runs again as one transaction with a
 savepoint per write: the bad write fails alone.
 
 **Ids.** Message and conversation ids come from the tables' own sequences, taken inside the
-batch's transaction after ``pg_advisory_xact_lock(_ID_LOCK)``: a transaction that takes ids
-waits until every earlier one that took ids has committed or rolled back, so ids become
-visible in increasing order even with several daemons on one database. (Rows the app inserts
-itself do not take this lock; the app does not insert messages while pitchey-ws runs.)
+batch's transaction after ``pg_advisory_xact_lock(_ID_LOCK)`` (for messages, inside the
+message statement, ahead of the first ``nextval``: ``_MESSAGE_CTES`` says how): a
+transaction that takes ids waits until every earlier one that took ids has committed or
+rolled back, so ids become visible in increasing order even with several daemons on one
+database. (Rows the app inserts itself do not take this lock; the app does not insert
+messages while pitchey-ws runs.)
 
 **Errors.** asyncpg's errors become the store's: a repeated request id is DuplicateRequest,
 other constraint failures ConstraintViolation; a lost connection, a full disk, a read-only or
@@ -117,18 +125,19 @@ class _Id:
         return f"<{self.name}>"
 
 
-MESSAGE_ID = _Id("message id")
 CONVERSATION_ID = _Id("conversation id")
 
 
 @dataclass
 class _Write:
-    """Statements that commit together. A parameter that is MESSAGE_ID or CONVERSATION_ID
-    is replaced by an id from the table's sequence in the batch's transaction; the ids
-    taken are left in ``message_id`` / ``conversation_id`` once the write committed."""
+    """What commits together: statements, and at most one message. A statement parameter
+    that is CONVERSATION_ID is replaced by an id from the conversations sequence in the
+    batch's transaction. A message is not a statement of its own: the batch's messages are
+    written by one statement (``_INSERT_MESSAGES``). The ids taken are left in
+    ``message_id`` / ``conversation_id`` once the write committed."""
 
     statements: list[tuple[str, Params]] = field(default_factory=list)
-    takes_message_id: bool = False
+    message: NewMessage | None = None
     takes_conversation_id: bool = False
     message_id: int | None = None
     conversation_id: int | None = None
@@ -137,10 +146,16 @@ class _Write:
         self.statements.append((sql, params))
         return self
 
+    @property
+    def empty(self) -> bool:
+        return not self.statements and self.message is None
+
     def bound(self) -> list[tuple[str, Params]]:
-        ids = {MESSAGE_ID: self.message_id, CONVERSATION_ID: self.conversation_id}
+        if not self.takes_conversation_id:
+            return self.statements
+        cid = self.conversation_id
         return [
-            (sql, tuple(ids[p] if isinstance(p, _Id) else p for p in params))
+            (sql, tuple(cid if p is CONVERSATION_ID else p for p in params))
             for sql, params in self.statements
         ]
 
@@ -644,7 +659,12 @@ class PostgresStore:
         raise AssertionError("unreachable")
 
     async def _connection(self) -> asyncpg.Connection:
-        """The writer's connection, connected again after a loss."""
+        """The writer's connection, connected again after a loss (or when a failure left it
+        inside a transaction: a batch may run as one statement outside any)."""
+        if self._writer is not None and not self._writer.is_closed() and (
+            self._writer.is_in_transaction()
+        ):
+            self._writer.terminate()
         if self._writer is None or self._writer.is_closed():
             if self._writer is not None:
                 self._writer.terminate()
@@ -652,55 +672,98 @@ class PostgresStore:
             self._writer = await self._connect()
         return self._writer
 
-    async def _take_ids(self, conn: asyncpg.Connection, writes: Sequence[_Write]) -> None:
-        """Give each write the ids it takes, in batch order, under the id lock."""
-        messages = [w for w in writes if w.takes_message_id]
-        conversations = [w for w in writes if w.takes_conversation_id]
+    async def _take_conversation_ids(
+        self, conn: asyncpg.Connection, writes: Sequence[_Write]
+    ) -> None:
+        """Give each write that takes a conversation id one, ascending in batch order."""
+        takers = [w for w in writes if w.takes_conversation_id]
+        if not takers:
+            return
+        ids = sorted(r[0] for r in await conn.fetch(
+            "SELECT nextval($1::regclass) FROM generate_series(1, $2)",
+            self._conversation_seq, len(takers),
+        ))
+        for write, value in zip(takers, ids, strict=True):
+            write.conversation_id = value
+
+    async def _insert_messages(self, conn: asyncpg.Connection, writes: Sequence[_Write]) -> None:
+        """The writes' messages, one statement for all of them; each write's message_id."""
+        messages = [w.message for w in writes if w.message is not None]
+        ids = await conn.fetchval(_INSERT_MESSAGES, *_message_columns(messages),
+                                  self._message_seq)
+        for write, message_id in zip(writes, ids, strict=True):
+            write.message_id = message_id
+
+    async def _run(self, conn: asyncpg.Connection, writes: Sequence[_Write]) -> None:
+        """The writes' statements in foreign-key order (``_rank_of``): each SQL text once,
+        as ``executemany`` when several writes share it, and the messages at their rank."""
+        await self._take_conversation_ids(conn, writes)
+        grouped: dict[str, list[Params]] = {}
+        for write in writes:
+            for sql, params in write.bound():
+                grouped.setdefault(sql, []).append(params)
+        messages = [w for w in writes if w.message is not None]
+        for sql, rows in sorted(grouped.items(), key=lambda g: _rank_of(g[0])):
+            if messages and _rank_of(sql) > _MESSAGES_RANK:
+                await self._insert_messages(conn, messages)
+                messages = []
+            if len(rows) == 1:
+                await conn.execute(sql, *rows[0])
+            else:
+                await conn.executemany(sql, rows)
         if messages:
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _ID_LOCK)
-        for takers, sequence, attr in ((conversations, self._conversation_seq,
-                                        "conversation_id"),
-                                       (messages, self._message_seq, "message_id")):
-            if not takers:
-                continue
-            ids = sorted(r[0] for r in await conn.fetch(
-                "SELECT nextval($1::regclass) FROM generate_series(1, $2)",
-                sequence, len(takers),
-            ))
-            for write, value in zip(takers, ids, strict=True):
-                setattr(write, attr, value)
+            await self._insert_messages(conn, messages)
 
     async def _commit(self, writes: Sequence[_Write]) -> bool:
-        """Commit the writes as one transaction; False when they held no statement."""
-        if not any(w.statements for w in writes):
+        """Commit the writes as one transaction; False when they held nothing to write."""
+        if all(w.empty for w in writes):
             return False
         conn = await self._connection()
-        async with conn.transaction():
-            await self._take_ids(conn, writes)
-            grouped: dict[str, list[Params]] = {}
-            for write in writes:
-                for sql, params in write.bound():
-                    grouped.setdefault(sql, []).append(params)
-            for sql, rows in sorted(grouped.items(), key=lambda g: _rank_of(g[0])):
-                if len(rows) == 1:
-                    await conn.execute(sql, *rows[0])
-                else:
-                    await conn.executemany(sql, rows)
+        if all(sql == _DELIVERED for w in writes for sql, _ in w.statements):
+            await self._commit_alone(conn, writes)
+        else:
+            async with conn.transaction():
+                await self._run(conn, writes)
         return True
+
+    async def _commit_alone(self, conn: asyncpg.Connection, writes: Sequence[_Write]) -> None:
+        """A batch of messages and delivery records only, the send path's usual batch: one
+        statement, which is its own transaction (no BEGIN, no COMMIT: one round trip, and
+        its answer comes after the commit)."""
+        message_ids: list[int] = []
+        user_ids: list[int] = []
+        times: list[str] = []
+        for write in writes:
+            for _, (mids, uids, ats) in write.statements:
+                message_ids.extend(mids)
+                user_ids.extend(uids)
+                times.extend(ats)
+        takers = [w for w in writes if w.message is not None]
+        if not takers:
+            await conn.execute(_DELIVERED, message_ids, user_ids, times)
+            return
+        params = [*_message_columns([w.message for w in takers if w.message is not None]),
+                  self._message_seq]
+        if message_ids:
+            ids = await conn.fetchval(_MESSAGES_AND_DELIVERED, *params, message_ids, user_ids,
+                                      times)
+        else:
+            ids = await conn.fetchval(_INSERT_MESSAGES, *params)
+        for write, message_id in zip(takers, ids, strict=True):
+            write.message_id = message_id
 
     async def _savepoint_commit(self, writes: Sequence[_Write]) -> list[Exception | None]:
         """One transaction, one savepoint per write; each write's error (None: committed)."""
         errors: list[Exception | None] = []
         conn = await self._connection()
         async with conn.transaction():
-            if any(w.takes_message_id for w in writes):
+            if any(w.message is not None for w in writes):
+                # Before any write's ids (each message statement takes it again, a no-op).
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _ID_LOCK)
             for write in writes:
                 try:
                     async with conn.transaction():
-                        await self._take_ids(conn, [write])
-                        for sql, params in sorted(write.bound(), key=lambda s: _rank_of(s[0])):
-                            await conn.execute(sql, *params)
+                        await self._run(conn, [write])
                 except asyncpg.PostgresError as exc:
                     if isinstance(_store_error(exc), Unavailable | Corrupt):
                         raise
@@ -922,7 +985,7 @@ class PostgresStore:
     # -- messages --------------------------------------------------------------------------
 
     async def add_message(self, message: NewMessage) -> int:
-        write = _insert_message(message)
+        write = _Write(message=message)
         await self._submit(write)
         assert write.message_id is not None
         return write.message_id
@@ -1040,13 +1103,12 @@ class PostgresStore:
                 " AND id = ANY($2::bigint[])",
                 (now, list(notifications)),
             )
-        for message_id, user_ids in messages.items():
-            write.add(_DELIVERED, (message_id, list(user_ids), now))
-        for message_id, reader_id in reads:
-            write.add(
-                "DELETE FROM ws_read_notices WHERE message_id = $1 AND reader_id = $2",
-                (message_id, reader_id),
-            )
+        delivered = [(m, u) for m, user_ids in messages.items() for u in user_ids]
+        if delivered:
+            message_ids, user_ids = zip(*delivered, strict=True)
+            write.add(_DELIVERED, (message_ids, user_ids, [now] * len(delivered)))
+        if reads:
+            write.add(_READ_NOTICES_SENT, tuple(zip(*reads, strict=True)))
         return self._submit(write)
 
     # -- typing ----------------------------------------------------------------------------
@@ -1463,6 +1525,7 @@ _PARENTS_FIRST = ("users", "ws_users", "conversations", "conversation_participan
                   "pitch_views", "ws_pitch_likes", "ws_pitch_comments", "ws_notifications",
                   "ws_publish_requests")
 _INSERT_INTO = re.compile(r"INSERT INTO (\w+)")
+_MESSAGES_RANK = _PARENTS_FIRST.index("messages")  # where a batch's messages are written
 
 
 @functools.lru_cache(maxsize=256)
@@ -1589,13 +1652,26 @@ _INSERT_DIRECT = (
     "INSERT INTO ws_direct_conversations (user_low, user_high, conversation_id)"
     " VALUES ($1, $2, $3)"
 )
-# Delivered: the ws_undelivered rows go, and the receipts are written with the real time
-# (one statement whatever the number of recipients).
-_DELIVERED = (
-    "WITH d AS (DELETE FROM ws_undelivered WHERE message_id = $1"
-    " AND user_id = ANY($2::integer[]) RETURNING user_id)"
-    " INSERT INTO message_read_receipts (message_id, user_id, delivered_at)"
-    " SELECT $1, user_id, $3 FROM d ON CONFLICT (message_id, user_id) DO NOTHING"
+# Delivered: the ws_undelivered rows of ($1[i], $2[i]) (message, recipient) go, and the
+# receipts are written with the real time $3[i]: one statement for a record_deliveries call.
+# The CTE is numbered from its first parameter (it follows the messages' in
+# _MESSAGES_AND_DELIVERED).
+_GONE = (
+    "gone AS (DELETE FROM ws_undelivered u"
+    " USING unnest(${0}::integer[], ${1}::integer[], ${2}::text[]) AS x(message_id, user_id, at)"
+    " WHERE u.message_id = x.message_id AND u.user_id = x.user_id"
+    " RETURNING u.message_id, u.user_id, x.at)"
+)
+_RECEIPTS = (
+    "INSERT INTO message_read_receipts (message_id, user_id, delivered_at)"
+    " SELECT message_id, user_id, at::timestamp FROM gone"
+    " ON CONFLICT (message_id, user_id) DO NOTHING"
+)
+_DELIVERED = f"WITH {_GONE.format(1, 2, 3)} {_RECEIPTS}"
+_READ_NOTICES_SENT = (
+    "DELETE FROM ws_read_notices n"
+    " USING unnest($1::integer[], $2::integer[]) AS x(message_id, reader_id)"
+    " WHERE n.message_id = x.message_id AND n.reader_id = x.reader_id"
 )
 # Read: the receipt (written now if the message was never delivered), the undelivered row
 # gone, and a read notice owed to the sender, unless it was read before. One statement, so
@@ -1615,34 +1691,73 @@ _MARK_MESSAGE_READ = (
 )
 
 
-def _insert_message(m: NewMessage) -> _Write:
-    """The message, its request id, one undelivered row per recipient, and the
-    conversation's last_message_at."""
-    write = _Write(takes_message_id=True).add(
-        "INSERT INTO messages (id, conversation_id, sender_id, receiver_id, pitch_id, subject,"
-        " content, message_type, attachments, sent_at, is_read, is_edited, is_deleted)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, false, false, false)",
-        (
-            MESSAGE_ID, m.conversation_id, m.sender_id, m.receiver_id, m.pitch_id, m.subject,
-            m.content, m.message_type, _json(m.attachments), m.sent_at,
-        ),
-    )
-    if m.request_id is not None:
-        write.add(
-            "INSERT INTO ws_message_requests (sender_id, request_id, message_id)"
-            " VALUES ($1, $2, $3)",
-            (m.sender_id, m.request_id, MESSAGE_ID),
-        )
-    if m.recipients:
-        write.add(
-            "INSERT INTO ws_undelivered (user_id, message_id)"
-            " SELECT unnest($1::integer[]), $2",
-            (list(m.recipients), MESSAGE_ID),
-        )
-    return write.add(
-        "UPDATE conversations SET last_message_at = $1, updated_at = $1 WHERE id = $2",
-        (m.sent_at, m.conversation_id),
-    )
+# A batch's messages, one statement whatever their number ($1..$10: a column each, in batch
+# order; $11/$12 one (message's position, user) per recipient; $13 the messages sequence):
+# the id lock, then the ids, ascending in batch order; the rows; their request ids; one
+# undelivered row per recipient; and each conversation's last_message_at, from its last
+# message in the batch. Returns the ids in batch order, as one array.
+#
+# The lock comes before the first id whatever the plan: nextval's argument reads the row of
+# "locked" (its one column is always false, so the argument is always $13), and that row
+# exists only once pg_advisory_xact_lock has returned. The lock is held until the transaction
+# ends, so ids become visible in increasing order across daemons (taking it again in a
+# transaction that holds it is a no-op).
+_MESSAGE_CTES = f"""
+given AS MATERIALIZED (
+    SELECT * FROM unnest($1::integer[], $2::integer[], $3::integer[], $4::integer[],
+                         $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],
+                         $10::text[])
+        WITH ORDINALITY AS g(conversation_id, sender_id, receiver_id, pitch_id, subject,
+                             content, message_type, attachments, sent_at, request_id, n)
+), locked AS MATERIALIZED (
+    SELECT pg_advisory_xact_lock({_ID_LOCK}) IS NULL AS never
+), ids AS MATERIALIZED (
+    SELECT row_number() OVER (ORDER BY id) AS n, id
+    FROM (SELECT nextval(CASE WHEN locked.never THEN NULL ELSE $13::regclass END) AS id
+          FROM given CROSS JOIN locked) taken
+), stored AS (
+    INSERT INTO messages (id, conversation_id, sender_id, receiver_id, pitch_id, subject,
+                          content, message_type, attachments, sent_at, is_read, is_edited,
+                          is_deleted)
+    SELECT ids.id, g.conversation_id, g.sender_id, g.receiver_id, g.pitch_id, g.subject,
+           g.content, g.message_type, g.attachments::jsonb, g.sent_at::timestamp, false,
+           false, false
+    FROM given g JOIN ids USING (n)
+), requests AS (
+    INSERT INTO ws_message_requests (sender_id, request_id, message_id)
+    SELECT g.sender_id, g.request_id, ids.id FROM given g JOIN ids USING (n)
+    WHERE g.request_id IS NOT NULL
+), undelivered AS (
+    INSERT INTO ws_undelivered (user_id, message_id)
+    SELECT r.user_id, ids.id
+    FROM unnest($11::bigint[], $12::integer[]) AS r(n, user_id) JOIN ids USING (n)
+), touched AS (
+    UPDATE conversations c SET last_message_at = l.sent_at, updated_at = l.sent_at
+    FROM (SELECT DISTINCT ON (conversation_id) conversation_id, sent_at::timestamp AS sent_at
+          FROM given ORDER BY conversation_id, n DESC) l
+    WHERE c.id = l.conversation_id
+)"""
+_INSERT_MESSAGES = f"WITH {_MESSAGE_CTES} SELECT array_agg(id ORDER BY n) FROM ids"
+# The send path's usual batch: its messages and the delivery records of earlier ones
+# ($14..$16, as _DELIVERED's $1..$3). A delivery concerns a committed message, never one of
+# this statement's, so the two parts touch different rows.
+_MESSAGES_AND_DELIVERED = (
+    f"WITH {_MESSAGE_CTES}, {_GONE.format(14, 15, 16)}, receipts AS ({_RECEIPTS})"
+    " SELECT array_agg(id ORDER BY n) FROM ids"
+)
+
+
+def _message_columns(messages: Sequence[NewMessage]) -> list[Sequence[Any]]:
+    """``_INSERT_MESSAGES``'s $1..$12 for ``messages`` ($13 is the caller's)."""
+    (conversations, senders, receivers, recipients, contents, types, attachments, pitches,
+     subjects, requests, sent_at) = zip(*messages, strict=True)
+    owners: list[int] = []
+    users: list[int] = []
+    for position, who in enumerate(recipients, 1):
+        owners.extend([position] * len(who))
+        users.extend(who)
+    return [conversations, senders, receivers, pitches, subjects, contents, types,
+            [_json(a) for a in attachments], sent_at, requests, owners, users]
 
 
 def _json(attachments: list[dict[str, Any]]) -> str:

@@ -87,21 +87,33 @@ class Target:
 
 
 _postgres_server: Any = None
+# Where the bench's PostgreSQL server runs (--postgres-core): "server" = the daemon's core,
+# "driver" = the driver's core, "any" = both. Its processes inherit the affinity it starts with.
+POSTGRES_PLACES = {"server": {SERVER_CORE}, "driver": {DRIVER_CORE},
+                   "any": {SERVER_CORE, DRIVER_CORE}}
+postgres_place = "driver"
 
 
 def postgres_url(label: str) -> str:
-    """A fresh database on the bench's PostgreSQL server (started on first use; stopped by
-    tests/servers.py's exit hook). Raises RuntimeError with the reason when it cannot start."""
+    """A fresh database on the bench's PostgreSQL server (started on first use, on the cores
+    of ``postgres_place``; stopped by tests/servers.py's exit hook). Raises RuntimeError with
+    the reason when it cannot start."""
     global _postgres_server
     if _postgres_server is None:
         sys.path.insert(0, str(ROOT / "tests"))
         import servers
 
+        own = os.sched_getaffinity(0)
+        cores = POSTGRES_PLACES[postgres_place] & set(range(os.cpu_count() or 1))
         try:
             server = servers.PostgresServer()
+            if cores:
+                os.sched_setaffinity(0, cores)  # the postmaster inherits it, its backends too
             server.start()
         except servers.ServerUnavailable as exc:
             raise RuntimeError(f"PostgreSQL unavailable: {exc}") from exc
+        finally:
+            os.sched_setaffinity(0, own)
         _postgres_server = server
     name = re.sub(r"[^a-z0-9_]", "_", f"bench_{label}".lower())
     _postgres_server.drop_database(name)
@@ -134,6 +146,10 @@ TARGETS = {
                            about="driver sends no requestId"),
     "daemon@base": Target("daemon", root_env="PITCHEY_BENCH_BASE",
                           about="pitchey_ws.py of the checkout in $PITCHEY_BENCH_BASE"),
+    "daemon+postgres@base": Target("daemon", postgres=True, root_env="PITCHEY_BENCH_BASE",
+                                   scenarios=("one_to_one", "latency", "fanout"),
+                                   about="daemon+postgres, pitchey_ws.py of the checkout in"
+                                         " $PITCHEY_BENCH_BASE"),
 }
 DEFAULT_TARGETS = ["daemon", "relay", "relay-node", "relay-socketio", "daemon+uvloop",
                    "daemon+stdjson", "daemon+normal"]
@@ -269,6 +285,25 @@ def setup_driver() -> dict[str, Any]:
     else:
         notes["pinned"] = False
     return notes
+
+
+def postgres_cpu() -> float | None:
+    """CPU seconds so far of the bench's PostgreSQL server: the postmaster and its children
+    alive now (the backends, WAL writer, checkpointer...); None when none was started."""
+    server = _postgres_server
+    if server is None or server.proc is None:
+        return None
+    root = server.proc.pid
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat.parent.name == str(root) or int(fields[1]) == root:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def free_port() -> int:
@@ -480,6 +515,7 @@ class Window:
         self.c0 = time.process_time()
         self.s0 = self.server.proc.cpu_seconds()
         self.th0 = self.server.proc.thread_cpu()
+        self.pg0 = postgres_cpu() if self.server.spec.postgres else None
         self.k0 = core_ticks()
 
     def stop(self) -> dict[str, Any]:
@@ -496,9 +532,19 @@ class Window:
             "server_threads_s": {k: round(v - self.th0.get(k, 0.0), 3)
                                  for k, v in self.server.proc.thread_cpu().items()},
         }
+        pg1 = postgres_cpu() if self.pg0 is not None else None
+        if self.pg0 is not None and pg1 is not None:
+            # On PostgreSQL the database's CPU is part of each message's cost: kept apart
+            # from the daemon's so that both figures stay comparable with the SQLite daemon's.
+            result["postgres_cpu_s"] = round(pg1 - self.pg0, 4)
         # What else ran on the two cores meanwhile (other processes, the hypervisor's steal):
-        # a figure taken while the cores were shared is marked noisy.
+        # a figure taken while the cores were shared is marked noisy. The bench's PostgreSQL
+        # server is part of what is measured, not an other, on the one core it is pinned to.
+        pg_cores = POSTGRES_PLACES[postgres_place]
+        pg_share = result.get("postgres_cpu_s", 0.0) / wall if len(pg_cores) == 1 else 0.0
         for label, core, own in (("server", SERVER_CORE, server), ("driver", DRIVER_CORE, driver)):
+            if core in pg_cores:
+                own += pg_share
             if core in self.k0 and core in k1:
                 busy0, steal0, total0 = self.k0[core]
                 busy1, steal1, total1 = k1[core]
@@ -558,6 +604,11 @@ def summarize_profile(raw: Path, top: int = 30) -> str:
     return "\n".join(lines) + "\n"
 
 
+def postgres_text(result: dict[str, Any], op: str) -> str:
+    value = result.get(f"postgres_cpu_us_per_{op}")
+    return "" if value is None else f", PostgreSQL {value} us CPU/{op}"
+
+
 def threads_text(split: dict[str, float | None]) -> str:
     return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in split.items())
 
@@ -565,6 +616,13 @@ def threads_text(split: dict[str, float | None]) -> str:
 def per_op(window: dict[str, Any], ops: int) -> float | None:
     """Server CPU microseconds per operation: less sensitive to a shared core than a rate."""
     return round(1e6 * window["server_cpu_s"] / ops, 1) if ops else None
+
+
+def per_op_postgres(window: dict[str, Any], ops: int) -> float | None:
+    """The PostgreSQL server's CPU microseconds per operation (None off PostgreSQL)."""
+    if "postgres_cpu_s" not in window or not ops:
+        return None
+    return round(1e6 * window["postgres_cpu_s"] / ops, 1)
 
 
 def per_op_threads(window: dict[str, Any], ops: int) -> dict[str, float | None]:
@@ -818,6 +876,7 @@ async def one_to_one(server: Server, pairs: Pairs, s: Settings) -> dict[str, Any
         "messages_per_s": round((a1 - a0) / wall, 1),
         "deliveries_per_s": round((r1 - r0) / wall, 1),
         "server_cpu_us_per_message": per_op(result, a1 - a0),
+        "postgres_cpu_us_per_message": per_op_postgres(result, a1 - a0),
         "server_threads_us_per_message": per_op_threads(result, a1 - a0),
         "errors": sum(x.errors for x in senders),
         "first_error": next((x.first_error.decode() for x in senders if x.first_error), None),
@@ -901,6 +960,7 @@ async def latency(server: Server, pairs: Pairs, rate: float, s: Settings) -> dic
         "send_lag_p99_ms": round(1000 * pct(lag, 0.99), 3),
         "commits": commit_delta(m0, m1),
         "server_cpu_us_per_message": per_op(result, measured),
+        "postgres_cpu_us_per_message": per_op_postgres(result, measured),
         "server_threads_us_per_message": per_op_threads(result, measured),
     })
     return verdict(result)
@@ -1003,6 +1063,7 @@ async def fanout(server: Server, size: int, base: int, s: Settings) -> dict[str,
         "deliveries_per_s": round((d1 - d0) / wall, 1),
         "messages_per_s": round((a1 - a0) / wall, 1),
         "server_cpu_us_per_delivery": per_op(result, d1 - d0),
+        "postgres_cpu_us_per_delivery": per_op_postgres(result, d1 - d0),
         "server_threads_us_per_delivery": per_op_threads(result, d1 - d0),
         "errors": sum(x.errors for x in senders),
         "drained": drained,
@@ -1102,8 +1163,8 @@ async def bench_target(target: str, scenarios: list[str], s: Settings,
                     o = res["one_to_one"]
                     log(f"  1:1: {o['messages_per_s']} msg/s, "
                         f"{o['server_cpu_us_per_message']} us server CPU/msg "
-                        f"({threads_text(o['server_threads_us_per_message'])}), "
-                        f"commits {o['commits']}{flags(o)}")
+                        f"({threads_text(o['server_threads_us_per_message'])})"
+                        f"{postgres_text(o, 'message')}, commits {o['commits']}{flags(o)}")
                 if "latency" in scenarios:
                     rate = latency_rate
                     if rate is None:
@@ -1113,8 +1174,8 @@ async def bench_target(target: str, scenarios: list[str], s: Settings,
                     log(f"  latency @ {lt['offered_per_s']}/s: p50 {lt['p50_ms']} ms, "
                         f"p99 {lt['p99_ms']} ms, lost {lt['lost']}, "
                         f"{lt['server_cpu_us_per_message']} us server CPU/msg "
-                        f"({threads_text(lt['server_threads_us_per_message'])}), "
-                        f"commits {lt['commits']}{flags(lt)}")
+                        f"({threads_text(lt['server_threads_us_per_message'])})"
+                        f"{postgres_text(lt, 'message')}, commits {lt['commits']}{flags(lt)}")
             finally:
                 pairs.close()
     if "fanout" in scenarios:
@@ -1125,8 +1186,8 @@ async def bench_target(target: str, scenarios: list[str], s: Settings,
                 res["fanout"][str(size)] = r
                 log(f"  fan-out {size}: {r['deliveries_per_s']} deliveries/s, "
                     f"{r['server_cpu_us_per_delivery']} us server CPU/delivery "
-                    f"({threads_text(r['server_threads_us_per_delivery'])}), "
-                    f"commits {r['commits']}{flags(r)}")
+                    f"({threads_text(r['server_threads_us_per_delivery'])})"
+                    f"{postgres_text(r, 'delivery')}, commits {r['commits']}{flags(r)}")
                 await asyncio.sleep(0.5)  # let the server finish closing the last group
     return res
 
@@ -1184,7 +1245,8 @@ async def bench(args: argparse.Namespace, s: Settings, notes: dict[str, Any]) ->
             "quick": s.quick,
             "machine": machine_info(),
             "driver": {"loop": notes["loop"], "pinned": notes["pinned"], "core": DRIVER_CORE,
-                       "server_core": SERVER_CORE, "nofile": notes["nofile"]},
+                       "server_core": SERVER_CORE, "nofile": notes["nofile"],
+                       "postgres_core": postgres_place},
             "settings": {k: v for k, v in vars(s).items()},
             "void_threshold": VOID_CPU,
         },
@@ -1262,6 +1324,14 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
             f" {d_o2o['server_cpu_us_per_message']} vs {r_o2o['server_cpu_us_per_message']} us/msg"
             f" (CPU-based ratio {cpu_ratio(r_o2o, d_o2o, 'server_cpu_us_per_message')})",
             d_o2o["void"] or r_o2o["void"], d_o2o, r_o2o)
+    p_o2o = get(t, "daemon+postgres", "one_to_one")
+    if p_o2o and r_o2o:
+        ratio = p_o2o["messages_per_s"] / r_o2o["messages_per_s"]
+        add("1:1 on PostgreSQL vs bare relay", round(ratio, 3), ">= 0.5x", ratio >= 0.5,
+            f"{p_o2o['messages_per_s']:.0f} vs {r_o2o['messages_per_s']:.0f} msg/s; server CPU"
+            f" {p_o2o['server_cpu_us_per_message']} vs {r_o2o['server_cpu_us_per_message']}"
+            f" us/msg, PostgreSQL {p_o2o.get('postgres_cpu_us_per_message')} us/msg",
+            p_o2o["void"] or r_o2o["void"], p_o2o, r_o2o)
     d_f, r_f = get(t, "daemon", "fanout", "100"), get(t, "relay", "fanout", "100")
     if d_f and r_f:
         ratio = d_f["deliveries_per_s"] / r_f["deliveries_per_s"]
@@ -1633,6 +1703,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results", default=str(RESULTS), help="where to write the JSON")
     parser.add_argument("--render", metavar="RESULTS",
                         help="run nothing: redraw the chart and the doc block from a results file")
+    parser.add_argument("--postgres-core", choices=sorted(POSTGRES_PLACES), default=postgres_place,
+                        help="where the PostgreSQL server of the daemon+postgres target runs:"
+                             " the daemon's core, the driver's, or either (default: %(default)s)")
     parser.add_argument("--profile", metavar="TARGET",
                         help="sample TARGET (e.g. daemon) with py-spy during each measured window;"
                              " summaries in bench/out/profile-*.txt (figures are then perturbed)")
@@ -1666,6 +1739,8 @@ def main(argv: list[str] | None = None) -> int:
         s.storm_concurrency = args.storm_concurrency
     OUT.mkdir(parents=True, exist_ok=True)
     Window.profile_target = args.profile
+    global postgres_place
+    postgres_place = args.postgres_core
     notes = setup_driver()
 
     def on_signal(signum: int, _: Any) -> None:

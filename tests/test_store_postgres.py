@@ -59,6 +59,56 @@ async def test_a_bad_write_fails_alone(store: engine.PostgresStore) -> None:
     assert len(pending) == 3
 
 
+async def test_messages_and_deliveries_share_one_statement(store: engine.PostgresStore) -> None:
+    """The send path's batch: new messages (ids ascending in submission order, a group's
+    undelivered row per recipient, last_message_at from the batch's last message) and the
+    delivery records of earlier ones, committed together as one transaction."""
+    pair = await store.create_conversation(10, [10, 20], None, None, None, NOW)
+    group = await store.create_conversation(10, [10, 20, 30], "g", None, None, NOW)
+    earlier = [await store.add_message(message(pair.id, 10, [20], f"e{i}")) for i in range(3)]
+    before = store.transactions
+    later = "2026-11-26T00:00:05.000Z"
+    sends = [asyncio.create_task(store.add_message(m)) for m in (
+        message(pair.id, 10, [20], "n1"),
+        message(group.id, 10, [20, 30], None, "to the group"),
+        NewMessage(pair.id, 20, None, [10], "last", "text", [], None, None, "n2", later),
+    )]
+    # Queued before the writer runs (the tasks queue their messages first).
+    delivered = store.record_deliveries({earlier[0]: [20], earlier[1]: [20]}, [])
+    ids = await asyncio.gather(*sends)
+    await delivered
+    assert store.transactions == before + 1
+    assert list(ids) == sorted(ids) and ids[0] > earlier[-1]
+    receipts = pg_query(store.url, "SELECT message_id, user_id FROM message_read_receipts"
+                                   " ORDER BY message_id")
+    assert receipts == [(earlier[0], 20), (earlier[1], 20)]
+    undelivered = pg_query(store.url, "SELECT message_id, user_id FROM ws_undelivered"
+                                      " ORDER BY message_id, user_id")
+    assert undelivered == [(earlier[2], 20), (ids[0], 20), (ids[1], 20), (ids[1], 30),
+                           (ids[2], 10)]
+    activity = pg_query(store.url, "SELECT id, last_message_at::text FROM conversations"
+                                   " ORDER BY id")
+    assert activity == [(pair.id, "2026-11-26 00:00:05"), (group.id, "2026-11-26 00:00:00")]
+
+
+async def test_a_bad_message_fails_alone_beside_deliveries(store: engine.PostgresStore) -> None:
+    """A one-statement batch that fails is run again with a savepoint per write: the delivery
+    records and the good message commit, the message to a missing conversation fails."""
+    row = await store.create_conversation(10, [10, 20], None, None, None, NOW)
+    first = await store.add_message(message(row.id, 10, [20], "r1"))
+    before = store.transactions
+    sends = [asyncio.create_task(store.add_message(m)) for m in (
+        message(999, 10, [20], "bad"), message(row.id, 10, [20], "good"))]
+    delivered = store.record_deliveries({first: [20]}, [])
+    results: list[Any] = await asyncio.gather(*sends, return_exceptions=True)
+    await delivered
+    assert store.transactions == before + 1  # the savepoint retry, one transaction
+    assert isinstance(results[0], ConstraintViolation)
+    assert results[1] > first
+    assert pg_query(store.url, "SELECT message_id FROM message_read_receipts") == [(first,)]
+    assert pg_query(store.url, "SELECT message_id FROM ws_undelivered") == [(results[1],)]
+
+
 async def test_ids_visible_in_order_with_two_engines(postgres_db: str) -> None:
     """Two engines (as two daemons) add messages at once; no reader ever sees a gap fill later."""
     a, b = engine.PostgresStore(postgres_db), engine.PostgresStore(postgres_db)
