@@ -151,8 +151,8 @@ TARGETS = {
                                    about="daemon+postgres, pitchey_ws.py of the checkout in"
                                          " $PITCHEY_BENCH_BASE"),
 }
-DEFAULT_TARGETS = ["daemon", "relay", "relay-node", "relay-socketio", "daemon+uvloop",
-                   "daemon+stdjson", "daemon+normal"]
+DEFAULT_TARGETS = ["daemon", "relay", "relay-node", "relay-socketio", "daemon+postgres",
+                   "daemon+uvloop", "daemon+stdjson", "daemon+normal"]
 REFERENCES = ["relay", "relay-node", "relay-socketio"]  # the reference relays, in report order
 SCENARIOS = ["storm", "one_to_one", "latency", "fanout"]
 
