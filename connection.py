@@ -29,7 +29,14 @@ from http_front import LogSummary
 from http_routes import json_response
 from hub import WRITE_BATCH, Client, Hub, expiry_delay
 from metrics import Metrics
-from rows import Event, EventKind, PendingMessage, PendingNotification, PendingRead
+from rows import (
+    Event,
+    EventKind,
+    PendingEvent,
+    PendingMessage,
+    PendingNotification,
+    PendingRead,
+)
 from service import Service, store_error_reply
 from store import Corrupt, Store, StoreError, Unavailable
 
@@ -190,28 +197,9 @@ class Sessions:
         user_id = client.user_id
         pending = await self.service.pending(user_id)
         for start in range(0, len(pending), WRITE_BATCH):
-            batch: list[str] = []
-            events: list[Event] = []
-            for item in pending[start:start + WRITE_BATCH]:
-                event: Event
-                match item:
-                    case PendingMessage(queued_at=queued_at, message=message):
-                        batch.append(p.queued_new_message(message, queued_at))
-                        event = (EventKind.MESSAGE, message.id, user_id)
-                    case PendingRead():
-                        fields = p.read_fields(item.message_id, item.conversation_id,
-                                               item.reader_id, item.reader_name, item.queued_at)
-                        batch.append(p.queued_message("message_read", item.queued_at, fields))
-                        event = (EventKind.READ, item.message_id, item.reader_id)
-                    case PendingNotification(queued_at=queued_at, notification=notification):
-                        # Its own type with queuedAt, not a queued_message (PROTOCOL.md 10).
-                        batch.append(p.notification_frame(notification, queued_at))
-                        event = (EventKind.NOTIFICATION, notification.id, user_id)
-                    case _:
-                        assert_never(item)
-                events.append(event)
-            client.write_batch(batch)
-            for event in events:
+            framed = [_replay_frame(item, user_id) for item in pending[start:start + WRITE_BATCH]]
+            client.write_batch([frame for frame, _ in framed])
+            for _, event in framed:
                 carried.add(event)
                 record(event, user_id)
                 frames_out[
@@ -315,3 +303,22 @@ def _token_from(request: Request, query: str) -> str | None:
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
     return None
+
+
+def _replay_frame(item: PendingEvent, user_id: int) -> tuple[str, Event]:
+    """One pending durable event's replay frame, and the event it records as delivered."""
+    match item:
+        case PendingMessage(queued_at=queued_at, message=message):
+            return (p.queued_new_message(message, queued_at),
+                    (EventKind.MESSAGE, message.id, user_id))
+        case PendingRead():
+            fields = p.read_fields(item.message_id, item.conversation_id, item.reader_id,
+                                   item.reader_name, item.queued_at)
+            return (p.queued_message("message_read", item.queued_at, fields),
+                    (EventKind.READ, item.message_id, item.reader_id))
+        case PendingNotification(queued_at=queued_at, notification=notification):
+            # Its own type with queuedAt, not a queued_message (PROTOCOL.md 10).
+            return (p.notification_frame(notification, queued_at),
+                    (EventKind.NOTIFICATION, notification.id, user_id))
+        case _:
+            assert_never(item)

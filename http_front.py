@@ -16,7 +16,9 @@ complete. Then one of two things happens:
 Bounds: the request head (``http.max_header_bytes``, 431 beyond), the body
 (``server.max_message_bytes``, 413 beyond), the time to send a head
 (``http.header_timeout_seconds``), and the connections not yet handed over or still being
-answered (``http.max_in_progress``, 503 beyond). Refusals are logged through a
+answered (``http.max_in_progress``). Beyond that bound as many connections again wait for a
+turn, unread (a burst of reconnects after a restart is served, not refused), for at most the
+header timeout; beyond those, or after that wait, 503. Refusals are logged through a
 :class:`LogSummary`, a few lines a second per kind.
 """
 
@@ -149,6 +151,8 @@ class Front:
         self.header_timeout = header_timeout
         self.summary = summary
         self.in_progress: set[FrontConnection] = set()
+        # Accepted beyond max_in_progress, unread, in arrival order (a dict as ordered set).
+        self.waiting: dict[FrontConnection, None] = {}
         self.refused = 0
 
     def connection_class(self) -> type[FrontConnection]:
@@ -163,8 +167,15 @@ class Front:
 
     def abort_all(self) -> None:
         """Shutdown: drop the connections that are not WebSocket connections."""
-        for conn in list(self.in_progress):
+        for conn in [*self.in_progress, *self.waiting]:
             conn.abort()
+
+    def next_turn(self) -> None:
+        """A connection left the in-progress set: let the longest-waiting ones in."""
+        while self.waiting and len(self.in_progress) < self.max_in_progress:
+            conn = next(iter(self.waiting))
+            del self.waiting[conn]
+            conn._start()
 
 
 _WS, _HEAD, _HTTP, _DONE = "ws", "head", "http", "done"
@@ -194,20 +205,44 @@ class FrontConnection(ServerConnection):
         # A stream transport; not necessarily an asyncio.Transport subclass (uvloop's are not).
         self.raw = transport = cast(asyncio.Transport, base)
         front = self.front
-        if len(front.in_progress) >= front.max_in_progress:
-            front.refused += 1
-            front.summary.note("busy", "refused a connection: %d requests in progress",
-                               len(front.in_progress))
-            self.mode = _DONE
-            transport.write(_raw_answer(503, "busy", "Too many requests in progress"))
-            # Half-close and discard what the client sends: closing with unread bytes would
-            # reset the connection and lose the 503. The client's close (or the timer) ends it.
-            if transport.can_write_eof():
-                transport.write_eof()
-            asyncio.get_running_loop().call_later(1, transport.abort)
-            return
-        front.in_progress.add(self)
+        if len(front.in_progress) < front.max_in_progress:
+            self._start()
+        elif len(front.waiting) < front.max_in_progress:
+            # Unread until its turn (front.next_turn), or refused after the header timeout.
+            transport.pause_reading()
+            front.waiting[self] = None
+            self.timer = asyncio.get_running_loop().call_later(front.header_timeout,
+                                                               self._refuse_busy)
+        else:
+            self._refuse_busy()
+
+    def _start(self) -> None:
+        self.front.in_progress.add(self)
         self._arm_timer()
+        if self.raw is not None and not self.raw.is_closing():
+            self.raw.resume_reading()
+
+    def _refuse_busy(self) -> None:
+        front = self.front
+        waited = self in front.waiting
+        front.waiting.pop(self, None)
+        self.timer = None
+        transport = self.raw
+        assert transport is not None
+        front.refused += 1
+        front.summary.note("busy", "refused a connection: %d requests in progress, %d waiting",
+                           len(front.in_progress), len(front.waiting))
+        self.mode = _DONE
+        if transport.is_closing():
+            return
+        transport.write(_raw_answer(503, "busy", "Too many requests in progress"))
+        # Half-close and discard what the client sends: closing with unread bytes would
+        # reset the connection and lose the 503. The client's close (or the timer) ends it.
+        if transport.can_write_eof():
+            transport.write_eof()
+        if waited:
+            transport.resume_reading()
+        asyncio.get_running_loop().call_later(1, transport.abort)
 
     def data_received(self, data: bytes) -> None:
         if self.mode == _WS:
@@ -262,10 +297,14 @@ class FrontConnection(ServerConnection):
             self.raw.abort()
 
     def _forget(self) -> None:
-        self.front.in_progress.discard(self)
+        front = self.front
+        front.waiting.pop(self, None)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self in front.in_progress:
+            front.in_progress.discard(self)
+            front.next_turn()
 
     def _arm_timer(self) -> None:
         if self.timer is not None:

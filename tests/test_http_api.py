@@ -43,9 +43,14 @@ def raw_request(port: int, data: bytes) -> bytes:
     """Send raw bytes; everything the server answers until it closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
         s.sendall(data)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
+        return read_all(s)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends on ``sock`` until it closes."""
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
     return out
 
 
@@ -374,14 +379,27 @@ def test_websocket_path_still_refuses_plainly(daemon: Daemon) -> None:
 
 
 async def test_in_progress_bound(tmp_path: Path) -> None:
-    """Beyond http.max_in_progress connections still sending their request: 503, not a wait."""
+    """Beyond http.max_in_progress connections still sending their request, as many again
+    wait for a turn, unread, and are served when one ends; beyond those: 503 at once."""
     async with running(tmp_path, {"http.max_in_progress": 1}) as connect:
         port = connect.daemon.port
+        request = b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as idle:
             idle.sendall(b"GET /api/health HTTP/1.1\r\n")  # a head that has not ended
-            answer = await asyncio.to_thread(
-                raw_request, port, b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert answer.startswith(b"HTTP/1.1 503 "), answer[:100]
+            waiter = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+            try:
+                waiter.sendall(request)
+                # The third finds the slot and the turn taken: refused now.
+                answer = await asyncio.to_thread(raw_request, port, request)
+                assert answer.startswith(b"HTTP/1.1 503 "), answer[:100]
+                # The first ends its head; then the waiting one is answered.
+                idle.sendall(b"Host: x\r\nConnection: close\r\n\r\n")
+                first = await asyncio.to_thread(read_all, idle)
+                assert first.startswith(b"HTTP/1.1 200 "), first[:100]
+                second = await asyncio.to_thread(read_all, waiter)
+                assert second.startswith(b"HTTP/1.1 200 "), second[:100]
+            finally:
+                waiter.close()
         status, _, _ = await acall(port, "GET", "/api/health")
         assert status == 200
 
