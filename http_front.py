@@ -197,6 +197,7 @@ class FrontConnection(ServerConnection):
         self.request_head: h11.Request | None = None
         self.body = bytearray()
         self.timer: asyncio.TimerHandle | None = None
+        self.head_due = 0.0  # loop time by which the first request head must be complete
         self.task: asyncio.Task[None] | None = None
 
     # -- asyncio protocol ------------------------------------------------------------------
@@ -205,20 +206,23 @@ class FrontConnection(ServerConnection):
         # A stream transport; not necessarily an asyncio.Transport subclass (uvloop's are not).
         self.raw = transport = cast(asyncio.Transport, base)
         front = self.front
+        # The first request head is due header_timeout after the accept, a wait included.
+        self.head_due = asyncio.get_running_loop().time() + front.header_timeout
         if len(front.in_progress) < front.max_in_progress:
             self._start()
         elif len(front.waiting) < front.max_in_progress:
-            # Unread until its turn (front.next_turn), or refused after the header timeout.
+            # Unread until its turn (front.next_turn), or refused when its head is due.
             transport.pause_reading()
             front.waiting[self] = None
-            self.timer = asyncio.get_running_loop().call_later(front.header_timeout,
-                                                               self._refuse_busy)
+            self.timer = asyncio.get_running_loop().call_at(self.head_due, self._refuse_busy)
         else:
             self._refuse_busy()
 
     def _start(self) -> None:
         self.front.in_progress.add(self)
-        self._arm_timer()
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_at(self.head_due, self._timed_out)
         if self.raw is not None and not self.raw.is_closing():
             self.raw.resume_reading()
 
@@ -392,6 +396,11 @@ class FrontConnection(ServerConnection):
             self.timer = None
         replay = bytes(self.head)
         self.head = bytearray()
+        # Nothing HTTP is read or written on it again: drop the parser and the request
+        # (~2.7 KB each, for as long as the WebSocket connection lives).
+        del self.parser
+        self.request_head = None
+        self.body = bytearray()
         super().connection_made(self.raw)
         super().data_received(replay)
 
