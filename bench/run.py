@@ -1319,7 +1319,7 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     d_o2o, r_o2o = get(t, "daemon", "one_to_one"), get(t, "relay", "one_to_one")
     if d_o2o and r_o2o:
         ratio = d_o2o["messages_per_s"] / r_o2o["messages_per_s"]
-        add("1:1 persisted vs bare relay", round(ratio, 3), ">= 0.5x", ratio >= 0.5,
+        add("1:1 persisted vs bare relay", round(ratio, 3), ">= 0.75x", ratio >= 0.75,
             f"{d_o2o['messages_per_s']:.0f} vs {r_o2o['messages_per_s']:.0f} msg/s; server CPU"
             f" {d_o2o['server_cpu_us_per_message']} vs {r_o2o['server_cpu_us_per_message']} us/msg"
             f" (CPU-based ratio {cpu_ratio(r_o2o, d_o2o, 'server_cpu_us_per_message')})",
@@ -1335,7 +1335,7 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     d_f, r_f = get(t, "daemon", "fanout", "100"), get(t, "relay", "fanout", "100")
     if d_f and r_f:
         ratio = d_f["deliveries_per_s"] / r_f["deliveries_per_s"]
-        add("fan-out 100 members vs bare relay", round(ratio, 3), ">= 0.7x", ratio >= 0.7,
+        add("fan-out 100 members vs bare relay", round(ratio, 3), ">= 0.95x", ratio >= 0.95,
             f"{d_f['deliveries_per_s']:.0f} vs {r_f['deliveries_per_s']:.0f} deliveries/s; server"
             f" CPU {d_f['server_cpu_us_per_delivery']} vs {r_f['server_cpu_us_per_delivery']}"
             f" us/delivery (CPU-based ratio {cpu_ratio(r_f, d_f, 'server_cpu_us_per_delivery')})",
