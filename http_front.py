@@ -397,7 +397,7 @@ class FrontConnection(ServerConnection):
         replay = bytes(self.head)
         self.head = bytearray()
         # Nothing HTTP is read or written on it again: drop the parser and the request
-        # (~2.7 KB each, for as long as the WebSocket connection lives).
+        # (~2.7 KB together, for as long as the WebSocket connection lives).
         del self.parser
         self.request_head = None
         self.body = bytearray()
