@@ -139,7 +139,7 @@ class Sessions:
             log.info("user %d connected (%d open)", user_id, self.hub.connections)
             self.arm_expiry(client)
             await ws.send(p.connected(user_id, username))
-            client.end_replay(await self.replay(client))
+            await self.catch_up(client)
             async for frame in ws:
                 if isinstance(frame, bytes):
                     await ws.close(*p.BINARY_FRAME)
@@ -188,6 +188,20 @@ class Sessions:
             client.expiry = asyncio.get_running_loop().call_later(
                 expiry_delay(client.expires_at), client.close, p.TOKEN_EXPIRED
             )
+
+    async def catch_up(self, client: Client) -> None:
+        """The replay, then live frames, each durable event written once.
+
+        A write the replay read may not have been fanned out yet: its sender resumes after
+        the commit and, had the replay ended meanwhile, would write the frame live a second
+        time. So the replay ends only after every write queued so far has been answered and
+        its waiters have run: they write into the held frames, which end_replay filters by
+        what the replay carried. (Every durable write fans out right after its commit, with
+        no await in between, so one loop turn after the flush is enough.)"""
+        carried = await self.replay(client)
+        await self.store.flush()
+        await asyncio.sleep(0)
+        client.end_replay(carried)
 
     async def replay(self, client: Client) -> set[Event]:
         """Send the user's undelivered durable events, oldest first, bounded; return them."""

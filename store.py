@@ -128,6 +128,10 @@ class Store(Protocol):
     def queued(self) -> int:
         """Writes waiting to be committed (a gauge)."""
 
+    async def flush(self) -> None:
+        """Return once every write queued before this call is committed and its caller told
+        (writes resolve in the order they were queued)."""
+
     # -- settings and users ----------------------------------------------------------------
 
     async def setting(self, key: str) -> str | None: ...

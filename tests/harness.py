@@ -81,7 +81,7 @@ class Harness:
         client = RecordingClient(user_id, self.app.hub)
         await self.app.hub.attach(client, name, None)
         client.write(p.connected(user_id, name))
-        client.end_replay(await sessions.replay(client))
+        await sessions.catch_up(client)
         return client
 
     async def send(self, client: RecordingClient, frame: dict[str, Any]) -> None:
