@@ -51,11 +51,13 @@ bench/node_modules/.package-lock.json: bench/package-lock.json
 	cd bench && npm ci --no-audit --no-fund
 
 # Not part of `make test`: ~10-13 minutes, loads both cores. BENCH_ARGS=--quick for a smoke run;
-# then bench/scale.py (databases of 10k, 100k and 1M messages, ~2 minutes; SCALE_ARGS=--sizes ...).
+# then bench/scale.py (databases of 10k, 100k and 1M messages, ~2 minutes; SCALE_ARGS=--sizes ...)
+# and bench/ceiling.py (16,000 idle connections under a descriptor limit, ~40 s).
 bench: $(DEV_STAMP) bench/node_modules/.package-lock.json
 	$(PIP) -r bench/requirements.txt
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/scale.py $(SCALE_ARGS)
+	$(BIN)/python bench/ceiling.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache client/node_modules bench/node_modules

@@ -189,8 +189,9 @@ class App:
                 await asyncio.wait_for(asyncio.shield(server.wait_closed()), deadline)
             except TimeoutError:
                 remaining = [c for c in server.all_connections if c.transport is not None]
-                log.error("%d connections still open after %.1fs; dropping them",
-                          len(remaining), deadline)
+                running = [t for t in server.handler_tasks if not t.done()]
+                log.error("%d connections still open and %d connection handlers still running"
+                          " after %.1fs; dropping them", len(remaining), len(running), deadline)
                 for connection in remaining:
                     connection.transport.abort()
                 for task in server.handler_tasks:
@@ -292,9 +293,11 @@ def fit_descriptors(config: cfg.Config) -> tuple[cfg.Config, str]:
         except (ValueError, OSError) as exc:
             raised = f" (could not raise it to {wanted}: {exc})"
     reserved = RESERVED_FDS + READER_FDS * max(config.database.read_connections - 4, 0)
-    available = max(soft - reserved, 2)
-    in_progress = min(config.http.max_in_progress, max(available // 4, 1))
-    connections = min(config.limits.max_connections, available - in_progress)
+    available = max(soft - reserved, 3)
+    # Connections in progress hold a descriptor each, and as many again may wait for a turn
+    # (http_front): both come out of what the WebSocket connections may use.
+    in_progress = min(config.http.max_in_progress, max(available // 10, 1))
+    connections = min(config.limits.max_connections, available - 2 * in_progress)
     lowered = ""
     if connections < config.limits.max_connections:
         lowered = f" (limits.max_connections {config.limits.max_connections} lowered to fit)"
