@@ -34,9 +34,12 @@ What every engine guarantees (the daemon's delivery rules rely on each):
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from rows import (
     CommentRow,
@@ -54,6 +57,8 @@ from rows import (
     PitchStats,
     UserRow,
 )
+
+_log = logging.getLogger("pitchey.store")
 
 # Reads whose result could grow with the data are capped at this many rows.
 MAX_ROWS = 100_000
@@ -362,6 +367,55 @@ def pending_order(event: PendingEvent) -> tuple[str, int, int]:
             return (queued_at, 1, message_id)
         case PendingNotification(queued_at=queued_at, notification=notification):
             return (queued_at, 2, notification.id)
+
+
+W = TypeVar("W")
+
+
+class WriteQueue(Generic[W]):
+    """The group-commit queue both engines share: writes waiting for the writer task, each
+    with the future that resolves after its COMMIT (or holds its error), and whether writes
+    fail right now. An engine's writer task takes batches from ``_queue`` and sleeps on
+    ``_wakeup`` while it is empty; ``where`` names the database in log lines."""
+
+    def __init__(self) -> None:
+        self._queue: deque[tuple[W, asyncio.Future[None]]] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._closed = False
+        # Why writes fail right now (cleared by the next commit).
+        self._failing: Unavailable | None = None
+        self._last_commit = time.monotonic()
+
+    @property
+    def where(self) -> str:
+        raise NotImplementedError
+
+    def _submit(self, write: W) -> asyncio.Future[None]:
+        """Queue a write; the future resolves after its COMMIT (or holds the error)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            future.set_exception(StoreClosed("store closed"))
+            return future
+        self._queue.append((write, future))
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            if not wakeup.done():
+                wakeup.set_result(None)
+        return future
+
+    async def _write(self, write: W) -> None:
+        await self._submit(write)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def _note_commit(self) -> None:
+        self._last_commit = time.monotonic()
+        if self._failing is not None:
+            _log.warning("database %s takes writes again (was: %s)", self.where, self._failing)
+            self._failing = None
 
 
 class KeyedLock:

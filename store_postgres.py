@@ -60,7 +60,6 @@ import functools
 import logging
 import re
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +94,7 @@ from store import (
     StoreClosed,
     StoreError,
     Unavailable,
+    WriteQueue,
     pending_order,
 )
 
@@ -404,7 +404,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-class PostgresStore:
+class PostgresStore(WriteQueue[_Write]):
     """``store.Store`` on a PostgreSQL database."""
 
     def __init__(
@@ -418,6 +418,7 @@ class PostgresStore:
     ) -> None:
         if pitchey_schema not in ("create", "existing"):
             raise ValueError(f"pitchey_schema: create or existing, got {pitchey_schema!r}")
+        super().__init__()
         self.url = url
         self.existing = pitchey_schema == "existing"
         self.pool_size = pool_size
@@ -425,17 +426,12 @@ class PostgresStore:
         self.on_commit = on_commit
         self._pool: asyncpg.Pool | None = None
         self._writer: asyncpg.Connection | None = None
-        self._queue: deque[tuple[_Write, asyncio.Future[None]]] = deque()
-        self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._closed = False
         self._pairs = KeyedLock()
         self._message_seq = "messages_id_seq"
         self._conversation_seq = "conversations_id_seq"
         self.transactions = 0
-        self._failing: Unavailable | None = None
         self._corrupt: Corrupt | None = None
-        self._last_commit = time.monotonic()
         self._probe: asyncio.Future[None] | None = None
 
     @property
@@ -558,26 +554,7 @@ class PostgresStore:
             log.error("DATABASE %s IS CORRUPT: %s", self.where, error)
         return error
 
-    def _note_commit(self) -> None:
-        self._last_commit = time.monotonic()
-        if self._failing is not None:
-            log.warning("database %s takes writes again (was: %s)", self.where, self._failing)
-            self._failing = None
-
     # -- the writer ------------------------------------------------------------------------
-
-    def _submit(self, write: _Write) -> asyncio.Future[None]:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self._closed:
-            future.set_exception(StoreClosed("store closed"))
-            return future
-        self._queue.append((write, future))
-        wakeup = self._wakeup
-        if wakeup is not None:
-            self._wakeup = None
-            if not wakeup.done():
-                wakeup.set_result(None)
-        return future
 
     def _submit_later(self, write: _Write) -> None:
         if write.statements:
@@ -586,10 +563,6 @@ class PostgresStore:
     async def flush(self) -> None:
         """Wait until everything queued before this call is committed."""
         await self._submit(_Write())
-
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
 
     async def _write_loop(self) -> None:
         queue = self._queue
@@ -771,9 +744,6 @@ class PostgresStore:
                 else:
                     errors.append(None)
         return errors
-
-    async def _write(self, write: _Write) -> None:
-        await self._submit(write)
 
     # -- reads -----------------------------------------------------------------------------
 

@@ -47,7 +47,6 @@ import re
 import sqlite3
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +82,7 @@ from store import (
     StoreClosed,
     StoreError,
     Unavailable,
+    WriteQueue,
     pending_order,
 )
 
@@ -111,7 +111,7 @@ class _Write:
         return self
 
 
-class SqliteStore:
+class SqliteStore(WriteQueue[_Write]):
     """``store.Store`` on one SQLite file."""
 
     def __init__(
@@ -124,6 +124,7 @@ class SqliteStore:
     ) -> None:
         if read_connections < 1:
             raise ValueError("read_connections: at least 1")
+        super().__init__()
         self.path = path
         self.read_connections = read_connections
         self.synchronous = synchronous
@@ -141,11 +142,7 @@ class SqliteStore:
         self._readers: list[aiosqlite.Connection] = []
         self._idle: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
         self._long_reads = asyncio.Semaphore(max(1, read_connections - 1))
-        # Writes waiting for the writer, and the future it sleeps on while there are none.
-        self._queue: deque[tuple[_Write, asyncio.Future[None]]] = deque()
-        self._wakeup: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
+        self._task: asyncio.Task[None] | None = None  # the writer task (WriteQueue's queue)
         self._pairs = KeyedLock()  # direct conversations being created, by user pair
         self.next_message_id = 1
         self.next_conversation_id = 1
@@ -155,10 +152,8 @@ class SqliteStore:
         self.transactions = 0
         # (st_dev, st_ino) of the database file and its WAL as opened, by path.
         self._identity: dict[str, tuple[int, int]] = {}
-        # Why writes fail right now (cleared by the next commit), and corruption (kept).
-        self._failing: Unavailable | None = None
+        # Corruption, once seen (kept; WriteQueue keeps why writes fail right now).
         self._corrupt: Corrupt | None = None
-        self._last_commit = time.monotonic()
         # One health check of the pages, and one probe write, at a time, shared by callers.
         self._page_check: asyncio.Task[None] | None = None
         self._probe: asyncio.Future[None] | None = None
@@ -416,27 +411,11 @@ class SqliteStore:
                       " nothing until a write succeeds", self.path, error)
         self._failing = error
 
-    def _note_commit(self) -> None:
-        self._last_commit = time.monotonic()
-        if self._failing is not None:
-            log.warning("database %s takes writes again (was: %s)", self.path, self._failing)
-            self._failing = None
+    @property
+    def where(self) -> str:
+        return self.path
 
     # -- the writer ------------------------------------------------------------------------
-
-    def _submit(self, write: _Write) -> asyncio.Future[None]:
-        """Queue a write; the future resolves after its COMMIT (or holds the error)."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self._closed:
-            future.set_exception(StoreClosed("store closed"))
-            return future
-        self._queue.append((write, future))
-        wakeup = self._wakeup
-        if wakeup is not None:
-            self._wakeup = None
-            if not wakeup.done():
-                wakeup.set_result(None)
-        return future
 
     def _submit_later(self, write: _Write) -> None:
         """Queue a write nobody waits for (delivery records, presence); failures are logged."""
@@ -445,10 +424,6 @@ class SqliteStore:
     async def flush(self) -> None:
         """Wait until everything queued before this call is committed."""
         await self._submit(_Write())
-
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
 
     async def _write_loop(self) -> None:
         assert self._writer is not None
@@ -521,9 +496,6 @@ class SqliteStore:
             ordered = sorted(grouped.items(), key=_statement_rank)  # stable: ties keep order
             await self._on_writer(self._guarded, _transaction, db, ordered)
         return bool(grouped)
-
-    async def _write(self, write: _Write) -> None:
-        await self._submit(write)
 
     # -- reads -----------------------------------------------------------------------------
 
