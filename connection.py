@@ -42,6 +42,10 @@ from store import Corrupt, Store, StoreError, Unavailable
 
 log = logging.getLogger("pitchey.connection")
 
+# Per-connection INFO lines ("connected", "disconnected") a second, of each kind; the rest are
+# counted in one line when the second ends.
+CONNECTION_LINES = 10
+
 
 class Sessions:
     """Admits handshakes and runs each connection until it closes."""
@@ -73,6 +77,13 @@ class Sessions:
         # Refused handshakes come in floods (a client retrying a bad token): a few lines a
         # second per reason, with a count of the rest.
         self.refusals = LogSummary(log)
+        # One line per connection opened and closed, but at most CONNECTION_LINES a second of
+        # each: a reconnect storm of 15,000 clients writes a few hundred lines, not 30,000.
+        self.lifecycle = LogSummary(log, per_second=CONNECTION_LINES)
+
+    def flush_logs(self) -> None:
+        self.refusals.close()
+        self.lifecycle.close()
 
     # -- before the handshake --------------------------------------------------------------
 
@@ -136,7 +147,8 @@ class Sessions:
         client = Client(ws, user_id, identity.expires_at, self.hub)
         try:
             await self.hub.attach(client, username, user_type)
-            log.info("user %d connected (%d open)", user_id, self.hub.connections)
+            self.lifecycle.note("connections opened", "user %d connected (%d open)", user_id,
+                                self.hub.connections)
             self.arm_expiry(client)
             await ws.send(p.connected(user_id, username))
             await self.catch_up(client)
@@ -149,12 +161,8 @@ class Sessions:
             pass
         finally:
             self.hub.detach(client)
-            log.info(
-                "user %d disconnected (code %s, %d open)",
-                user_id,
-                ws.close_code,
-                self.hub.connections,
-            )
+            self.lifecycle.note("connections closed", "user %d disconnected (code %s, %d open)",
+                                user_id, ws.close_code, self.hub.connections)
 
     async def profile(self, identity: Identity) -> tuple[str, str | None]:
         """The user's display name and type: from the token, else as last known.

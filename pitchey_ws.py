@@ -198,6 +198,7 @@ class App:
                     task.cancel()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(server.wait_closed(), 1)
+        self.sessions.flush_logs()  # the counts of lines held back in the last second
         self.typing.cancel_all()
         self.service.pitch_typing.cancel_all()
         self.hub.flush_presence()

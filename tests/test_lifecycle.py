@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import sqlite3
 import time
@@ -269,3 +270,27 @@ async def test_shutdown_drops_what_remains_at_the_deadline(tmp_path: Path) -> No
     errors = [line for line in d.log_text().splitlines() if " ERROR " in line]
     assert len(errors) == 1, errors
     assert "1 connections still open and " in errors[0] and "after 1.0s" in errors[0], errors
+
+
+async def test_connection_lines_are_bounded_and_counted(tmp_path: Path) -> None:
+    """A burst of connections logs at most CONNECTION_LINES "connected" lines a second; the
+    rest are counted in a summary line, so lines plus counts add up to every connection (the
+    open and close of 15,000 clients must not write 30,000 lines)."""
+    from connection import CONNECTION_LINES
+
+    burst = 6 * CONNECTION_LINES
+    d = Daemon(tmp_path)
+    d.start()
+    try:
+        connector = Connector(d)
+        await asyncio.gather(*(connector() for _ in range(burst)))
+        await connector.close_all()
+    finally:
+        assert d.stop() == 0  # flushes the counts of the last second
+    text = d.log_text()
+    for kind, line in (("opened", " connected ("), ("closed", " disconnected (code ")):
+        logged = sum(line in row for row in text.splitlines())
+        held = [int(n) for n in re.findall(
+            rf"connections {kind}: (\d+) more like it in the last second", text)]
+        assert logged + sum(held) == burst, (kind, logged, held)
+        assert logged < burst, f"all {burst} connections {kind} logged one line each"
