@@ -131,6 +131,12 @@ class Sessions:
             await ws.close(*p.NOT_AUTHENTICATED)
             return
         user_id = identity.user_id
+        # The handshake's headers are not read again: ~2 KB a connection for as long as it
+        # lives. (websockets keeps the request itself: its parser holds it, and a request of
+        # None would make it take the next frame for a handshake. Its headers are emptied.)
+        if ws.request is not None:
+            ws.request.headers.clear()
+        ws.response = None
         self.handshaking += 1
         try:
             username, user_type = await self.profile(identity)
