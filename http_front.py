@@ -16,10 +16,11 @@ complete. Then one of two things happens:
 Bounds: the request head (``http.max_header_bytes``, 431 beyond), the body
 (``server.max_message_bytes``, 413 beyond), the time to send a head
 (``http.header_timeout_seconds``), and the connections not yet handed over or still being
-answered (``http.max_in_progress``). Beyond that bound as many connections again wait for a
-turn, unread (a burst of reconnects after a restart is served, not refused), for at most the
-header timeout; beyond those, or after that wait, 503. Refusals are logged through a
-:class:`LogSummary`, a few lines a second per kind.
+answered (``http.max_in_progress``). Beyond that bound connections wait for a turn, unread
+(a burst of reconnects after a restart is served, not refused), for at most the header timeout,
+as long as descriptors are left for as many connections as may be in progress (``max_open``,
+what the descriptor limit leaves for clients); beyond those, or after that wait, 503.
+Refusals are logged through a :class:`LogSummary`, a few lines a second per kind.
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ class Front:
         max_in_progress: int,
         header_timeout: float,
         summary: LogSummary,
+        max_open: int | None = None,
     ) -> None:
         self.respond = respond
         self.is_websocket = is_websocket
@@ -148,12 +150,24 @@ class Front:
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
         self.max_in_progress = max_in_progress
+        # Client connections of every kind the descriptors allow (None: no descriptor bound;
+        # then as many may wait as may be in progress).
+        self.max_open = max_open
+        self.open = 0  # client connections with a transport, WebSocket ones included
         self.header_timeout = header_timeout
         self.summary = summary
         self.in_progress: set[FrontConnection] = set()
         # Accepted beyond max_in_progress, unread, in arrival order (a dict as ordered set).
         self.waiting: dict[FrontConnection, None] = {}
         self.refused = 0
+
+    def may_wait(self) -> bool:
+        """Whether one more connection may wait for a turn: while the descriptors still
+        allow a whole in-progress set beyond every open connection, so that connections past
+        the waiting ones are accepted and refused at once, not left in the accept queue."""
+        if self.max_open is None:
+            return len(self.waiting) < self.max_in_progress
+        return self.open + self.max_in_progress <= self.max_open
 
     def connection_class(self) -> type[FrontConnection]:
         """A FrontConnection class bound to this front, for ``serve(create_connection=)``."""
@@ -206,11 +220,12 @@ class FrontConnection(ServerConnection):
         # A stream transport; not necessarily an asyncio.Transport subclass (uvloop's are not).
         self.raw = transport = cast(asyncio.Transport, base)
         front = self.front
+        front.open += 1
         # The first request head is due header_timeout after the accept, a wait included.
         self.head_due = asyncio.get_running_loop().time() + front.header_timeout
         if len(front.in_progress) < front.max_in_progress:
             self._start()
-        elif len(front.waiting) < front.max_in_progress:
+        elif front.may_wait():
             # Unread until its turn (front.next_turn), or refused when its head is due.
             transport.pause_reading()
             front.waiting[self] = None
@@ -269,6 +284,7 @@ class FrontConnection(ServerConnection):
         # Returning None closes the transport.
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.front.open -= 1
         if self.mode == _WS:
             super().connection_lost(exc)
             return

@@ -46,7 +46,8 @@ HERE = Path(__file__).resolve().parent
 class App:
     """The daemon: one config, one store, one hub. ``start()``, then ``stop()``."""
 
-    def __init__(self, config: cfg.Config) -> None:
+    def __init__(self, config: cfg.Config, max_open: int | None = None) -> None:
+        """``max_open``: the client connections the descriptors allow (fit_descriptors)."""
         self.config = config
         self.metrics = Metrics()
         self.store = open_store(
@@ -102,6 +103,7 @@ class App:
             max_in_progress=config.http.max_in_progress,
             header_timeout=config.http.header_timeout_seconds,
             summary=LogSummary(logging.getLogger("pitchey.http")),
+            max_open=max_open,
         )
         self.server: Server | None = None
 
@@ -279,11 +281,12 @@ RESERVED_FDS = 32
 READER_FDS = 3
 
 
-def fit_descriptors(config: cfg.Config) -> tuple[cfg.Config, str]:
+def fit_descriptors(config: cfg.Config) -> tuple[cfg.Config, int, str]:
     """Raise the soft RLIMIT_NOFILE to the hard limit, and keep ``limits.max_connections``
     and ``http.max_in_progress`` within what the descriptors allow, so that the daemon
-    refuses clients (503 server_full) before it runs out of descriptors. Returns the config
-    and a line saying what it got (logged once the daemon listens)."""
+    refuses clients (503 server_full) before it runs out of descriptors. Returns the config,
+    the descriptors left for client connections, and a line saying what it got (logged once
+    the daemon listens)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
     raised = ""
@@ -295,8 +298,9 @@ def fit_descriptors(config: cfg.Config) -> tuple[cfg.Config, str]:
             raised = f" (could not raise it to {wanted}: {exc})"
     reserved = RESERVED_FDS + READER_FDS * max(config.database.read_connections - 4, 0)
     available = max(soft - reserved, 3)
-    # Connections in progress hold a descriptor each, and as many again may wait for a turn
-    # (http_front): both come out of what the WebSocket connections may use.
+    # Connections in progress hold a descriptor each, and at the cap as many again are left
+    # for connections to be refused at once or to wait for a turn (http_front): both come out
+    # of what the WebSocket connections may use.
     in_progress = min(config.http.max_in_progress, max(available // 10, 1))
     connections = min(config.limits.max_connections, available - 2 * in_progress)
     lowered = ""
@@ -308,7 +312,7 @@ def fit_descriptors(config: cfg.Config) -> tuple[cfg.Config, str]:
     line = (f"file descriptors: {soft}{raised}; up to {connections} connections{lowered} and"
             f" {in_progress} requests in progress, {reserved} descriptors kept for the"
             " database and listeners")
-    return config, line
+    return config, available, line
 
 
 class LoopErrors:
@@ -336,8 +340,8 @@ class LoopErrors:
 
 
 async def serve_until_signal(config: cfg.Config) -> int:
-    config, descriptors = fit_descriptors(config)
-    app = App(config)
+    config, max_open, descriptors = fit_descriptors(config)
+    app = App(config, max_open)
     try:
         await app.start()
     except StoreError as exc:

@@ -92,3 +92,50 @@ async def test_connection_cap_follows_the_descriptor_limit(tmp_path: Path) -> No
                 await c.close()
         if d.proc is not None:
             d.stop()
+
+
+async def test_waiting_turns_follow_the_descriptors(tmp_path: Path) -> None:
+    """Beyond http.max_in_progress, connections wait for a turn while the descriptors leave
+    room for a whole in-progress set beyond every open connection: a burst far larger than
+    max_in_progress is served, not refused. Past that room they are refused with 503 at once,
+    and the waiting ones are answered in turn when the ones in progress end."""
+    d = Daemon(tmp_path, {"server.log_level": "INFO"})
+    start_limited(d)
+    got = re.search(r"up to (\d+) connections .* and (\d+) requests in progress", d.log_text())
+    assert got is not None, d.log_text()
+    cap, in_progress = int(got.group(1)), int(got.group(2))
+    # fit_descriptors leaves the cap plus two in-progress sets for clients, so about `cap`
+    # may wait beside a full in-progress set (a few less: the harness's own health checks
+    # may not be closed yet).
+    served, extra = cap - 4, 2 * in_progress + 8
+    assert served > in_progress  # more wait than "as many again"
+    request = b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        # Accepted in order: these take every slot in progress, their heads unfinished.
+        for _ in range(in_progress):
+            streams.append(await asyncio.open_connection("127.0.0.1", d.port))
+        for _ in range(served + extra):
+            reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+            writer.write(request)
+            streams.append((reader, writer))
+        # Read everything from now on: a refused connection is dropped a second after its 503.
+        answers = [asyncio.ensure_future(reader.read()) for reader, _ in streams]
+        holders, waiters = answers[:in_progress], answers[in_progress:in_progress + served]
+        beyond = answers[in_progress + served:]
+        # Past the room for waiting: refused at once, while the slots are still held.
+        refused = await asyncio.wait_for(beyond[-1], TIMEOUT / 2)
+        assert refused.startswith(b"HTTP/1.1 503 ") and b'"busy"' in refused, refused[:200]
+        assert not any(answer.done() for answer in waiters)
+        for _, writer in streams[:in_progress]:
+            writer.write(request)
+        for answer in await asyncio.wait_for(asyncio.gather(*holders, *waiters), TIMEOUT):
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        # Every connection got an answer: served in turn or refused, none left hanging.
+        for answer in await asyncio.wait_for(asyncio.gather(*beyond), TIMEOUT):
+            assert answer.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 503 ")), answer[:200]
+    finally:
+        for _, writer in streams:
+            writer.close()
+        if d.proc is not None:
+            d.stop()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TIMEOUT, Client, Connector, Daemon, conversation, make_token, new_user, running
+from conftest import SCALE, TIMEOUT, Client, Connector, Daemon, conversation, make_token, new_user, running
 
 ORIGIN = "https://app.pitchey.test"
 
@@ -379,27 +379,34 @@ def test_websocket_path_still_refuses_plainly(daemon: Daemon) -> None:
 
 
 async def test_in_progress_bound(tmp_path: Path) -> None:
-    """Beyond http.max_in_progress connections still sending their request, as many again
-    wait for a turn, unread, and are served when one ends; beyond those: 503 at once."""
+    """Beyond http.max_in_progress connections still sending their request, others wait for
+    a turn, unread, and are served in order as the ones in progress end. (How many may wait
+    follows the descriptor limit: test_descriptors.py.)"""
     async with running(tmp_path, {"http.max_in_progress": 1}) as connect:
         port = connect.daemon.port
         request = b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as idle:
             idle.sendall(b"GET /api/health HTTP/1.1\r\n")  # a head that has not ended
-            waiter = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+            waiters = [socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+                       for _ in range(3)]
             try:
-                waiter.sendall(request)
-                # The third finds the slot and the turn taken: refused now.
-                answer = await asyncio.to_thread(raw_request, port, request)
-                assert answer.startswith(b"HTTP/1.1 503 "), answer[:100]
-                # The first ends its head; then the waiting one is answered.
+                for waiter in waiters:
+                    waiter.sendall(request)
+                # Unanswered while the first holds the one slot.
+                waiters[0].settimeout(0.3 * SCALE)
+                with pytest.raises(TimeoutError):
+                    waiters[0].recv(1)
+                waiters[0].settimeout(TIMEOUT)
+                # The first ends its head; then each waiting one is answered in turn.
                 idle.sendall(b"Host: x\r\nConnection: close\r\n\r\n")
                 first = await asyncio.to_thread(read_all, idle)
                 assert first.startswith(b"HTTP/1.1 200 "), first[:100]
-                second = await asyncio.to_thread(read_all, waiter)
-                assert second.startswith(b"HTTP/1.1 200 "), second[:100]
+                for waiter in waiters:
+                    answer = await asyncio.to_thread(read_all, waiter)
+                    assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
             finally:
-                waiter.close()
+                for waiter in waiters:
+                    waiter.close()
         status, _, _ = await acall(port, "GET", "/api/health")
         assert status == 200
 
