@@ -30,6 +30,11 @@ tests/test_multinode.py on Redis with real daemons:
    period counts as online), with their profile.
 6. ``invalidate(change)`` reaches every other daemon's ``on_invalidate`` (conversation
    membership and profiles), best effort: caches also expire by LRU.
+7. ``typing(state, on)`` never waits and never raises: it records that a typing state began
+   (``on``) or ended on this daemon, which announces both itself. When a daemon dies, the one
+   that claims it is given (``on_typing_gone``) every typing state the dead one held that no
+   live daemon holds too, once across all daemons, to announce its end: the dead daemon's
+   timers died with it.
 """
 
 from __future__ import annotations
@@ -61,6 +66,22 @@ class Presence:
     username: str | None
     user_type: str | None
     connected: bool
+
+
+class TypingTopic(enum.Enum):
+    CONVERSATION = "c"
+    PITCH = "p"
+
+
+@dataclass(frozen=True, slots=True)
+class TypingState:
+    """A user typing in a conversation or on a pitch's comments, on one daemon; ``username``
+    as that daemon knew it (the daemon announcing its end may never have held the user)."""
+
+    topic: TypingTopic
+    topic_id: int
+    user_id: int
+    username: str | None
 
 
 class Node(Protocol):
@@ -102,6 +123,8 @@ class Backplane(Protocol):
 
     def invalidate(self, change: Invalidation) -> None: ...
 
+    def typing(self, state: TypingState, on: bool) -> None: ...
+
 
 class InProcess:
     """One daemon: presence is the hub's, the bucket is the local one, nobody to tell.
@@ -142,6 +165,9 @@ class InProcess:
 
     def invalidate(self, change: Invalidation) -> None:
         return None
+
+    def typing(self, state: TypingState, on: bool) -> None:
+        return None  # a dead daemon's typing states died with every connection they had
 
 
 def open_backplane(url: str, **settings: Any) -> Backplane:

@@ -11,6 +11,10 @@ Keys (prefix ``pws:``; one Redis, not Redis Cluster: the scripts touch keys they
   ``grace:{user}`` (string = the node owning the grace period, with a TTL); ``prof:{user}``
   (hash): username and userType, for presence answered by another node.
 - ``rl:{user}`` (hash): the shared token bucket (tokens, stamp), updated by one Lua script.
+- ``typing:{node}`` (hash ``c:{conversation}:{user}`` or ``p:{pitch}:{user}`` -> username):
+  the typing states the node holds. Written when one begins and when it ends, never for a
+  repeated start (the tracker coalesces those), in the publish loop's pipelines; claimed with
+  the node's users, so that the claiming daemon announces their end.
 
 Publishing never waits: frames go into a bounded queue (``backplane.max_outgoing``) drained by
 one task in pipelines. While Redis is unreachable, local traffic goes on; frames for other
@@ -35,7 +39,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from backplane import Invalidation, Leave, Node, Presence, Template
+from backplane import Invalidation, Leave, Node, Presence, Template, TypingState, TypingTopic
 from limits import TokenBucket
 from protocol import dumps, loads
 from rows import EventKind
@@ -44,6 +48,7 @@ log = logging.getLogger("pitchey.backplane")
 
 PREFIX = "pws:"
 KINDS = {kind.value: kind for kind in EventKind}
+TOPICS = {topic.value: topic for topic in TypingTopic}
 
 JOIN = """
 redis.call('HSET', KEYS[1], ARGV[1], 1)
@@ -85,11 +90,14 @@ redis.call('SADD', KEYS[2], ARGV[2])
 return had
 """
 
-# A dead node's users: drop its connections; return those now connected nowhere.
+# A dead node's users: drop its connections; return those now connected nowhere, and its
+# typing states (field, username, ...) that no other registered node holds: a live node
+# holding one announces its end itself, and a dead one is claimed in turn (after this one has
+# left KEYS[1]), so each state is ended once.
 CLAIM = """
 local p, n = ARGV[1], ARGV[2]
-if redis.call('EXISTS', p .. 'node:' .. n) == 1 then return {} end
-if redis.call('SREM', KEYS[1], n) == 0 then return {} end
+if redis.call('EXISTS', p .. 'node:' .. n) == 1 then return {{}, {}} end
+if redis.call('SREM', KEYS[1], n) == 0 then return {{}, {}} end
 local gone = {}
 for _, u in ipairs(redis.call('SMEMBERS', p .. 'nodeusers:' .. n)) do
   local c = p .. 'conns:' .. u
@@ -103,7 +111,26 @@ for _, u in ipairs(redis.call('SMEMBERS', p .. 'nodeusers:' .. n)) do
   end
 end
 redis.call('DEL', p .. 'nodeusers:' .. n)
-return gone
+local ended = {}
+local typing = redis.call('HGETALL', p .. 'typing:' .. n)
+if #typing > 0 then
+  local others = redis.call('SMEMBERS', KEYS[1])
+  for i = 1, #typing, 2 do
+    local held = false
+    for _, m in ipairs(others) do
+      if redis.call('HEXISTS', p .. 'typing:' .. m, typing[i]) == 1 then
+        held = true
+        break
+      end
+    end
+    if not held then
+      table.insert(ended, typing[i])
+      table.insert(ended, typing[i + 1])
+    end
+  end
+  redis.call('DEL', p .. 'typing:' .. n)
+end
+return {gone, ended}
 """
 
 # The token bucket of limits.TokenBucket, shared: Redis's clock, one script, atomic.
@@ -127,6 +154,24 @@ def _channel(user_id: int) -> str:
     return f"{PREFIX}u:{user_id}"
 
 
+def _typing_field(state: TypingState) -> str:
+    return f"{state.topic.value}:{state.topic_id}:{state.user_id}"
+
+
+def _typing_states(flat: list[Any]) -> list[TypingState]:
+    """CLAIM's (field, username, ...) as states; an unreadable field is logged and skipped."""
+    out = []
+    for raw_field, raw_name in zip(flat[::2], flat[1::2], strict=True):
+        field = raw_field.decode() if isinstance(raw_field, bytes) else str(raw_field)
+        name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+        try:
+            topic, topic_id, user_id = field.split(":")
+            out.append(TypingState(TOPICS[topic], int(topic_id), int(user_id), name or None))
+        except (ValueError, KeyError):
+            log.warning("unreadable typing state %r of a dead node", field)
+    return out
+
+
 class RedisBackplane:
     shared = True
 
@@ -144,6 +189,7 @@ class RedisBackplane:
         reconnect_max_seconds: float = 5,
         load_contacts: Callable[[int], Any] | None = None,
         on_offline: Callable[[int, str], None] | None = None,
+        on_typing_gone: Callable[[list[TypingState]], None] | None = None,
     ) -> None:
         self.url = url
         self.node_id = uuid.uuid4().hex[:12]
@@ -156,6 +202,7 @@ class RedisBackplane:
         self.backoff = (reconnect_min_seconds, reconnect_max_seconds)
         self.load_contacts = load_contacts
         self.on_offline = on_offline
+        self.on_typing_gone = on_typing_gone
         # A short timeout: a Redis that stops answering must not hold up the daemon's own
         # work (joins wait on it; everything else is in the background).
         self.redis = aioredis.from_url(url, socket_timeout=2, socket_connect_timeout=2,
@@ -180,6 +227,13 @@ class RedisBackplane:
         self.task: asyncio.Task[None] | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.dropped = 0
+        # Typing states held here (field -> username), and the changes the publish loop has
+        # yet to write. Only that loop writes ``typing:{node}``, so its writes keep their
+        # order; ``typing_rewrite`` (set when a session starts or the node was swept) has it
+        # write the whole hash again instead, which subsumes the changes.
+        self.typing_held: dict[str, str] = {}
+        self.typing_changes: dict[str, str | None] = {}
+        self.typing_rewrite = True
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -222,6 +276,8 @@ class RedisBackplane:
                     log.info("redis backplane unreachable: %s; retrying in %.1fs", exc, delay)
             finally:
                 self.up = False
+                self.typing_changes.clear()
+                self.typing_rewrite = True
                 for task in list(self.tasks):
                     task.cancel()
                 self.tasks.clear()
@@ -277,7 +333,10 @@ class RedisBackplane:
             self.publish(missed, sync_required("backplane_reconnected"), None, None)
 
     async def _register_all(self) -> None:
-        """Every user held here, again (Redis may have restarted empty, or swept us)."""
+        """Every user held here, again (Redis may have restarted empty, or swept us); the
+        typing states too, by the publish loop."""
+        self.typing_rewrite = True
+        self.wakeup.set()
         if not self.users:
             return
         pipe = self.redis.pipeline(transaction=False)
@@ -358,12 +417,16 @@ class RedisBackplane:
     async def _publish_loop(self) -> None:
         outgoing = self.outgoing
         while True:
-            if not outgoing:
+            if not outgoing and not self.typing_changes and not self.typing_rewrite:
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
             batch = [outgoing.popleft() for _ in range(min(self.max_batch, len(outgoing)))]
             pipe = self.redis.pipeline(transaction=False)
+            # Before the frames: a typing start other daemons have seen is one a claim of
+            # this node would find. Lost with the session if the pipeline fails; the next
+            # session writes the whole hash.
+            self._write_typing(pipe)
             for channel, payload in batch:
                 pipe.publish(channel, payload)
             try:
@@ -374,6 +437,36 @@ class RedisBackplane:
                            if c != f"{PREFIX}inv")
                 outgoing.clear()
                 raise
+
+    def _write_typing(self, pipe: Any) -> None:
+        key = f"{PREFIX}typing:{self.node_id}"
+        if self.typing_rewrite:
+            self.typing_rewrite = False
+            self.typing_changes.clear()
+            pipe.delete(key)
+            if self.typing_held:
+                pipe.hset(key, mapping=dict(self.typing_held))
+            return
+        if not self.typing_changes:
+            return
+        changes, self.typing_changes = self.typing_changes, {}
+        begun = {field: name for field, name in changes.items() if name is not None}
+        ended = [field for field, name in changes.items() if name is None]
+        if begun:
+            pipe.hset(key, mapping=begun)
+        if ended:
+            pipe.hdel(key, *ended)
+
+    def typing(self, state: TypingState, on: bool) -> None:
+        field = _typing_field(state)
+        name: str | None = None
+        if on:
+            name = self.typing_held[field] = state.username or ""
+        else:
+            self.typing_held.pop(field, None)
+        if not self.typing_rewrite:  # else the rewrite to come includes this change
+            self.typing_changes[field] = name
+            self.wakeup.set()
 
     def invalidate(self, change: Invalidation) -> None:
         if self.up:
@@ -394,7 +487,8 @@ class RedisBackplane:
             await self._sweep()
 
     async def _sweep(self) -> None:
-        """Claim nodes whose heartbeat expired; announce their users' departures."""
+        """Claim nodes whose heartbeat expired; end their typing states (``on_typing_gone``)
+        and announce their users' departures."""
         nodes = await self.redis.smembers(f"{PREFIX}nodes")
         for raw in nodes:
             other = raw.decode() if isinstance(raw, bytes) else raw
@@ -402,9 +496,12 @@ class RedisBackplane:
                 continue
             if await self.redis.exists(f"{PREFIX}node:{other}"):
                 continue
-            gone = await self._claim(keys=[f"{PREFIX}nodes"], args=[PREFIX, other])
-            if gone:
-                log.info("node %s is gone: %d users offline", other, len(gone))
+            gone, typing = await self._claim(keys=[f"{PREFIX}nodes"], args=[PREFIX, other])
+            if gone or typing:
+                log.info("node %s is gone: %d users offline, %d typing states ended", other,
+                         len(gone), len(typing) // 2)
+            if typing and self.on_typing_gone is not None:
+                self.on_typing_gone(_typing_states(typing))
             for raw_uid in gone:
                 await self._announce_gone(int(raw_uid))
 

@@ -26,7 +26,7 @@ import config as cfg
 import demo
 import protocol as p
 from auth import AuthError, Verifier
-from backplane import open_backplane
+from backplane import TypingState, open_backplane
 from connection import Sessions
 from conversations import Conversations
 from delivery import DeliveryLog
@@ -72,6 +72,7 @@ class App:
             max_batch=bp.max_batch, reconnect_min_seconds=bp.reconnect_min_seconds,
             reconnect_max_seconds=bp.reconnect_max_seconds,
             load_contacts=self.store.contacts, on_offline=self.store.set_last_seen_later,
+            on_typing_gone=self._typing_gone,
         ) if bp.url else open_backplane("")
         self.hub = Hub(
             config.limits,
@@ -112,6 +113,10 @@ class App:
         # (on every daemon).
         self.sessions.profiles.pop(user_id, None)
         self.backplane.invalidate({"profile": user_id})
+
+    def _typing_gone(self, states: list[TypingState]) -> None:
+        """A dead daemon this one claimed was typing: end its states (they need reads)."""
+        self.background.spawn(self.service.typing_gone(states), name="typing-gone")
 
     def _invalidated(self, change: dict[str, object]) -> None:
         """Another daemon changed what this one caches."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import protocol as p
+from backplane import TypingState, TypingTopic
 from config import Config
 from conversations import Conversations
 from delivery import DeliveryLog
@@ -135,7 +136,8 @@ class Service:
         self.watching: dict[int, set[Client]] = {}
         self.subscriptions: dict[Client, set[int]] = {}
         self.pitch_typing = TypingTracker(hub, store, config.typing.ttl_seconds,
-                                          announce=self._announce_pitch_typing)
+                                          announce=self._announce_pitch_typing,
+                                          topic=TypingTopic.PITCH)
         hub.on_detach.append(self._unsubscribe_all)
         hub.on_last_close.append(self.pitch_typing.stop_user)
 
@@ -498,6 +500,29 @@ class Service:
         else:
             self.typing.stop(row.id, user_id)
 
+    async def typing_gone(self, states: list[TypingState]) -> None:
+        """The typing states of a dead daemon this one claimed (backplane contract 7): each
+        ends with one isTyping false to the participants, or the pitch's watchers, on every
+        daemon, its ``typing_indicators`` row with it. Conversations and pitches are read
+        first and the ends announced together, in one turn of the loop; one that cannot be
+        read is logged and skipped (the client's own timeout ends it)."""
+        ends: list[tuple[TypingTracker, TypingState, frozenset[int]]] = []
+        for state in states:
+            try:
+                match state.topic:
+                    case TypingTopic.CONVERSATION:
+                        row = await self.conversations.get(state.topic_id)
+                        if row is not None:
+                            ends.append((self.typing, state, row.members))
+                    case TypingTopic.PITCH:
+                        if await self.pitch(state.topic_id) is not None:
+                            ends.append((self.pitch_typing, state, frozenset()))
+            except StoreError as exc:
+                log.warning("typing of user %d on a dead daemon not ended: %s",
+                            state.user_id, exc)
+        for tracker, state, members in ends:
+            tracker.end_elsewhere(state.topic_id, state.user_id, state.username, members)
+
     # -- the inbox, detailed history, conversation reads (the HTTP API and get_conversations)
 
     async def conversation_list(
@@ -800,13 +825,13 @@ class Service:
         return fields
 
     def _announce_pitch_typing(
-        self, pitch_id: int, user_id: int, _: frozenset[int], typing: bool
+        self, pitch_id: int, user_id: int, username: str | None, _: frozenset[int],
+        typing: bool
     ) -> None:
         pitch = self.pitches.get(pitch_id)
         if pitch is None:
             return
-        user = self.hub.users.get(user_id)
-        frame = p.pitch_user_typing(pitch_id, user_id, user.username if user else None, typing)
+        frame = p.pitch_user_typing(pitch_id, user_id, username, typing)
         self._to_watchers(pitch, frame, owner=True, exclude_user=user_id)
 
     async def pitch_typing_in(self, user_id: int, pitch_id: int, is_typing: bool) -> None:

@@ -4,6 +4,10 @@ A user typing in a conversation has one entry here and a row in ``typing_indicat
 repeated ``typing_start`` only pushes the deadline back (no broadcast, no write); the state ends
 with ``typing_stop``, a sent message, the deadline passing, or the user's last connection
 closing, and each end announces ``isTyping: false`` exactly once.
+
+With other daemons (PROTOCOL.md 13) each begin and end is also told to the backplane, so that
+when this daemon dies, the daemon that claims it ends the states it held (``end_elsewhere``
+there): their timers die with this process.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 from collections.abc import Callable
 
 import protocol as p
+from backplane import TypingState, TypingTopic
 from hub import Hub
 from store import Store
 
@@ -25,29 +30,40 @@ class _Typing:
         self.timer = timer
 
 
-# (topic id, user id, members, typing): a start or an end to announce, for trackers of
-# something other than conversations (pitches: PROTOCOL.md 9).
-Announce = Callable[[int, int, frozenset[int], bool], None]
+# (topic id, user id, username, members, typing): a start or an end to announce, for trackers
+# of something other than conversations (pitches: PROTOCOL.md 9).
+Announce = Callable[[int, int, str | None, frozenset[int], bool], None]
 
 
 class TypingTracker:
     """Typing state keyed by (topic, user): a conversation by default; with ``announce``,
-    any topic (a pitch), announced by that callback instead of to the members and without the
-    ``typing_indicators`` mirror (whose rows are conversations')."""
+    any topic (a pitch, ``topic`` naming it to the backplane), announced by that callback
+    instead of to the members and without the ``typing_indicators`` mirror (whose rows are
+    conversations')."""
 
     def __init__(
-        self, hub: Hub, store: Store, ttl_seconds: float, announce: Announce | None = None
+        self, hub: Hub, store: Store, ttl_seconds: float, announce: Announce | None = None,
+        topic: TypingTopic = TypingTopic.CONVERSATION,
     ) -> None:
         self.hub = hub
         self.store = store
         self.ttl = ttl_seconds
         self.announce = announce
+        self.topic = topic
         self._state: dict[tuple[int, int], _Typing] = {}
         self._by_user: dict[int, set[int]] = {}
 
     def is_noop(self, conversation_id: int, user_id: int, typing: bool) -> bool:
         """True when the frame would change nothing users see (a coalesced repeat)."""
         return ((conversation_id, user_id) in self._state) == typing
+
+    def end_elsewhere(self, conversation_id: int, user_id: int, username: str | None,
+                      members: frozenset[int]) -> None:
+        """A typing state a dead daemon held (backplane contract 7) ends: one isTyping false,
+        and the mirror row with it; nothing when this daemon holds the same state, whose
+        own end announces it."""
+        if (conversation_id, user_id) not in self._state:
+            self._announce(conversation_id, user_id, username, members, False)
 
     def start(self, conversation_id: int, user_id: int, members: frozenset[int]) -> None:
         loop = asyncio.get_running_loop()
@@ -61,7 +77,9 @@ class TypingTracker:
         timer = loop.call_at(deadline, self._expire, key)
         self._state[key] = _Typing(deadline, members, timer)
         self._by_user.setdefault(user_id, set()).add(conversation_id)
-        self._announce(conversation_id, user_id, members, True)
+        username = self._username(user_id)
+        self._share(conversation_id, user_id, username, True)
+        self._announce(conversation_id, user_id, username, members, True)
 
     def stop(self, conversation_id: int, user_id: int) -> None:
         key = (conversation_id, user_id)
@@ -74,7 +92,9 @@ class TypingTracker:
             convs.discard(conversation_id)
             if not convs:
                 del self._by_user[user_id]
-        self._announce(conversation_id, user_id, entry.members, False)
+        username = self._username(user_id)
+        self._share(conversation_id, user_id, username, False)
+        self._announce(conversation_id, user_id, username, entry.members, False)
 
     def stop_user(self, user_id: int) -> None:
         for conversation_id in list(self._by_user.get(user_id, ())):
@@ -97,13 +117,22 @@ class TypingTracker:
             return
         self.stop(*key)
 
+    def _username(self, user_id: int) -> str | None:
+        user = self.hub.users.get(user_id)
+        return user.username if user else None
+
+    def _share(self, topic_id: int, user_id: int, username: str | None, typing: bool) -> None:
+        if self.hub.shared:
+            self.hub.backplane.typing(TypingState(self.topic, topic_id, user_id, username),
+                                      typing)
+
     def _announce(
-        self, conversation_id: int, user_id: int, members: frozenset[int], typing: bool
+        self, conversation_id: int, user_id: int, username: str | None,
+        members: frozenset[int], typing: bool
     ) -> None:
         if self.announce is not None:
-            self.announce(conversation_id, user_id, members, typing)
+            self.announce(conversation_id, user_id, username, members, typing)
             return
-        user = self.hub.users.get(user_id)
-        frame = p.user_typing(user_id, user.username if user else None, conversation_id, typing)
+        frame = p.user_typing(user_id, username, conversation_id, typing)
         self.hub.send_to([m for m in members if m != user_id], frame)
         self.store.set_typing_later(conversation_id, user_id, typing, p.now_iso())

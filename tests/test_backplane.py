@@ -4,6 +4,7 @@ Redis backplanes on a real redis-server, with a recording node instead of a hub.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from conftest import TIMEOUT
 from servers import RedisServer
 
-from backplane import InProcess, Leave
+from backplane import InProcess, Leave, TypingState, TypingTopic
 from limits import TokenBucket
 from rows import EventKind
 
@@ -93,3 +94,58 @@ async def test_redis_twin(pair: tuple[Any, Any, Recorder, Recorder]) -> None:
     waits = [await one.take(3, 1, local), await two.take(3, 1, local),
              await one.take(3, 1, local), await two.take(3, 1, local)]
     assert waits[:3] == [0, 0, 0] and waits[3] > 0
+
+
+async def test_redis_twin_dead_node_typing(redis_server: RedisServer) -> None:
+    """Redis: the typing states of a node that stops beating reach one live node's
+    on_typing_gone, once, with the username; not a state that ended, nor one a live node
+    also holds (contract 7)."""
+    from backplane_redis import PREFIX, RedisBackplane
+
+    ended: list[list[TypingState]] = []
+    arrived = asyncio.Event()
+
+    def record(states: list[TypingState]) -> None:
+        ended.append(states)
+        arrived.set()
+
+    one, two, three = nodes = [
+        RedisBackplane(redis_server.url, node_ttl_seconds=1, heartbeat_seconds=0.2,
+                       on_typing_gone=record) for _ in range(3)]
+    n2, n3 = Recorder(), Recorder()
+    for bp, node in zip(nodes, (Recorder(), n2, n3), strict=True):
+        await bp.start(node, lambda change: None)
+        assert bp.up
+    typing = TypingState(TypingTopic.CONVERSATION, 5, 7, "seven")
+    pitch = TypingState(TypingTopic.PITCH, 41, 7, None)
+    held = TypingState(TypingTopic.CONVERSATION, 6, 7, "seven")
+    over = TypingState(TypingTopic.CONVERSATION, 5, 9, "nine")
+    try:
+        await two.join(70, "seventy", None)
+        await three.join(71, "seventy-one", None)
+        for state in (typing, pitch, held, over):
+            one.typing(state, True)
+        one.typing(over, False)
+        one.publish([70], "{}", None, None)
+        two.typing(held, True)
+        two.publish([71], "{}", None, None)
+        # A node writes its typing changes before the frames published after them.
+        await n2.wait(1)
+        await n3.wait(1)
+        assert len(await one.redis.hgetall(f"{PREFIX}typing:{one.node_id}")) == 3
+        # Killed: no deregistration, the heartbeat stops.
+        assert one.task is not None
+        one.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await one.task
+        async with asyncio.timeout(TIMEOUT):
+            await arrived.wait()
+        await two._sweep()  # both survivors sweep again: the claim is not repeated
+        await three._sweep()
+        assert len(ended) == 1
+        assert sorted(ended[0], key=lambda s: s.topic.value) == [typing, pitch]
+        assert not await two.redis.exists(f"{PREFIX}typing:{one.node_id}")
+    finally:
+        await one.redis.aclose()
+        await two.stop()
+        await three.stop()

@@ -27,6 +27,7 @@ OVERRIDES: dict[str, Any] = {
     "limits.frames_per_second": 1,
     "api.key": KEY,
 }
+TYPING_ROW = "SELECT is_typing FROM typing_indicators WHERE conversation_id = ? AND user_id = ?"
 
 
 class Cluster:
@@ -91,6 +92,12 @@ async def conversation(sender: Client, other: int) -> int:
 def count(client: Client, kind: str, **match: Any) -> int:
     return sum(1 for f in client.seen
                if f.get("type") == kind and all(f.get(k) == v for k, v in match.items()))
+
+
+async def ping(client: Client) -> None:
+    """A barrier: the daemon has written everything queued for this client before the pong
+    (the ends of a dead node's typing are written in one turn of the claiming daemon)."""
+    await client.request({"type": "ping"}, "pong")
 
 
 async def test_message_reaches_other_nodes_once(nodes: list[Connector],
@@ -260,6 +267,81 @@ async def test_killed_node(pair: tuple[Cluster, RedisServer]) -> None:
             if frame["type"] == "queued_message":
                 ids_b.append(frame["messageId"])
         assert ids_b == sent
+    finally:
+        await cluster.close_clients()
+
+
+async def test_killed_node_ends_typing(pair: tuple[Cluster, RedisServer]) -> None:
+    """kill -9 of a daemon while its user types in a conversation and on a pitch: the
+    participant watching the pitch on the other daemon gets one isTyping false for each
+    within the node TTL, and the typing_indicators row stops saying typing."""
+    cluster, _ = pair
+    n1, n2 = cluster.connectors
+    a, b, owner = new_user(), new_user(), new_user()
+    pitch = 700 + a % 1000
+    try:
+        put_pitch(cluster.nodes[1], pitch, owner)
+        a1 = await n1(a, username="Ada")
+        b2 = await n2(b)
+        cid = await conversation(a1, b)
+        await b2.expect("new_message", conversationId=cid)
+        await b2.request({"type": "get_pitch_activity", "pitchId": pitch}, "pitch_activity")
+        await b2.send({"type": "pitch_view", "pitchId": pitch})
+        await ping(b2)
+        await a1.send({"type": "typing_start", "conversationId": cid})
+        await a1.send({"type": "typing", "pitchId": pitch, "isTyping": True})
+        await b2.expect("user_typing", userId=a, isTyping=True, conversationId=cid)
+        await b2.expect("user_typing", userId=a, isTyping=True, pitchId=pitch)
+        await eventually_db(cluster.nodes[1], TYPING_ROW, (cid, a), [(1,)])
+        cluster.nodes[0].kill()
+        ended = await b2.expect("user_typing", userId=a, isTyping=False, conversationId=cid,
+                                timeout=TTL + TIMEOUT)
+        assert ended["username"] == "Ada" and "pitchId" not in ended
+        on_pitch = await b2.expect("user_typing", userId=a, isTyping=False, pitchId=pitch)
+        assert on_pitch["username"] == "Ada"
+        await b2.expect("user_offline", userId=a)
+        await ping(b2)
+        assert count(b2, "user_typing") == 0
+        await eventually_db(cluster.nodes[1], TYPING_ROW, (cid, a), [(0,)])
+    finally:
+        await cluster.close_clients()
+
+
+async def test_killed_node_ends_typing_of_a_user_connected_elsewhere(
+        pair: tuple[Cluster, RedisServer]) -> None:
+    """kill -9 of a daemon where a user types in two conversations, with a tab on the other
+    daemon typing in the second: the first ends at the claim with one isTyping false (the
+    user stays online), the second only when the live tab stops, once."""
+    cluster, _ = pair
+    n1, n2 = cluster.connectors
+    a, b, c = new_user(), new_user(), new_user()
+    try:
+        a1 = await n1(a)
+        a2 = await n2(a)
+        b2 = await n2(b)
+        c2 = await n2(c)
+        one = await conversation(a1, b)
+        two = await conversation(a1, c)
+        await b2.expect("new_message", conversationId=one)
+        await c2.expect("new_message", conversationId=two)
+        for cid in (one, two):
+            await a1.send({"type": "typing_start", "conversationId": cid})
+        await b2.expect("user_typing", userId=a, isTyping=True, conversationId=one)
+        await c2.expect("user_typing", userId=a, isTyping=True, conversationId=two)
+        await a2.send({"type": "typing_start", "conversationId": two})
+        await ping(a2)  # the live daemon holds the typing in two as well
+        cluster.nodes[0].kill()
+        await b2.expect("user_typing", userId=a, isTyping=False, conversationId=one,
+                        timeout=TTL + TIMEOUT)
+        await ping(c2)
+        assert count(c2, "user_typing", isTyping=False) == 0
+        await a2.send({"type": "typing_stop", "conversationId": two})
+        await c2.expect("user_typing", userId=a, isTyping=False, conversationId=two)
+        for client in (b2, c2):
+            await ping(client)
+            assert count(client, "user_typing", isTyping=False) == 0
+        await eventually_db(cluster.nodes[1], TYPING_ROW, (one, a), [(0,)])
+        await eventually_db(cluster.nodes[1], TYPING_ROW, (two, a), [(0,)])
     finally:
         await cluster.close_clients()
 
