@@ -10,7 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SCALE, TIMEOUT, Client, Connector, Daemon, conversation, make_token, new_user, running
+from conftest import (
+    SCALE,
+    TIMEOUT,
+    Client,
+    Connector,
+    Daemon,
+    conversation,
+    make_token,
+    new_user,
+    running,
+)
 
 ORIGIN = "https://app.pitchey.test"
 
