@@ -80,7 +80,7 @@ class DuplicateHeader(Exception):
 
 class LogSummary:
     """Logs at most ``per_second`` lines a second for each kind; the lines held back are
-    counted and reported in one line when the second ends."""
+    counted and reported in one line when the second ends (a line of the next second)."""
 
     def __init__(self, logger: logging.Logger, per_second: int = 3,
                  clock: Callable[[], float] = time.monotonic, level: int = logging.INFO) -> None:
@@ -95,8 +95,10 @@ class LogSummary:
     def note(self, kind: str, message: str, *args: Any) -> None:
         now = self.clock()
         window = self.windows.get(kind)
-        if window is None or now - window[0] >= 1:
-            self.flush(kind)
+        if window is not None and now - window[0] >= 1:
+            self.flush(kind)  # may open the next second with its summary line
+            window = self.windows.get(kind)
+        if window is None:
             window = self.windows[kind] = [now, 0, 0]
         if window[1] < self.per_second:
             window[1] += 1
@@ -119,6 +121,9 @@ class LogSummary:
         if window is not None and window[2]:
             self.logger.log(self.level, "%s: %d more like it in the last second, not logged",
                             kind, int(window[2]))
+            # The summary is a line of the next second: a flood of one kind writes at most
+            # per_second lines a second, summaries included.
+            self.windows[kind] = [self.clock(), 1, 0]
 
     def close(self) -> None:
         for kind in list(self.timers):

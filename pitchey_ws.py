@@ -325,11 +325,13 @@ class LoopErrors:
 
     At the descriptor limit asyncio's accept loop reports ``accept() out of system resource``
     once per queued connection (up to the listen backlog) and again at every retry: hundreds of
-    thousands of tracebacks a minute. Each kind of report is logged at most a few times a
-    second, with a count of the rest; descriptor exhaustion in one line, no traceback."""
+    thousands of tracebacks a minute. Each kind of report is logged at most once a second,
+    that line counting the rest; descriptor exhaustion in one line, no traceback."""
 
     def __init__(self) -> None:
-        self.summary = LogSummary(logging.getLogger("pitchey.loop"), level=logging.ERROR)
+        # One line a second of each kind (the count of the rest included).
+        self.summary = LogSummary(logging.getLogger("pitchey.loop"), per_second=1,
+                                  level=logging.ERROR)
 
     def handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
         message = str(context.get("message", "event loop error"))

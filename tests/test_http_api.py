@@ -445,6 +445,18 @@ def test_log_summary_counts_what_it_holds_back() -> None:
     summary.note("bad", "bad request again")
     assert lines == ["bad request 0", "bad request 1", "other",
                      "bad: 8 more like it in the last second, not logged", "bad request again"]
+    # The summary was a line of its second: with one line a second, a steady flood writes
+    # one line a second, the count of the rest.
+    lines.clear()
+    once = LogSummary(logger, per_second=1, clock=lambda: now[0])
+    for second in range(3):
+        for n in range(5):
+            now[0] = 10 + second + n / 10
+            once.note("accept", "accept failed %d", n)
+    now[0] = 13.5
+    once.flush("accept")
+    held = "accept: %d more like it in the last second, not logged"
+    assert lines == ["accept failed 0", held % 4, held % 5, held % 5], lines
 
 
 def test_port_and_host_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
