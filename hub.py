@@ -85,6 +85,11 @@ class Background:
 # A replay or sync writes its frames in batches of this many: one socket write per batch (a
 # write per frame cost a system call and a wake-up of the reader each), then other tasks run.
 WRITE_BATCH = 8
+# With other daemons, how long a connection remembers the events its replay carried: another
+# daemon's frame for one of them can arrive over the backplane after the replay ended (the
+# replay read the committed row first), and is then not written again. Frames that late are
+# beyond any backplane delay the daemon tolerates otherwise.
+REPLAYED_SECONDS = 10.0
 
 
 class Client:
@@ -96,7 +101,7 @@ class Client:
     """
 
     __slots__ = ("closing", "expires_at", "expiry", "flood", "held", "held_bytes", "hub",
-                 "replaying", "user", "user_id", "ws")
+                 "replayed", "replaying", "user", "user_id", "ws")
 
     def __init__(
         self, ws: ServerConnection | None, user_id: int, expires_at: float | None, hub: Hub
@@ -113,6 +118,8 @@ class Client:
         self.replaying = True
         self.held: list[tuple[str, Event | None]] = []
         self.held_bytes = 0
+        # With other daemons, for REPLAYED_SECONDS after the replay: the events it carried.
+        self.replayed: set[Event] | None = None
 
     # -- transport -------------------------------------------------------------------------
 
@@ -209,6 +216,14 @@ class Client:
             if event is not None and event in carried:
                 continue
             self.send(text, event)
+        if self.hub.shared and carried:
+            # The replay may have read a row another daemon committed before that daemon's
+            # frame for it came over the backplane: that frame, arriving now, is not written.
+            self.replayed = carried
+            asyncio.get_running_loop().call_later(REPLAYED_SECONDS, self._forget_replayed)
+
+    def _forget_replayed(self) -> None:
+        self.replayed = None
 
 
 class UserState:
@@ -492,6 +507,10 @@ class Hub:
                         assert event is not None
                         tagged = (event[0], event[1], uid if event[2] is None else event[2])
                     client.send(text, tagged)
+                elif (tag and client.replayed is not None and event is not None
+                      and (event[0], event[1], uid if event[2] is None else event[2])
+                      in client.replayed):
+                    continue  # carried by the replay just before (Client.end_replay)
                 else:
                     targets.append(client)
                     written = True

@@ -26,6 +26,7 @@ its fixture, since it needs the daemon of tests/conftest.py.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import glob
@@ -38,6 +39,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -358,6 +360,81 @@ class RedisServer(_Server):
             return self.command("PING") == b"+PONG"
         except OSError:
             return False
+
+
+class SlowLink:
+    """A TCP relay to a Redis on 127.0.0.1 whose subscriber connections are slow: what Redis
+    sends on a connection that has sent SUBSCRIBE reaches the client ``delay`` seconds late
+    (changeable at any time; bytes keep their order), while commands and their replies on
+    other connections pass at once. Published frames then arrive late at one daemon, whose
+    heartbeats and presence still work. It runs its own event loop on a thread, so a test's
+    blocking calls do not stall it."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.delay = 0.0
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(started,), daemon=True)
+        self.thread.start()
+        started.wait(START_TIMEOUT)
+        self.port: int = self._port
+
+    def _run(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def listen() -> asyncio.Server:
+            return await asyncio.start_server(self._relay, "127.0.0.1", 0)
+
+        self.server = self.loop.run_until_complete(listen())
+        self._port = self.server.sockets[0].getsockname()[1]
+        started.set()
+        self.loop.run_forever()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        subscriber = False
+        replies: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def up() -> None:  # client -> Redis, at once
+            nonlocal subscriber
+            while data := await reader.read(65536):
+                subscriber = subscriber or b"SUBSCRIBE" in data.upper()
+                up_writer.write(data)
+            up_writer.close()
+
+        async def take_in() -> None:  # Redis -> queue, stamped with when it arrived
+            while data := await up_reader.read(65536):
+                replies.put_nowait((self.loop.time(), data))
+            replies.put_nowait((self.loop.time(), b""))
+
+        async def pass_on() -> None:  # queue -> client; a subscriber's `delay` late
+            while True:
+                arrived, data = await replies.get()
+                if subscriber:
+                    # The delay is the point of this relay (an injected latency), not a
+                    # wait for something to happen.
+                    await asyncio.sleep(max(0.0, arrived + self.delay - self.loop.time()))
+                if not data:
+                    writer.close()
+                    return
+                writer.write(data)
+
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            await asyncio.gather(up(), take_in(), pass_on())
+
+    def close(self) -> None:
+        async def shut() -> None:
+            self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shut(), self.loop).result(STOP_TIMEOUT)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(STOP_TIMEOUT)
+        self.loop.close()
 
 
 # -- fixtures --------------------------------------------------------------------------------

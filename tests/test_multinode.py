@@ -7,15 +7,18 @@ within ``presence.node_ttl_seconds``, short here.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import re
+import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from backend import KEY, put_pitch
-from conftest import TIMEOUT, Client, Connector, Daemon, eventually_db, new_user
-from servers import PostgresServer, RedisServer
+from conftest import TIMEOUT, Client, Connector, Daemon, eventually, eventually_db, new_user
+from servers import PostgresServer, RedisServer, SlowLink
 
 TTL = 2.0
 OVERRIDES: dict[str, Any] = {
@@ -427,3 +430,68 @@ async def test_create_conversation_retry_on_two_nodes_is_one(nodes: list[Connect
                                     tab2.request(frame, "conversation_created"))
     assert one["conversationId"] == two["conversationId"]
     assert not [f for f in tab1.seen + tab2.seen if f.get("type") == "error"]
+
+
+async def test_replay_then_late_frame_from_another_node(
+    tmp_path: Path, postgres_server: PostgresServer, fresh_redis_server: RedisServer
+) -> None:
+    """A message committed on one daemon and replayed by another on connect is not written a
+    second time when the first daemon's frame for it arrives after the replay (here the
+    second daemon's subscriber link to Redis is 3 s slow): the recipient gets it once, then
+    the next message live."""
+    url = postgres_server.create_database()
+    link = SlowLink(fresh_redis_server.port)
+    (tmp_path / "writer").mkdir()
+    (tmp_path / "late").mkdir()
+    writer = Daemon(tmp_path / "writer", {**OVERRIDES, "backplane.url": fresh_redis_server.url},
+                    database_url=url)
+    late = Daemon(tmp_path / "late", {**OVERRIDES, "backplane.url":
+                                      f"redis://127.0.0.1:{link.port}/0"}, database_url=url)
+    writers, lates = Connector(writer), Connector(late)
+    try:
+        writer.start()
+        late.start()
+        a, b = new_user(), new_user()
+        a1 = await writers(a)
+        cid = await conversation(a1, b)  # b is offline: owed to b
+        link.delay = 3.0
+        # b connects to the late daemon: it subscribes to b's channel, waits (up to 2 s) for
+        # the confirmation, which comes late, then replays.
+        connecting = asyncio.ensure_future(lates(b))
+        await eventually(lambda: subscribers(fresh_redis_server.port, f"pws:u:{b}") == 1)
+        sent = await a1.request({"type": "send_message", "conversationId": cid,
+                                 "content": "late", "requestId": "late"},
+                                "message_sent", requestId="late")
+        # Committed before the replay reads; its frame reaches the late daemon after it.
+        b2 = await connecting
+        replayed = [(await b2.expect("queued_message"))["messageId"] for _ in range(2)]
+        assert replayed[-1] == sent["messageId"]
+        nxt = await a1.request({"type": "send_message", "conversationId": cid,
+                                "content": "next", "requestId": "next"},
+                               "message_sent", requestId="next")
+        # One daemon's frames reach another in order: the late one came before this one.
+        await b2.expect("new_message", messageId=nxt["messageId"], timeout=TIMEOUT + 3)
+        assert count(b2, "new_message", messageId=sent["messageId"]) == 0
+    finally:
+        await writers.close_all()
+        await lates.close_all()
+        for node in (writer, late):
+            if node.proc is not None:
+                with contextlib.suppress(Exception):
+                    node.stop()
+        link.close()
+
+
+def subscribers(port: int, channel: str) -> int:
+    """PUBSUB NUMSUB of one channel, read from Redis directly."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+        s.sendall(f"*3\r\n$6\r\nPUBSUB\r\n$6\r\nNUMSUB\r\n${len(channel)}\r\n{channel}\r\n"
+                  .encode())
+        reply = b""
+        while not re.search(rb"\r\n:(\d+)\r\n$", reply):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    found = re.search(rb":(\d+)\r\n$", reply)
+    return int(found.group(1)) if found else 0
