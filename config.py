@@ -169,6 +169,10 @@ class NotificationsConfig:
 @dataclass(frozen=True)
 class ApiConfig:
     key: str = ""
+    # A listener of its own for the backend's API (0: it shares the main port), and its
+    # interface ("": server.host).
+    port: int = 0
+    host: str = ""
     max_publish_users: int = 1000
     max_event_bytes: int = 16384
     max_allowed_users: int = 10000
@@ -327,6 +331,8 @@ def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -
         )
     if not 0 <= config.server.port <= 65535:
         raise ConfigError(f"server.port: out of range: {config.server.port}")
+    if not 0 <= config.api.port <= 65535:
+        raise ConfigError(f"api.port: out of range: {config.api.port}")
     if config.server.log_level.upper() not in _LOG_LEVELS:
         raise ConfigError(f"server.log_level: one of {', '.join(_LOG_LEVELS)}")
     if config.database.synchronous.upper() not in _SYNCHRONOUS:

@@ -176,9 +176,18 @@ class HttpApi:
     # -- the responder ---------------------------------------------------------------------
 
     async def respond(self, conn: FrontConnection, request: HttpRequest) -> Answer:
-        answer = await self._route(conn, request)
+        # With a listener of its own (api.port), the backend's API is not on this one.
+        answer = await self._route(conn, request, backend_here=not self.backend.port)
         answer.headers.extend(self.cors(request))
         return answer
+
+    async def respond_backend(self, conn: FrontConnection, request: HttpRequest) -> Answer:
+        """The backend API's own listener (``api.port``): its routes and ``/api/health``
+        only (no CORS: a server calls it, not a page)."""
+        path = urlsplit(request.target).path
+        if path != "/api/health" and self._backend_route(path) is None:
+            return error(404, "not_found", "Not found")
+        return await self._route(conn, request, backend_here=True)
 
     def _backend_route(
         self, path: str
@@ -209,10 +218,11 @@ class HttpApi:
             return ("POST",), None, ()
         return (), None, ()
 
-    async def _route(self, conn: FrontConnection, request: HttpRequest) -> Answer:
+    async def _route(self, conn: FrontConnection, request: HttpRequest,
+                     backend_here: bool = True) -> Answer:
         url = urlsplit(request.target)
         path = url.path
-        backend = self._backend_route(path)
+        backend = self._backend_route(path) if backend_here else None
         methods, handler, params = self._allowed(path) if backend is None else (
             backend[0], None, backend[2])
         if not methods:

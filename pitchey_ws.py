@@ -107,6 +107,17 @@ class App:
             max_open=max_open,
         )
         self.server: Server | None = None
+        # The backend's API on a listener of its own (api.port): plain HTTP, no WebSocket.
+        self.api_front = Front(
+            self.api.respond_backend, _no_websocket, self.api.websocket_refusal,
+            max_header_bytes=config.http.max_header_bytes,
+            max_body_bytes=config.server.max_message_bytes,
+            max_in_progress=config.http.max_in_progress,
+            header_timeout=config.http.header_timeout_seconds,
+            summary=LogSummary(logging.getLogger("pitchey.api")),
+            max_open=max_open,
+        ) if config.api.port else None
+        self.api_server: Server | None = None
 
     def _forget_profile(self, user_id: int) -> None:
         # The backend registered a new profile: read it again at the user's next handshake
@@ -170,14 +181,37 @@ class App:
                 backlog=self.config.server.backlog,
                 logger=logging.getLogger("pitchey.websockets"),
             )
+            if self.api_front is not None:
+                self.api_server = await self._serve_api(self.api_front)
         except BaseException:
+            if self.server is not None:
+                self.server.close()
+                await self.server.wait_closed()
             await self.store.close()
             raise
         self.background.spawn(self.service.prune_loop(), name="notification-prune")
         for sock in self.server.sockets:
             name = sock.getsockname()
             log.info("listening on http://%s:%d (ws path %s)", name[0], name[1], WS_PATH)
+        for sock in self.api_server.sockets if self.api_server is not None else ():
+            name = sock.getsockname()
+            log.info("backend API listening on http://%s:%d%s", name[0], name[1],
+                     "" if self.config.api.key else " (api.key is not set: it answers 404)")
         return self.server
+
+    async def _serve_api(self, front: Front) -> Server:
+        """The backend API's listener: the same HTTP front, never handing over to
+        websockets (a handshake there is an HTTP request like any, answered 404)."""
+        return await serve(
+            self.sessions.handle,
+            self.config.api.host or self.config.server.host,
+            self.config.api.port,
+            create_connection=front.connection_class(),
+            server_header="pitchey-ws",
+            compression=None,
+            backlog=self.config.server.backlog,
+            logger=logging.getLogger("pitchey.websockets"),
+        )
 
     async def stop(self) -> None:
         """Graceful shutdown, in a fixed order: stop accepting, ask every connection to close
@@ -205,6 +239,11 @@ class App:
                     task.cancel()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(server.wait_closed(), 1)
+        if self.api_server is not None and self.api_front is not None:
+            self.api_server.close()
+            self.api_front.abort_all()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.api_server.wait_closed(), 1)
         self.sessions.flush_logs()  # the counts of lines held back in the last second
         self.typing.cancel_all()
         self.service.pitch_typing.cancel_all()
@@ -213,6 +252,10 @@ class App:
         await self.backplane.stop()
         await self.store.close()
         log.info("stopped")
+
+
+def _no_websocket(method: str, target: str, headers: list[tuple[str, str]]) -> bool:
+    return False
 
 
 # -- logging --------------------------------------------------------------------------------

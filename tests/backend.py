@@ -13,14 +13,16 @@ KEY = "test-api-key-" + "fedcba9876543210" * 3
 
 
 def call(daemon: Daemon, method: str, path: str, body: Any = None, *,
-         key: str | None = KEY, token: str | None = None) -> tuple[int, Any]:
-    """One HTTP request with a JSON body; (status, decoded JSON answer or None)."""
+         key: str | None = KEY, token: str | None = None,
+         base: str | None = None) -> tuple[int, Any]:
+    """One HTTP request with a JSON body; (status, decoded JSON answer or None). ``base``:
+    another listener than the daemon's main one (``http://127.0.0.1:PORT``)."""
     headers = {"Content-Type": "application/json"}
     bearer = token if token is not None else key
     if bearer is not None:
         headers["Authorization"] = f"Bearer {bearer}"
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(daemon.http + path, data=data, method=method,
+    request = urllib.request.Request((base or daemon.http) + path, data=data, method=method,
                                      headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=5 * SCALE) as response:

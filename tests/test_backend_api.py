@@ -13,7 +13,18 @@ from pathlib import Path
 
 import pytest
 from backend import KEY, call
-from conftest import ROOT, Client, Connector, Daemon, make_token, new_user, running
+from conftest import (
+    ROOT,
+    Client,
+    Connector,
+    Daemon,
+    free_port,
+    make_token,
+    new_user,
+    running,
+)
+from websockets.asyncio.client import connect as connect_ws
+from websockets.exceptions import InvalidStatus
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +244,29 @@ def test_backend_doc_curl_commands_work(daemon: Daemon) -> None:
         done = subprocess.run(["sh", "-c", command.strip() + " --fail-with-body -sS"], env=env,
                               capture_output=True, text=True, timeout=30, check=False)
         assert done.returncode == 0, (shlex.quote(command), done.stdout, done.stderr)
+
+
+async def test_backend_api_on_a_listener_of_its_own(tmp_path: Path) -> None:
+    """api.port: the backend's API (and /api/health) answers on that listener and no longer
+    on the main port (404); the users' routes and WebSockets stay on the main port."""
+    api_port = free_port()
+    api = f"http://127.0.0.1:{api_port}"
+    async with running(tmp_path, {"api.key": KEY, "api.port": api_port}) as connect:
+        d = connect.daemon
+        assert f"backend API listening on {api}" in d.log_text()
+        user = new_user()
+        client = await connect(user)
+        await client.request({"type": "ping"}, "pong")
+        publish = {"users": [user], "event": {"type": "pitch_saved", "pitchId": 4}}
+        status, answer = call(d, "POST", "/api/publish", publish, base=api)
+        assert status == 200 and answer["delivered"] == 1, answer
+        await client.expect("pitch_saved", pitchId=4)
+        status, answer = call(d, "POST", "/api/publish", publish)
+        assert status == 404 and answer["error"] == "not_found", answer
+        assert call(d, "GET", "/api/health", key=None, base=api)[0] == 200
+        token = make_token(user)
+        assert call(d, "GET", "/api/messages/conversations", token=token, base=api)[0] == 404
+        assert call(d, "GET", "/api/messages/conversations", token=token)[0] == 200
+        with pytest.raises(InvalidStatus) as refused:
+            await connect_ws(f"ws://127.0.0.1:{api_port}/api/messages/ws?token={token}")
+        assert refused.value.response.status_code == 404

@@ -152,6 +152,8 @@ def test_env_values_are_validated() -> None:
         config.load(None, {"PITCHEY_WS_SERVER_PORT": "70000"})
     with pytest.raises(ConfigError, match=r"auth\.exp_unit"):
         config.load(None, {"PITCHEY_WS_AUTH_EXP_UNIT": "minutes"})
+    with pytest.raises(ConfigError, match=r"api\.port"):
+        config.load(None, {"PITCHEY_WS_API_PORT": "65536"})
 
 
 @pytest.mark.parametrize(
