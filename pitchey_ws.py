@@ -231,12 +231,18 @@ class App:
             except TimeoutError:
                 remaining = [c for c in server.all_connections if c.transport is not None]
                 running = [t for t in server.handler_tasks if not t.done()]
-                log.error("%d connections still open and %d connection handlers still running"
-                          " after %.1fs; dropping them", len(remaining), len(running), deadline)
-                for connection in remaining:
-                    connection.transport.abort()
-                for task in server.handler_tasks:
-                    task.cancel()
+                if remaining or running:
+                    log.error("%d connections still open and %d connection handlers still"
+                              " running after %.1fs; dropping them", len(remaining),
+                              len(running), deadline)
+                    for connection in remaining:
+                        connection.transport.abort()
+                    for task in server.handler_tasks:
+                        task.cancel()
+                else:
+                    # Nothing left to drop: the loop was still busy closing connections
+                    # (16,000 of them take seconds) when the deadline came round.
+                    log.warning("closing every connection took longer than %.1fs", deadline)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(server.wait_closed(), 1)
         if self.api_server is not None and self.api_front is not None:
