@@ -131,6 +131,8 @@ class LogSummary:
 
 
 Respond = Callable[["FrontConnection", HttpRequest], Awaitable[Answer]]
+# (method, target, headers) -> whether the request is a WebSocket handshake to hand over.
+IsWebSocket = Callable[[str, str, list[tuple[str, str]]], bool]
 
 
 class Front:
@@ -139,7 +141,7 @@ class Front:
     def __init__(
         self,
         respond: Respond,
-        is_websocket: Callable[[str, str, list[tuple[str, str]]], bool],
+        is_websocket: IsWebSocket,
         websocket_refusal: Callable[[list[tuple[str, str]]], Answer | None],
         *,
         max_header_bytes: int,

@@ -31,7 +31,7 @@ from connection import Sessions
 from conversations import Conversations
 from delivery import DeliveryLog
 from http_api import HttpApi, is_websocket
-from http_front import Front, LogSummary
+from http_front import Front, IsWebSocket, LogSummary, Respond
 from http_routes import WS_PATH, Routes
 from hub import Background, Hub
 from metrics import Metrics
@@ -97,27 +97,26 @@ class App:
         self.api = HttpApi(self.routes, self.service, self.hub, lambda: self.verifier,
                            self.sessions.profile, self._cors_origins, self.sessions.limits,
                            config.api, self._forget_profile)
-        self.front = Front(
-            self.api.respond, is_websocket, self.api.websocket_refusal,
-            max_header_bytes=config.http.max_header_bytes,
-            max_body_bytes=config.server.max_message_bytes,
-            max_in_progress=config.http.max_in_progress,
-            header_timeout=config.http.header_timeout_seconds,
-            summary=LogSummary(logging.getLogger("pitchey.http")),
-            max_open=max_open,
-        )
+        self.front = self._front(self.api.respond, is_websocket, "pitchey.http", max_open)
         self.server: Server | None = None
         # The backend's API on a listener of its own (api.port): plain HTTP, no WebSocket.
-        self.api_front = Front(
-            self.api.respond_backend, _no_websocket, self.api.websocket_refusal,
-            max_header_bytes=config.http.max_header_bytes,
-            max_body_bytes=config.server.max_message_bytes,
-            max_in_progress=config.http.max_in_progress,
-            header_timeout=config.http.header_timeout_seconds,
-            summary=LogSummary(logging.getLogger("pitchey.api")),
-            max_open=max_open,
-        ) if config.api.port else None
+        self.api_front = self._front(self.api.respond_backend, _no_websocket, "pitchey.api",
+                                     max_open) if config.api.port else None
         self.api_server: Server | None = None
+
+    def _front(self, respond: Respond, websocket: IsWebSocket, logger: str,
+               max_open: int | None) -> Front:
+        """An HTTP front (http_front.py) with the config's bounds; ``websocket`` tells which
+        requests are handed over to websockets."""
+        return Front(
+            respond, websocket, self.api.websocket_refusal,
+            max_header_bytes=self.config.http.max_header_bytes,
+            max_body_bytes=self.config.server.max_message_bytes,
+            max_in_progress=self.config.http.max_in_progress,
+            header_timeout=self.config.http.header_timeout_seconds,
+            summary=LogSummary(logging.getLogger(logger)),
+            max_open=max_open,
+        )
 
     def _forget_profile(self, user_id: int) -> None:
         # The backend registered a new profile: read it again at the user's next handshake
