@@ -1316,42 +1316,37 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "met": None if void else ok, "detail": detail, "void": void,
                     "noisy": any(r.get("noisy") for r in runs)})
 
-    d_o2o, r_o2o = get(t, "daemon", "one_to_one"), get(t, "relay", "one_to_one")
-    if d_o2o and r_o2o:
-        ratio = d_o2o["messages_per_s"] / r_o2o["messages_per_s"]
-        add("1:1 persisted vs bare relay", round(ratio, 3), ">= 0.75x", ratio >= 0.75,
-            f"{d_o2o['messages_per_s']:.0f} vs {r_o2o['messages_per_s']:.0f} msg/s; server CPU"
-            f" {d_o2o['server_cpu_us_per_message']} vs {r_o2o['server_cpu_us_per_message']} us/msg"
-            f" (CPU-based ratio {cpu_ratio(r_o2o, d_o2o, 'server_cpu_us_per_message')})",
-            d_o2o["void"] or r_o2o["void"], d_o2o, r_o2o)
-    p_o2o = get(t, "daemon+postgres", "one_to_one")
-    if p_o2o and r_o2o:
-        ratio = p_o2o["messages_per_s"] / r_o2o["messages_per_s"]
-        add("1:1 on PostgreSQL vs bare relay", round(ratio, 3), ">= 0.5x", ratio >= 0.5,
-            f"{p_o2o['messages_per_s']:.0f} vs {r_o2o['messages_per_s']:.0f} msg/s; server CPU"
-            f" {p_o2o['server_cpu_us_per_message']} vs {r_o2o['server_cpu_us_per_message']}"
-            f" us/msg, PostgreSQL {p_o2o.get('postgres_cpu_us_per_message')} us/msg",
-            p_o2o["void"] or r_o2o["void"], p_o2o, r_o2o)
-    d_f, r_f = get(t, "daemon", "fanout", "100"), get(t, "relay", "fanout", "100")
-    if d_f and r_f:
-        ratio = d_f["deliveries_per_s"] / r_f["deliveries_per_s"]
-        add("fan-out 100 members vs bare relay", round(ratio, 3), ">= 0.95x", ratio >= 0.95,
-            f"{d_f['deliveries_per_s']:.0f} vs {r_f['deliveries_per_s']:.0f} deliveries/s; server"
-            f" CPU {d_f['server_cpu_us_per_delivery']} vs {r_f['server_cpu_us_per_delivery']}"
-            f" us/delivery (CPU-based ratio {cpu_ratio(r_f, d_f, 'server_cpu_us_per_delivery')})",
-            d_f["void"] or r_f["void"], d_f, r_f)
-    for label, key, rate, unit in (
-        ("1:1", ("one_to_one",), "messages", "message"),
-        ("fan-out 100 members", ("fanout", "100"), "deliveries", "delivery"),
-    ):
-        d, r = get(t, "daemon", *key), get(t, "relay-socketio", *key)
-        if d and r:
-            per_s, cpu = f"{rate}_per_s", f"server_cpu_us_per_{unit}"
-            ratio = d[per_s] / r[per_s]
-            add(f"{label} vs python-socketio relay", round(ratio, 3), "> 1x (ahead)", ratio > 1,
-                f"{d[per_s]:.0f} vs {r[per_s]:.0f} {rate}/s; server CPU {d[cpu]} vs {r[cpu]}"
-                f" us/{unit} (CPU-based ratio {cpu_ratio(r, d, cpu)})",
-                d["void"] or r["void"], d, r)
+    def versus(name: str, target: str, reference: str, key: tuple[str, ...], rate: str,
+               unit: str, goal: str, passes: Callable[[float], bool],
+               shown: tuple[str, str] | None = None,
+               tail: Callable[[dict[str, Any], dict[str, Any]], str] | None = None) -> None:
+        """``target`` against ``reference`` on one scenario: the rate ratio, both servers' CPU
+        per operation, and the CPU-based ratio (or ``tail``). ``shown``: the rate's and the
+        unit's words in the detail, when not ``rate`` and ``unit``."""
+        d, r = get(t, target, *key), get(t, reference, *key)
+        if not (d and r):
+            return
+        per_s, cpu = f"{rate}_per_s", f"server_cpu_us_per_{unit}"
+        rate_word, unit_word = shown or (rate, unit)
+        ratio = d[per_s] / r[per_s]
+        add(name, round(ratio, 3), goal, passes(ratio),
+            f"{d[per_s]:.0f} vs {r[per_s]:.0f} {rate_word}/s; server CPU {d[cpu]} vs {r[cpu]}"
+            f" us/{unit_word}"
+            + (tail(d, r) if tail else f" (CPU-based ratio {cpu_ratio(r, d, cpu)})"),
+            d["void"] or r["void"], d, r)
+
+    one, fan = ("one_to_one",), ("fanout", "100")
+    versus("1:1 persisted vs bare relay", "daemon", "relay", one, "messages", "message",
+           ">= 0.75x", lambda x: x >= 0.75, ("msg", "msg"))
+    versus("1:1 on PostgreSQL vs bare relay", "daemon+postgres", "relay", one, "messages",
+           "message", ">= 0.5x", lambda x: x >= 0.5, ("msg", "msg"),
+           lambda d, _: f", PostgreSQL {d.get('postgres_cpu_us_per_message')} us/msg")
+    versus("fan-out 100 members vs bare relay", "daemon", "relay", fan, "deliveries",
+           "delivery", ">= 0.95x", lambda x: x >= 0.95)
+    for label, key, rate, unit in (("1:1", one, "messages", "message"),
+                                   ("fan-out 100 members", fan, "deliveries", "delivery")):
+        versus(f"{label} vs python-socketio relay", "daemon", "relay-socketio", key, rate, unit,
+               "> 1x (ahead)", lambda x: x > 1)
     st = get(t, "daemon", "storm")
     if st:
         kib = st["kib_per_connection"]
