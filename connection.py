@@ -27,7 +27,7 @@ from config import Config, parser_limits
 from handlers import Handlers
 from http_front import LogSummary
 from http_routes import json_response
-from hub import WRITE_BATCH, Client, Hub, expiry_delay
+from hub import Client, Framed, Hub, expiry_delay
 from metrics import Metrics
 from rows import (
     Event,
@@ -220,20 +220,19 @@ class Sessions:
     async def replay(self, client: Client) -> set[Event]:
         """Send the user's undelivered durable events, oldest first, bounded; return them."""
         carried: set[Event] = set()
-        record = self.service.deliveries.record
         frames_out = self.metrics.frames_out
         user_id = client.user_id
-        pending = await self.service.pending(user_id)
-        for start in range(0, len(pending), WRITE_BATCH):
-            framed = [_replay_frame(item, user_id) for item in pending[start:start + WRITE_BATCH]]
-            client.write_batch([frame for frame, _ in framed])
-            for _, event in framed:
+
+        def written(batch: list[Framed]) -> None:
+            for _, event in batch:
+                assert event is not None  # every replayed frame is a durable event
                 carried.add(event)
-                record(event, user_id)
                 frames_out[
                     "notification" if event[0] is EventKind.NOTIFICATION else "queued_message"
                 ] += 1
-            await client.drain()
+
+        await client.write_events(await self.service.pending(user_id),
+                                  lambda item: _replay_frame(item, user_id), written)
         return carried
 
     async def dispatch(self, client: Client, text: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import protocol as p
 from auth import AuthError, Verifier
-from hub import WRITE_BATCH, Client, iso_expiry
+from hub import Client, iso_expiry
 from metrics import Metrics
 from rows import EventKind
 from service import INBOX_DEFAULT, Service
@@ -105,15 +105,11 @@ class Handlers:
 
     async def on_sync(self, client: Client, cmd: p.Sync) -> None:
         rows, has_more = await self.service.since(client.user_id, cmd.since_message_id)
-        deliveries = self.service.deliveries
         user_id = client.user_id
-        for start in range(0, len(rows), WRITE_BATCH):
-            batch = rows[start:start + WRITE_BATCH]
-            client.write_batch([p.queued_new_message(row, row.sent_at) for row in batch])
-            for row in batch:
-                if row.sender_id != user_id:
-                    deliveries.record((EventKind.MESSAGE, row.id, user_id), user_id)
-            await client.drain()
+        await client.write_events(rows, lambda row: (
+            p.queued_new_message(row, row.sent_at),
+            (EventKind.MESSAGE, row.id, user_id) if row.sender_id != user_id else None,
+        ))
         self.metrics.frames_out["queued_message"] += len(rows)
         last = rows[-1].id if rows else cmd.since_message_id
         self.reply(client, p.sync_complete(last, has_more), "sync_complete")

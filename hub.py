@@ -22,7 +22,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
@@ -91,6 +91,10 @@ WRITE_BATCH = 8
 # beyond any backplane delay the daemon tolerates otherwise.
 REPLAYED_SECONDS = 10.0
 
+T = TypeVar("T")
+# A frame's text, and the durable event it delivers (None: nothing to record).
+Framed = tuple[str, Event | None]
+
 
 class Client:
     """One authenticated connection (slotted: thousands may sit idle).
@@ -145,6 +149,24 @@ class Client:
         for text in texts:
             protocol.send_text(text.encode())
         ws.transport.write(b"".join(protocol.data_to_send()))
+
+    async def write_events(
+        self, items: Sequence[T], frame: Callable[[T], Framed],
+        written: Callable[[list[Framed]], None] | None = None,
+    ) -> None:
+        """A replay's or a sync's frames, WRITE_BATCH at a time: each batch built (``frame``:
+        its text and the event it delivers, if any), written in one socket write, its events
+        recorded as delivered (and told to ``written``); then other tasks run (``drain``)."""
+        record = self.hub.recorder.record
+        for start in range(0, len(items), WRITE_BATCH):
+            batch = [frame(item) for item in items[start:start + WRITE_BATCH]]
+            self.write_batch([text for text, _ in batch])
+            for _, event in batch:
+                if event is not None:
+                    record(event, self.user_id)
+            if written is not None:
+                written(batch)
+            await self.drain()
 
     async def drain(self) -> None:
         """Wait while the connection's buffer is over its high-water mark, then let other
