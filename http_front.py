@@ -19,7 +19,8 @@ Bounds: the request head (``http.max_header_bytes``, 431 beyond), the body
 answered (``http.max_in_progress``). Beyond that bound connections wait for a turn, unread
 (a burst of reconnects after a restart is served, not refused), for at most the header timeout,
 as long as descriptors are left for as many connections as may be in progress (``max_open``,
-what the descriptor limit leaves for clients); beyond those, or after that wait, 503.
+what the descriptor limit leaves for clients, counted over every listener: ``OpenCount``);
+beyond those, or after that wait, 503.
 Refusals are logged through a :class:`LogSummary`, a few lines a second per kind.
 """
 
@@ -135,6 +136,16 @@ Respond = Callable[["FrontConnection", HttpRequest], Awaitable[Answer]]
 IsWebSocket = Callable[[str, str, list[tuple[str, str]]], bool]
 
 
+class OpenCount:
+    """Client connections open on every listener of the process (the main port and
+    ``api.port``): each holds a descriptor, so the fronts of both count into one."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
 class Front:
     """Shared state of every front connection: limits, the responder, the ones in progress."""
 
@@ -150,6 +161,7 @@ class Front:
         header_timeout: float,
         summary: LogSummary,
         max_open: int | None = None,
+        opened: OpenCount | None = None,
     ) -> None:
         self.respond = respond
         self.is_websocket = is_websocket
@@ -160,7 +172,9 @@ class Front:
         # Client connections of every kind the descriptors allow (None: no descriptor bound;
         # then as many may wait as may be in progress).
         self.max_open = max_open
-        self.open = 0  # client connections with a transport, WebSocket ones included
+        # Client connections with a transport, WebSocket ones included, of every front that
+        # shares this count.
+        self.opened = opened if opened is not None else OpenCount()
         self.header_timeout = header_timeout
         self.summary = summary
         self.in_progress: set[FrontConnection] = set()
@@ -174,7 +188,7 @@ class Front:
         the waiting ones are accepted and refused at once, not left in the accept queue."""
         if self.max_open is None:
             return len(self.waiting) < self.max_in_progress
-        return self.open + self.max_in_progress <= self.max_open
+        return self.opened.n + self.max_in_progress <= self.max_open
 
     def connection_class(self) -> type[FrontConnection]:
         """A FrontConnection class bound to this front, for ``serve(create_connection=)``."""
@@ -227,7 +241,7 @@ class FrontConnection(ServerConnection):
         # A stream transport; not necessarily an asyncio.Transport subclass (uvloop's are not).
         self.raw = transport = cast(asyncio.Transport, base)
         front = self.front
-        front.open += 1
+        front.opened.n += 1
         # The first request head is due header_timeout after the accept, a wait included.
         self.head_due = asyncio.get_running_loop().time() + front.header_timeout
         if len(front.in_progress) < front.max_in_progress:
@@ -291,7 +305,7 @@ class FrontConnection(ServerConnection):
         # Returning None closes the transport.
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.front.open -= 1
+        self.front.opened.n -= 1
         if self.mode == _WS:
             super().connection_lost(exc)
             return

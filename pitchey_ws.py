@@ -31,7 +31,7 @@ from connection import Sessions
 from conversations import Conversations
 from delivery import DeliveryLog
 from http_api import HttpApi, is_websocket
-from http_front import Front, IsWebSocket, LogSummary, Respond
+from http_front import Front, IsWebSocket, LogSummary, OpenCount, Respond
 from http_routes import WS_PATH, Routes
 from hub import Background, Hub
 from metrics import Metrics
@@ -97,6 +97,8 @@ class App:
         self.api = HttpApi(self.routes, self.service, self.hub, lambda: self.verifier,
                            self.sessions.profile, self._cors_origins, self.sessions.limits,
                            config.api, self._forget_profile)
+        # Both listeners' connections hold descriptors: one count for max_open.
+        self.opened = OpenCount()
         self.front = self._front(self.api.respond, is_websocket, "pitchey.http", max_open)
         self.server: Server | None = None
         # The backend's API on a listener of its own (api.port): plain HTTP, no WebSocket.
@@ -116,6 +118,7 @@ class App:
             header_timeout=self.config.http.header_timeout_seconds,
             summary=LogSummary(logging.getLogger(logger)),
             max_open=max_open,
+            opened=self.opened,
         )
 
     def _forget_profile(self, user_id: int) -> None:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, SECRET, TIMEOUT, Daemon, make_token, new_user
+from conftest import ROOT, SECRET, TIMEOUT, Daemon, free_port, make_token, new_user
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
@@ -136,6 +136,38 @@ async def test_waiting_turns_follow_the_descriptors(tmp_path: Path) -> None:
             assert answer.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 503 ")), answer[:200]
     finally:
         for _, writer in streams:
+            writer.close()
+        if d.proc is not None:
+            d.stop()
+
+
+async def test_both_listeners_count_against_the_descriptors(tmp_path: Path) -> None:
+    """With api.port, connections open on the backend's listener hold descriptors too: once
+    they fill the room for waiting, a connection to the main port past its in-progress set is
+    refused with 503 at once instead of waiting for a turn the descriptors cannot give."""
+    api_port = free_port()
+    d = Daemon(tmp_path, {"server.log_level": "INFO", "api.port": api_port,
+                          "http.header_timeout_seconds": 6 * TIMEOUT})
+    start_limited(d)
+    got = re.search(r"up to (\d+) connections .* and (\d+) requests in progress", d.log_text())
+    assert got is not None, d.log_text()
+    cap, in_progress = int(got.group(1)), int(got.group(2))
+    streams: list[asyncio.StreamWriter] = []
+    try:
+        # Every slot in progress on the main port, heads unfinished.
+        for _ in range(in_progress):
+            streams.append((await asyncio.open_connection("127.0.0.1", d.port))[1])
+        # As many idle connections on the API port as the room for waiting holds.
+        for _ in range(cap):
+            streams.append((await asyncio.open_connection("127.0.0.1", api_port))[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+        streams.append(writer)
+        writer.write(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        # Counted per listener, it would wait for a turn (6 * TIMEOUT, the header timeout).
+        answer = await asyncio.wait_for(reader.read(), TIMEOUT)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b'"busy"' in answer, answer[:200]
+    finally:
+        for writer in streams:
             writer.close()
         if d.proc is not None:
             d.stop()
