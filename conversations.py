@@ -1,56 +1,82 @@
 """Conversation membership, cached in memory so the hot path reads no database.
 
-The daemon is the only writer, so the cache is kept correct by updating it whenever this
-process creates a conversation; entries are loaded on a miss and the least recently used are
-dropped past ``capacity``.
+On SQLite the daemon is the only writer, so the cache is kept correct by updating it whenever
+this process creates or changes a conversation (other daemons' changes arrive as
+invalidations); entries are loaded on a miss and the least recently used are dropped past
+``capacity``. On a database the Pitchey app writes too (PostgreSQL), the app may add or remove
+participants behind the daemon's back: there an entry is read again once it is ``ttl`` seconds
+old, and a user the cache says is not a member is looked up again before being refused.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 from rows import ConversationRow
 from store import Store
 
+# How long a row read from a database another program writes (the Pitchey app's, PostgreSQL)
+# is trusted before it is read again: the longest the app's removal of a participant, or of a
+# pitch's visibility, can go unseen.
+SHARED_ROWS_SECONDS = 2.0
+
 
 class Conversations:
-    def __init__(self, store: Store, capacity: int) -> None:
+    def __init__(self, store: Store, capacity: int, ttl: float | None = None) -> None:
+        """``ttl``: seconds an entry is trusted (None: until evicted or changed here)."""
         self.store = store
         self.capacity = capacity
-        self._rows: OrderedDict[int, ConversationRow] = OrderedDict()
+        self.ttl = ttl
+        # id -> (row, monotonic time it was read), least recently used first
+        self._rows: OrderedDict[int, tuple[ConversationRow, float]] = OrderedDict()
         # (low, high) user pair -> their direct conversation's id
         self._pairs: OrderedDict[tuple[int, int], int] = OrderedDict()
 
     def cached(self, conversation_id: int) -> ConversationRow | None:
-        """The conversation if it is in memory (no await: the send path's usual case)."""
-        row = self._rows.get(conversation_id)
-        if row is not None:
-            self._rows.move_to_end(conversation_id)
-        return row
+        """The conversation if it is in memory and still trusted (no await: the send path's
+        usual case)."""
+        entry = self._rows.get(conversation_id)
+        if entry is None:
+            return None
+        if self.ttl is not None and time.monotonic() - entry[1] > self.ttl:
+            return None
+        self._rows.move_to_end(conversation_id)
+        return entry[0]
 
     async def get(self, conversation_id: int) -> ConversationRow | None:
         row = self.cached(conversation_id)
         if row is not None:
             return row
+        return await self._load(conversation_id)
+
+    async def _load(self, conversation_id: int) -> ConversationRow | None:
         row = await self.store.conversation(conversation_id)
         if row is not None:
             self.put(row)
+        else:
+            self._rows.pop(conversation_id, None)
         return row
 
     async def member_of(self, conversation_id: int, user_id: int) -> ConversationRow | None:
-        """The conversation if ``user_id`` is an active participant, else None."""
-        row = await self.get(conversation_id)
+        """The conversation if ``user_id`` is an active participant, else None. Where another
+        program writes the database, a refusal is checked against the database first."""
+        row = self.cached(conversation_id)
+        if row is not None and user_id in row.members:
+            return row
+        if row is None or self.ttl is not None:
+            row = await self._load(conversation_id)
         if row is None or user_id not in row.members:
             return None
         return row
 
     def cached_member(self, conversation_id: int, user_id: int) -> bool:
         """Known from memory alone that ``user_id`` is an active participant."""
-        row = self._rows.get(conversation_id)
+        row = self.cached(conversation_id)
         return row is not None and user_id in row.members
 
     def put(self, row: ConversationRow) -> None:
-        self._rows[row.id] = row
+        self._rows[row.id] = (row, time.monotonic())
         self._rows.move_to_end(row.id)
         while len(self._rows) > self.capacity:
             self._rows.popitem(last=False)

@@ -311,6 +311,14 @@ class HttpApi:
         if wait > 0:
             raise ApiError(429, p.RATE_LIMITED, "Too many requests; slow down",
                            [("Retry-After", str(max(1, math.ceil(wait))))])
+        # The handshake's rule (PROTOCOL.md 13): on an existing Pitchey database a token of a
+        # user the app does not have is refused.
+        try:
+            accepted = await self.service.store.accepts_user(identity.user_id)
+        except StoreError as exc:
+            raise _api_error(exc) from None
+        if not accepted:
+            raise ApiError(401, "unknown_user", "Unknown user", [("WWW-Authenticate", "Bearer")])
         name, _ = await self.profile(identity)
         try:
             return await handler(Call(request, query, params, identity, name))

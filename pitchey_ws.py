@@ -28,7 +28,7 @@ import protocol as p
 from auth import AuthError, Verifier
 from backplane import TypingState, open_backplane
 from connection import Sessions
-from conversations import Conversations
+from conversations import SHARED_ROWS_SECONDS, Conversations
 from delivery import DeliveryLog
 from http_api import HttpApi, is_websocket
 from http_front import Front, IsWebSocket, LogSummary, OpenCount, Respond
@@ -84,7 +84,10 @@ class App:
             self.store.set_last_seen_later,
             self.backplane,
         )
-        self.conversations = Conversations(self.store, config.database.cache_conversations)
+        self.conversations = Conversations(
+            self.store, config.database.cache_conversations,
+            SHARED_ROWS_SECONDS if self.store.shared_with_app else None,
+        )
         self.typing = TypingTracker(self.hub, self.store, config.typing.ttl_seconds)
         self.hub.on_last_close.append(self.typing.stop_user)
         self.service = Service(config, self.store, self.hub, self.conversations, self.typing,

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import protocol as p
 from backplane import TypingState, TypingTopic
 from config import Config
-from conversations import Conversations
+from conversations import SHARED_ROWS_SECONDS, Conversations
 from delivery import DeliveryLog
 from hub import Client, Hub
 from limits import TokenBucket
@@ -54,6 +54,7 @@ from typing_indicators import TypingTracker
 log = logging.getLogger("pitchey.service")
 
 NOT_A_PARTICIPANT = "Not a participant of this conversation"
+UNKNOWN_RECIPIENT = "recipientId is not a known user"
 # The largest inbox page (PROTOCOL.md 8), and the most messages one "mark all read" changes.
 INBOX_MAX = 200
 INBOX_DEFAULT = 50
@@ -133,6 +134,10 @@ class Service:
         # Pitches (PROTOCOL.md 9): the registered ones, least recently used first; the
         # connections subscribed to each (pitch_view), and each connection's subscriptions.
         self.pitches: OrderedDict[int, PitchRow] = OrderedDict()
+        # Where the app writes the database too, when each pitch was read (it is read again
+        # after SHARED_ROWS_SECONDS, and before a refusal: an NDA just signed).
+        self.pitch_ttl = SHARED_ROWS_SECONDS if store.shared_with_app else None
+        self.pitch_loaded: dict[int, float] = {}
         self.watching: dict[int, set[Client]] = {}
         self.subscriptions: dict[Client, set[int]] = {}
         self.pitch_typing = TypingTracker(hub, store, config.typing.ttl_seconds,
@@ -247,9 +252,9 @@ class Service:
         now = p.now_iso()
         if conversation_id is not None:
             conversation = self.conversations.cached(conversation_id)
-            if conversation is None:
-                conversation = await self.conversations.get(conversation_id)
             if conversation is None or sender not in conversation.members:
+                conversation = await self.conversations.member_of(conversation_id, sender)
+            if conversation is None:
                 raise p.ProtocolError(p.FORBIDDEN, NOT_A_PARTICIPANT)
         else:
             assert recipient_id is not None
@@ -257,7 +262,11 @@ class Service:
                 raise p.ProtocolError(p.INVALID_MESSAGE, "recipientId must be another user")
             if self.clients_create:
                 known = self.conversations.knows_pair(sender, recipient_id)
-                conversation = await self.conversations.direct(sender, recipient_id, now)
+                try:
+                    conversation = await self.conversations.direct(sender, recipient_id, now)
+                except ConstraintViolation:
+                    # A user an existing Pitchey database does not have.
+                    raise p.ProtocolError(p.INVALID_MESSAGE, UNKNOWN_RECIPIENT) from None
                 if not known:
                     self._share_conversation(conversation)  # maybe new: contacts elsewhere
             else:
@@ -277,6 +286,13 @@ class Service:
                 conversation.id, sender, receiver, recipients, content, message_type,
                 attachments, pitch_id, subject, request_id, now,
             ))
+        except ConstraintViolation:
+            # On an existing Pitchey database pitchId refers to the app's pitches (and the
+            # app may have deleted the conversation or a member meanwhile).
+            budget.refund(len(recipients))
+            raise p.ProtocolError(
+                p.INVALID_MESSAGE, "the pitch, the conversation or a member is not known"
+            ) from None
         except BaseException:
             budget.refund(len(recipients))
             raise
@@ -618,9 +634,15 @@ class Service:
 
     async def pitch(self, pitch_id: int) -> PitchRow | None:
         row = self.pitches.get(pitch_id)
-        if row is not None:
+        if row is not None and (
+            self.pitch_ttl is None
+            or time.monotonic() - self.pitch_loaded.get(pitch_id, 0.0) <= self.pitch_ttl
+        ):
             self.pitches.move_to_end(pitch_id)
             return row
+        return await self._load_pitch(pitch_id)
+
+    async def _load_pitch(self, pitch_id: int) -> PitchRow | None:
         row = await self.store.pitch(pitch_id)
         if row is not None:
             self._remember_pitch(row)
@@ -629,12 +651,19 @@ class Service:
     def _remember_pitch(self, row: PitchRow) -> None:
         self.pitches[row.id] = row
         self.pitches.move_to_end(row.id)
+        if self.pitch_ttl is not None:
+            self.pitch_loaded[row.id] = time.monotonic()
         while len(self.pitches) > self.config.database.cache_conversations:
-            self.pitches.popitem(last=False)
+            gone, _ = self.pitches.popitem(last=False)
+            self.pitch_loaded.pop(gone, None)
 
     async def visible_pitch(self, pitch_id: int, user_id: int) -> PitchRow:
-        """The pitch, or ``forbidden`` (the same whether it does not exist or is private)."""
+        """The pitch, or ``forbidden`` (the same whether it does not exist or is private).
+        Where the app writes the database too, a refusal is checked against it first (the
+        app may just have published the pitch or recorded the user's NDA)."""
         row = await self.pitch(pitch_id)
+        if (row is None or not row.visible_to(user_id)) and self.pitch_ttl is not None:
+            row = await self._load_pitch(pitch_id)
         if row is None or not row.visible_to(user_id):
             raise p.ProtocolError(p.FORBIDDEN, NO_PITCH)
         return row

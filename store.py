@@ -118,6 +118,9 @@ class Store(Protocol):
 
     # Called after every committed transaction with (writes in it, seconds): metrics.
     on_commit: Callable[[int, float], None] | None
+    # Another program writes the same rows (the Pitchey app, on PostgreSQL): rows cached in
+    # memory are read again after conversations.SHARED_ROWS_SECONDS.
+    shared_with_app: bool
 
     async def open(self) -> None:
         """Connect, apply the schema and migrations, start the writer."""

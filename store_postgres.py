@@ -407,6 +407,8 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 class PostgresStore(WriteQueue[_Write]):
     """``store.Store`` on a PostgreSQL database."""
 
+    shared_with_app = True  # the Pitchey app reads and writes the same tables
+
     def __init__(
         self,
         url: str,
@@ -909,12 +911,30 @@ class PostgresStore(WriteQueue[_Write]):
                                frozenset(members))
 
     async def _direct_id(self, low: int, high: int) -> int | None:
+        """The pair's direct conversation: the one pitchey-ws recorded, else one the app made
+        (rows inserted by the app: a non-group conversation whose active participants are
+        exactly the two, the oldest if there are several)."""
         rows = await self._fetch(
             "SELECT conversation_id FROM ws_direct_conversations"
             " WHERE user_low = $1 AND user_high = $2",
             low, high,
         )
-        return rows[0][0] if rows else None
+        if rows:
+            return int(rows[0][0])
+        rows = await self._fetch(
+            "SELECT p.conversation_id FROM conversation_participants p"
+            " JOIN conversations c ON c.id = p.conversation_id"
+            " WHERE p.user_id = $1 AND p.is_active IS NOT FALSE AND c.is_group IS NOT TRUE"
+            " AND EXISTS (SELECT 1 FROM conversation_participants q"
+            "   WHERE q.conversation_id = p.conversation_id AND q.user_id = $2"
+            "   AND q.is_active IS NOT FALSE)"
+            " AND NOT EXISTS (SELECT 1 FROM conversation_participants r"
+            "   WHERE r.conversation_id = p.conversation_id AND r.user_id <> $1"
+            "   AND r.user_id <> $2 AND r.is_active IS NOT FALSE)"
+            " ORDER BY p.conversation_id LIMIT 1",
+            low, high,
+        )
+        return int(rows[0][0]) if rows else None
 
     async def find_direct(self, a: int, b: int) -> int | None:
         return await self._direct_id(min(a, b), max(a, b))
@@ -1101,7 +1121,9 @@ class PostgresStore(WriteQueue[_Write]):
     async def conversation_list(
         self, user_id: int, before: tuple[str, int] | None, limit: int
     ) -> tuple[list[ConversationSummary], bool]:
-        activity = "COALESCE(c.last_message_at, c.created_at)"
+        # To the millisecond, as the cursor carries it (_timestamp_out): the app's own rows
+        # have microseconds, and conversations it made in one transaction share a time.
+        activity = "date_trunc('milliseconds', COALESCE(c.last_message_at, c.created_at))"
         at, below = before if before is not None else ("infinity", INT4_MAX + 1)
         rows = await self._fetch(
             "SELECT c.id, c.title, c.pitch_id, COALESCE(c.is_group, false), c.last_message_at,"
@@ -1564,7 +1586,8 @@ def _log_failure(future: asyncio.Future[None]) -> None:
 # A message as MessageRow, with the app's nullable columns given the daemon's defaults.
 _MESSAGE_SELECT = (
     "SELECT m.id, m.conversation_id, m.sender_id, su.username, m.content,"
-    " COALESCE(m.attachments::text, '[]'), COALESCE(m.message_type, 'text'), m.sent_at,"
+    " COALESCE(NULLIF(m.attachments, 'null'::jsonb)::text, '[]'),"
+    " COALESCE(m.message_type, 'text'), m.sent_at,"
     " COALESCE(m.is_read, false)"
     " FROM messages m LEFT JOIN users su ON su.id = m.sender_id"
 )

@@ -114,6 +114,8 @@ class _Write:
 class SqliteStore(WriteQueue[_Write]):
     """``store.Store`` on one SQLite file."""
 
+    shared_with_app = False  # the daemon is the database's only writer
+
     def __init__(
         self,
         path: str,

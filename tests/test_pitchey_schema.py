@@ -8,6 +8,7 @@ own queries, add no column to the app's tables and insert no user.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 from backend import KEY, call
-from conftest import TIMEOUT, Connector, Daemon, eventually, make_token, pg_query
+from conftest import TIMEOUT, Client, Connector, Daemon, eventually, make_token, pg_query
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -233,3 +234,162 @@ async def test_backend_pitch_registration_on_app_pitches(existing: Connector) ->
                         {"ownerId": 1, "title": "New", "visibility": "public"})
     assert status == 409 and body["error"] == "conflict"
     assert daemon.query("SELECT COUNT(*) FROM pitches WHERE id = 77") == [(0,)]
+
+
+async def _first(client: Client, kinds: tuple[str, ...]) -> dict[str, Any]:
+    """The next frame of one of these types (others, such as presence, are passed over)."""
+    frame = await client.recv()
+    while frame["type"] not in kinds:
+        frame = await client.recv()
+    return frame
+
+
+async def test_direct_conversation_the_app_made_is_used(existing: Connector) -> None:
+    """recipientId finds the non-group conversation of exactly the two users that the app
+    created (rows inserted directly), instead of making a second one (PROTOCOL.md 3)."""
+    daemon = existing.daemon
+    _script(daemon.database_url or "", """
+        INSERT INTO conversations (id, created_by_id) VALUES (41, 1);
+        INSERT INTO conversations (id, created_by_id, is_group) VALUES (42, 1, true);
+        SELECT setval('conversations_id_seq', 42);
+        INSERT INTO conversation_participants (conversation_id, user_id)
+        VALUES (42, 1), (42, 3), (41, 1), (41, 3);
+    """)
+    alex = await existing(1, username="alex")
+    stellar = await existing(3, username="stellar")
+    sent = await alex.request({"type": "send_message", "recipientId": 3, "content": "hi",
+                               "requestId": "d1"}, "message_sent", requestId="d1")
+    assert sent["conversationId"] == 41
+    assert (await stellar.expect("new_message", messageId=sent["messageId"]))[
+        "conversationId"] == 41
+    # Over HTTP too (receiverId), and no conversation was added.
+    status, body = call(daemon, "POST", "/api/messages/send",
+                        {"receiverId": 1, "content": "back"}, token=make_token(3))
+    assert status == 201 and body["message"]["conversationId"] == 41, body
+    assert daemon.query("SELECT id FROM conversations ORDER BY id") == [(40,), (41,), (42,)]
+
+
+async def test_unknown_pitch_or_recipient_is_invalid_message(existing: Connector) -> None:
+    """A pitchId the app does not have, or a recipientId that is not one of its users, is
+    invalid_message (400 over HTTP), not an internal error; nothing is stored."""
+    daemon = existing.daemon
+    alex = await existing(1, username="alex")
+    for frame in ({"conversationId": 40, "pitchId": 999}, {"recipientId": 999}):
+        await alex.send({"type": "send_message", "content": "x", "requestId": "u1", **frame})
+        error = await _first(alex, ("message_sent", "error"))
+        assert error["type"] == "error" and error["code"] == "invalid_message", error
+        assert error.get("requestId") == "u1"
+    token = make_token(1, username="alex")
+    for body in ({"conversationId": 40, "content": "y", "pitchId": 999},
+                 {"receiverId": 999, "content": "y"}):
+        status, answer = call(daemon, "POST", "/api/messages/send", body, token=token)
+        assert status == 400 and answer["error"] == "invalid_message", (status, answer)
+    assert daemon.query("SELECT COUNT(*) FROM messages") == [(0,)]
+    assert daemon.query("SELECT id FROM conversations ORDER BY id") == [(40,)]
+    # The connection still works.
+    sent = await alex.request({"type": "send_message", "conversationId": 40, "content": "ok",
+                               "requestId": "u2"}, "message_sent", requestId="u2")
+    assert sent["conversationId"] == 40
+
+
+async def test_http_refuses_a_user_the_app_does_not_have(existing: Connector) -> None:
+    """The HTTP API applies the handshake's rule: a valid token of an unknown user is 401
+    unknown_user, and no row is written."""
+    daemon = existing.daemon
+    token = make_token(999, username="ghost")
+    for method, path, body in (("GET", "/api/messages/conversations", None),
+                               ("GET", "/api/notifications", None),
+                               ("POST", "/api/messages/send", {"receiverId": 1, "content": "b"})):
+        status, answer = call(daemon, method, path, body, token=token)
+        assert status == 401 and answer["error"] == "unknown_user", (path, status, answer)
+    assert daemon.query("SELECT COUNT(*) FROM users") == [(3,)]
+    assert daemon.query("SELECT COUNT(*) FROM messages") == [(0,)]
+    status, answer = call(daemon, "GET", "/api/messages/conversations",
+                          token=make_token(1, username="alex"))
+    assert status == 200 and [c["id"] for c in answer["conversations"]] == [40]
+
+
+async def test_participants_the_app_changes_are_seen(existing: Connector) -> None:
+    """The app adds a participant to a conversation the daemon has in memory: usable at once.
+    It deactivates one: within the cache's few seconds that user gets nothing more."""
+    daemon = existing.daemon
+    url = daemon.database_url or ""
+    alex = await existing(1, username="alex")
+    sarah = await existing(2, username="sarah")
+    stellar = await existing(3, username="stellar")
+    first = await alex.request({"type": "send_message", "conversationId": 40, "content": "one",
+                                "requestId": "a1"}, "message_sent", requestId="a1")
+    await sarah.expect("new_message", messageId=first["messageId"])
+    pg_query(url, "INSERT INTO conversation_participants (conversation_id, user_id)"
+                  " VALUES (40, 3)")
+    page = await stellar.request({"type": "get_messages", "conversationId": 40}, "messages")
+    assert [m["messageId"] for m in page["messages"]] == [first["messageId"]]
+    pg_query(url, "UPDATE conversation_participants SET is_active = false, left_at = now()"
+                  " WHERE conversation_id = 40 AND user_id = 2")
+
+    async def refused() -> bool:
+        await sarah.send({"type": "get_messages", "conversationId": 40})
+        return (await _first(sarah, ("messages", "error")))["type"] == "error"
+
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while not await refused():
+        assert asyncio.get_running_loop().time() < deadline, "removal never seen"
+        await asyncio.sleep(0.2)  # paces the polling (and the rate limit); refusal is the event
+    later = await alex.request({"type": "send_message", "conversationId": 40,
+                                "content": "secret", "requestId": "a2"},
+                               "message_sent", requestId="a2")
+    await stellar.expect("new_message", messageId=later["messageId"])
+    await sarah.absent("new_message")
+
+
+async def test_pitch_published_or_nda_signed_by_the_app_is_seen(existing: Connector) -> None:
+    """A draft pitch the daemon refused a user: once the app records that user's NDA, or
+    publishes the pitch, pitch_view is answered at once (no stale refusal)."""
+    daemon = existing.daemon
+    url = daemon.database_url or ""
+    _script(url, """
+        INSERT INTO pitches (id, user_id, title, logline, genre, format, status)
+        VALUES (8, 1, 'Cold Open', 'Not yet.', 'drama', 'tv', 'draft'),
+               (9, 1, 'Second Act', 'Later.', 'drama', 'tv', 'draft');
+    """)
+    stellar = await existing(3, username="stellar")
+    for pitch in (8, 9):
+        error = await stellar.request({"type": "pitch_view", "pitchId": pitch}, "error")
+        assert error["code"] == "forbidden"
+    pg_query(url, "INSERT INTO ndas (pitch_id, signer_id, nda_type) VALUES (8, 3, 'basic')")
+    pg_query(url, "UPDATE pitches SET status = 'published', published_at = now() WHERE id = 9")
+    for pitch in (8, 9):
+        seen = await stellar.request({"type": "pitch_view", "pitchId": pitch}, "pitch_viewed",
+                                     pitchId=pitch)
+        assert seen["viewCount"] == 1
+
+
+async def test_inbox_pages_app_conversations_of_one_instant(existing: Connector) -> None:
+    """Conversations the app made in one transaction share a microsecond timestamp: paging
+    the inbox one at a time still lists each once."""
+    daemon = existing.daemon
+    _script(daemon.database_url or "", """
+        INSERT INTO conversations (id, created_by_id, title)
+        VALUES (41, 1, 'a'), (42, 1, 'b'), (43, 1, 'c');
+        SELECT setval('conversations_id_seq', 43);
+        INSERT INTO conversation_participants (conversation_id, user_id)
+        VALUES (41, 1), (41, 3), (42, 1), (42, 3), (43, 1), (43, 2);
+        INSERT INTO messages (conversation_id, sender_id, content, attachments)
+        VALUES (40, 2, 'no attachments', 'null'::jsonb);
+    """)
+    token = make_token(1, username="alex")
+    seen: list[int] = []
+    before = None
+    for _ in range(10):
+        path = "/api/messages/conversations?limit=1" + (f"&before={before}" if before else "")
+        status, body = call(daemon, "GET", path, token=token)
+        assert status == 200, body
+        seen += [c["id"] for c in body["conversations"]]
+        before = body["nextCursor"]
+        if before is None:
+            break
+    assert sorted(seen) == [40, 41, 42, 43] and len(seen) == 4, seen
+    # A JSON null in the app's attachments column is no attachments.
+    alex = await existing(1, username="alex")
+    page = await alex.request({"type": "get_messages", "conversationId": 40}, "messages")
+    assert page["messages"][-1]["attachments"] == []
