@@ -959,7 +959,8 @@ def decode_cursor(text: str) -> tuple[str, int]:
 
 def conversation_entry(row: ConversationSummary) -> dict[str, Any]:
     """One entry of the inbox, as ``GET /api/messages/conversations`` and ``conversations``
-    give it. ``pitchTitle`` is null: the daemon stores no pitches."""
+    give it. ``pitchTitle``: the title of the pitch the conversation is about, when the
+    daemon has that pitch (registered by the backend, or the app's row), else null."""
     others = [
         {"id": u.id, "name": display_name(u.id, u.username), "username": u.username,
          "userType": u.user_type}
@@ -981,7 +982,7 @@ def conversation_entry(row: ConversationSummary) -> dict[str, Any]:
         "id": row.id,
         "title": row.title,
         "pitchId": row.pitch_id,
-        "pitchTitle": None,
+        "pitchTitle": row.pitch_title,
         "isGroup": row.is_group,
         "lastMessageAt": row.last_message_at,
         "createdAt": row.created_at,

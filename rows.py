@@ -143,6 +143,7 @@ class ConversationSummary(NamedTuple):
     others: list[UserRow]  # the other active participants
     last_message: MessageRow | None
     unread_count: int  # messages of others the user has not read
+    pitch_title: str | None = None  # the title of the pitch it is about, if known
 
 
 class Receipt(NamedTuple):

@@ -1127,8 +1127,9 @@ class PostgresStore(WriteQueue[_Write]):
         at, below = before if before is not None else ("infinity", INT4_MAX + 1)
         rows = await self._fetch(
             "SELECT c.id, c.title, c.pitch_id, COALESCE(c.is_group, false), c.last_message_at,"
-            " c.created_at"
+            " c.created_at, pt.title"
             " FROM conversation_participants p JOIN conversations c ON c.id = p.conversation_id"
+            " LEFT JOIN pitches pt ON pt.id = c.pitch_id"
             f" WHERE p.user_id = $1 AND p.is_active IS NOT FALSE AND ({activity} < $2"
             f" OR ({activity} = $2 AND c.id < $3::bigint))"
             f" ORDER BY {activity} DESC, c.id DESC LIMIT $4",
@@ -1167,7 +1168,7 @@ class PostgresStore(WriteQueue[_Write]):
         out = [
             ConversationSummary(
                 r[0], r[1], r[2], bool(r[3]), r[4], r[5], others.get(r[0], []),
-                last_by.get(r[0]), int(unread.get(r[0], 0)),
+                last_by.get(r[0]), int(unread.get(r[0], 0)), r[6],
             )
             for r in rows
         ]

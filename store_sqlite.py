@@ -879,8 +879,10 @@ class SqliteStore(WriteQueue[_Write]):
         activity = "COALESCE(c.last_message_at, c.created_at)"
         at, below = before if before is not None else ("\uffff", 2**63 - 1)
         rows = await self._fetch(
-            "SELECT c.id, c.title, c.pitch_id, c.is_group, c.last_message_at, c.created_at"
+            "SELECT c.id, c.title, c.pitch_id, c.is_group, c.last_message_at, c.created_at,"
+            " pt.title"
             " FROM conversation_participants p JOIN conversations c ON c.id = p.conversation_id"
+            " LEFT JOIN pitches pt ON pt.id = c.pitch_id"
             f" WHERE p.user_id = ? AND p.is_active = 1 AND ({activity} < ?"
             f" OR ({activity} = ? AND c.id < ?))"
             f" ORDER BY {activity} DESC, c.id DESC LIMIT ?",
@@ -919,7 +921,7 @@ class SqliteStore(WriteQueue[_Write]):
         out = [
             ConversationSummary(
                 r[0], r[1], r[2], bool(r[3]), r[4], r[5], others.get(r[0], []),
-                last_by.get(r[0]), int(unread.get(r[0], 0)),
+                last_by.get(r[0]), int(unread.get(r[0], 0)), r[6],
             )
             for r in rows
         ]

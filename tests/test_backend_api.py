@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from backend import KEY, call
+from backend import KEY, call, put_pitch
 from conftest import (
     ROOT,
     Client,
@@ -270,3 +270,19 @@ async def test_backend_api_on_a_listener_of_its_own(tmp_path: Path) -> None:
         with pytest.raises(InvalidStatus) as refused:
             await connect_ws(f"ws://127.0.0.1:{api_port}/api/messages/ws?token={token}")
         assert refused.value.response.status_code == 404
+
+
+async def test_inbox_names_the_pitch_of_a_conversation(daemon: Daemon) -> None:
+    """A conversation about a pitch the backend registered shows the pitch's title in the
+    inbox (pitchTitle); one about a pitch the daemon does not have shows null."""
+    a, b = new_user(), new_user()
+    pitch = 80_000 + a
+    put_pitch(daemon, pitch, a, title="Night Train")
+    for cid, pitch_id in ((80_000 + a, pitch), (80_000 + b, pitch + 1)):
+        status, _ = call(daemon, "POST", "/api/conversations",
+                         {"id": cid, "participantIds": [b], "createdBy": a, "pitchId": pitch_id})
+        assert status == 201
+    status, body = call(daemon, "GET", "/api/messages/conversations", token=make_token(b))
+    assert status == 200
+    titles = {c["id"]: (c["pitchId"], c["pitchTitle"]) for c in body["conversations"]}
+    assert titles == {80_000 + a: (pitch, "Night Train"), 80_000 + b: (pitch + 1, None)}

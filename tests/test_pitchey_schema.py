@@ -385,6 +385,9 @@ async def test_inbox_pages_app_conversations_of_one_instant(existing: Connector)
         status, body = call(daemon, "GET", path, token=token)
         assert status == 200, body
         seen += [c["id"] for c in body["conversations"]]
+        # The app's pitch names the conversation about it.
+        assert [c["pitchTitle"] for c in body["conversations"]] == [
+            "Night Train" if c["id"] == 40 else None for c in body["conversations"]]
         before = body["nextCursor"]
         if before is None:
             break
