@@ -1614,8 +1614,13 @@ def _comment(row: Sequence[Any]) -> CommentRow:
 
 # The message ids $1 has not read: not yet delivered, or delivered and unread (disjoint: a
 # delivery or a read removes the ws_undelivered row as it writes the receipt).
+# The user's unread messages: not delivered yet, or delivered and not read. An undelivered
+# message that has a receipt anyway (the app wrote it: delivered, or read through its own
+# routes) counts by its receipt alone.
 _UNREAD_OF_USER = (
-    "SELECT message_id FROM ws_undelivered WHERE user_id = $1"
+    "SELECT u.message_id FROM ws_undelivered u WHERE u.user_id = $1"
+    " AND NOT EXISTS (SELECT 1 FROM message_read_receipts r"
+    "   WHERE r.message_id = u.message_id AND r.user_id = $1)"
     " UNION ALL SELECT message_id FROM message_read_receipts"
     " WHERE user_id = $1 AND read_at IS NULL"
 )

@@ -396,3 +396,30 @@ async def test_inbox_pages_app_conversations_of_one_instant(existing: Connector)
     alex = await existing(1, username="alex")
     page = await alex.request({"type": "get_messages", "conversationId": 40}, "messages")
     assert page["messages"][-1]["attachments"] == []
+
+
+async def test_receipts_the_app_writes_count_for_unread(existing: Connector) -> None:
+    """Messages sent to an offline user that the app then marks delivered or read through its
+    own routes (receipt rows): the inbox counts each once, and a read one not at all."""
+    daemon = existing.daemon
+    url = daemon.database_url or ""
+    sarah = await existing(2, username="sarah")
+    ids = []
+    for n in range(3):
+        sent = await sarah.request({"type": "send_message", "conversationId": 40,
+                                    "content": f"m{n}", "requestId": f"o{n}"},
+                                   "message_sent", requestId=f"o{n}")
+        ids.append(sent["messageId"])
+    token = make_token(1, username="alex")
+
+    def unread() -> int:
+        status, body = call(daemon, "GET", "/api/messages/conversations", token=token)
+        assert status == 200, body
+        return int(body["conversations"][0]["unreadCount"])
+
+    assert unread() == 3
+    pg_query(url, "INSERT INTO message_read_receipts (message_id, user_id, read_at)"
+                  " VALUES ($1, 1, now())", (ids[0],))
+    pg_query(url, "INSERT INTO message_read_receipts (message_id, user_id)"
+                  " VALUES ($1, 1)", (ids[1],))
+    assert unread() == 2
