@@ -1039,11 +1039,19 @@ class PostgresStore(WriteQueue[_Write]):
         return [_message(r) for r in reversed(rows[:limit])], has_more
 
     async def since(self, user_id: int, since: int, limit: int) -> tuple[list[MessageRow], bool]:
+        # One arm per conversation of the user (LATERAL), each at most limit + 1 ids from the
+        # (conversation_id, id) index, then the page's rows by key: what the user's own
+        # conversations hold after the cursor, never a walk of every user's messages after it
+        # (the plain join did that until it had limit + 1 rows: 426 ms at 1M messages for a
+        # user with 1,000) nor a sort of all of the user's messages.
         rows = await self._fetch(
             _MESSAGE_SELECT
-            + " JOIN conversation_participants p ON p.conversation_id = m.conversation_id"
-            "   AND p.user_id = $1 AND p.is_active IS NOT FALSE"
-            " WHERE m.id > $2::bigint AND m.is_deleted IS NOT TRUE ORDER BY m.id LIMIT $3",
+            + " JOIN (SELECT x.id FROM conversation_participants p"
+            "   CROSS JOIN LATERAL (SELECT id FROM messages"
+            "     WHERE conversation_id = p.conversation_id AND id > $2::bigint"
+            "     AND is_deleted IS NOT TRUE ORDER BY id LIMIT $3) x"
+            "   WHERE p.user_id = $1 AND p.is_active IS NOT FALSE ORDER BY x.id LIMIT $3) page"
+            " ON page.id = m.id ORDER BY m.id",
             user_id, since, limit + 1,
         )
         return [_message(r) for r in rows[:limit]], len(rows) > limit
