@@ -386,6 +386,12 @@ _REQUEST_KEYS = frozenset({"ws_message_requests_pkey", "ws_conversation_requests
                            "ws_pitch_comments_request"})
 
 
+def _below(before: int | None) -> int:
+    """A page's exclusive upper id bound as a bigint: none (or 0), or past the largest, is
+    every id (a client's cursor may be any integer)."""
+    return INT8_MAX if not before or before > INT8_MAX else before
+
+
 def _timestamp_out(text: str) -> str:
     """PostgreSQL's text form of a timestamp ('2024-05-01 12:00:00.12') in the wire format
     ('2024-05-01T12:00:00.120Z'). Infinite values pass through."""
@@ -1397,9 +1403,11 @@ class PostgresStore(WriteQueue[_Write]):
         if not 0 < pitch_id <= INT4_MAX:
             return [], False
         rows = await self._fetch(
-            _COMMENT_SELECT + " WHERE c.pitch_id = $1 AND c.id < $2::numeric"
+            # A bigint bound, clamped here: compared as numeric, the id was a filter over
+            # every newer row instead of where the index scan starts.
+            _COMMENT_SELECT + " WHERE c.pitch_id = $1 AND c.id < $2::bigint"
             " ORDER BY c.id DESC LIMIT $3",
-            pitch_id, before or INT8_MAX, limit + 1,
+            pitch_id, _below(before), limit + 1,
         )
         return [_comment(r) for r in reversed(rows[:limit])], len(rows) > limit
 
@@ -1460,9 +1468,9 @@ class PostgresStore(WriteQueue[_Write]):
     ) -> tuple[list[NotificationRow], bool]:
         unread = " AND read_at IS NULL" if unread_only else ""
         rows = await self._fetch(
-            _NOTIFICATION_SELECT + f" WHERE user_id = $1 AND id < $2::numeric{unread}"
+            _NOTIFICATION_SELECT + f" WHERE user_id = $1 AND id < $2::bigint{unread}"
             " ORDER BY id DESC LIMIT $3",
-            user_id, before or INT8_MAX, limit + 1,
+            user_id, _below(before), limit + 1,
         )
         return [_notification(r) for r in rows[:limit]], len(rows) > limit
 
