@@ -504,6 +504,24 @@ class PostgresStore(WriteQueue[_Write]):
             if self._message_seq is None or self._conversation_seq is None:
                 raise StoreError(f"database {self.where}: messages.id and conversations.id"
                                  " must take their default from a sequence (serial)")
+            if self.existing:
+                await self._check_indexes(conn)
+
+    async def _check_indexes(self, conn: asyncpg.Connection) -> None:
+        """On the app's tables, warn of each index the daemon's reads need that is missing
+        (pitchey-ws adds none there): without them every inbox and history page walks other
+        users' messages (5-6 s an inbox at 1M messages), and unread counts scan every
+        receipt."""
+        defs = [r[0] for r in await conn.fetch(
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = current_schema()"
+            " AND tablename IN ('messages', 'message_read_receipts')"
+        )]
+        for table, columns, suggestion in _WANTED_INDEXES:
+            pattern = re.compile(rf" ON (\S+\.)?{table} USING btree \({columns}[,)]")
+            if not any(pattern.search(d) for d in defs):
+                log.warning("database %s: no index on %s (%s): inbox and history reads grow"
+                            " with the whole table; add it: %s", self.where, table, columns,
+                            suggestion)
 
     async def close(self) -> None:
         """Commit what is queued, then close the writer and the pool (also when the last
@@ -1633,6 +1651,15 @@ def _comment(row: Sequence[Any]) -> CommentRow:
 # The user's unread messages: not delivered yet, or delivered and not read. An undelivered
 # message that has a receipt anyway (the app wrote it: delivered, or read through its own
 # routes) counts by its receipt alone.
+# Indexes the reads need on an existing Pitchey database: (table, leading columns as
+# pg_indexes writes them, the statement docs/deploy.md suggests).
+_WANTED_INDEXES = (
+    ("messages", "conversation_id, id",
+     "CREATE INDEX messages_conversation_id_id_idx ON messages (conversation_id, id);"),
+    ("message_read_receipts", "user_id",
+     "CREATE INDEX message_read_receipts_unread_idx ON message_read_receipts"
+     " (user_id, message_id) WHERE read_at IS NULL;"),
+)
 _UNREAD_OF_USER = (
     "SELECT u.message_id FROM ws_undelivered u WHERE u.user_id = $1"
     " AND NOT EXISTS (SELECT 1 FROM message_read_receipts r"

@@ -423,3 +423,26 @@ async def test_receipts_the_app_writes_count_for_unread(existing: Connector) -> 
     pg_query(url, "INSERT INTO message_read_receipts (message_id, user_id)"
                   " VALUES ($1, 1)", (ids[1],))
     assert unread() == 2
+
+
+def test_missing_indexes_on_the_app_tables_are_named(tmp_path: Path, pitchey_db: str) -> None:
+    """pitchey-ws adds no index to the app's tables; at start it warns of each one its reads
+    need that is missing, with the statement to add it, and says nothing once they exist."""
+    daemon = Daemon(tmp_path, {"database.pitchey_schema": "existing"}, database_url=pitchey_db)
+    daemon.start()
+    daemon.stop()
+    log = daemon.log_text()
+    assert "no index on messages (conversation_id, id)" in log, log[-2000:]
+    assert "no index on message_read_receipts (user_id)" in log
+    assert "CREATE INDEX messages_conversation_id_id_idx ON messages (conversation_id, id);" in log
+    _script(pitchey_db, """
+        CREATE INDEX messages_conversation_id_id_idx ON messages (conversation_id, id);
+        CREATE INDEX message_read_receipts_unread_idx ON message_read_receipts
+            (user_id, message_id) WHERE read_at IS NULL;
+    """)
+    (tmp_path / "again").mkdir()
+    again = Daemon(tmp_path / "again", {"database.pitchey_schema": "existing"},
+                   database_url=pitchey_db)
+    again.start()
+    again.stop()
+    assert "no index on" not in again.log_text()
