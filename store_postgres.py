@@ -19,7 +19,8 @@ own, created by numbered migrations (``ws_schema_version``):
   ``message_read_receipts.delivered_at`` is NOT NULL, so a receipt row is written only when
   the message was delivered (or read), with the real time: a receipt never means "not yet";
 - ``ws_read_notices``: read notices owed to senders;
-- ``ws_direct_conversations``, ``ws_users`` (last_seen), ``ws_settings``;
+- ``ws_direct_conversations``, ``ws_users`` (last_seen; the profile on an existing database),
+  ``ws_settings``;
 - (migration 2) ``ws_pitch_allowed`` (the backend's allowed users of a private pitch; with
   ``"existing"``, ``put_pitch`` writes only these, the app's ``pitches`` row rules),
   ``ws_pitch_likes``, ``ws_pitch_comments``, ``ws_notifications``, ``ws_publish_requests``.
@@ -377,6 +378,11 @@ MIGRATIONS: tuple[str, ...] = (
         created_at timestamp NOT NULL
     );
     CREATE INDEX ws_publish_requests_created ON ws_publish_requests (created_at);
+    """,
+    # 3: on an existing Pitchey database the profile from the tokens' claims and the
+    # backend's PUT /api/users (the app's users row is never changed; these win over it).
+    """
+    ALTER TABLE ws_users ADD COLUMN username varchar(100), ADD COLUMN user_type text;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -804,7 +810,8 @@ class PostgresStore(WriteQueue[_Write]):
         if not wanted:
             return {}
         rows = await self._fetch(
-            "SELECT u.id, u.username, u.user_type::text, w.last_seen FROM users u"
+            "SELECT u.id, COALESCE(w.username, u.username),"
+            " COALESCE(w.user_type, u.user_type::text), w.last_seen FROM users u"
             " LEFT JOIN ws_users w ON w.user_id = u.id WHERE u.id = ANY($1::integer[])",
             wanted,
         )
@@ -812,7 +819,11 @@ class PostgresStore(WriteQueue[_Write]):
 
     def _profile_write(self, user_id: int, username: str | None, user_type: str | None) -> _Write:
         if self.existing:
-            return _Write()  # the app owns its users: never inserted or changed here
+            # The app owns its users: never inserted or changed here. The profile goes to
+            # ws_users, for a user the app has (others are not kept).
+            if username is None and user_type is None:
+                return _Write()
+            return _Write().add(_UPSERT_WS_PROFILE, (user_id, username, user_type))
         now = now_iso()
         if username is None and user_type is None:
             return self._ensure_users(_Write(), [user_id])
@@ -1092,12 +1103,14 @@ class PostgresStore(WriteQueue[_Write]):
             user_id, limit,
         )
         reads = await self._fetch(
-            "SELECT r.read_at, m.id, m.conversation_id, n.reader_id, u.username"
+            "SELECT r.read_at, m.id, m.conversation_id, n.reader_id,"
+            " COALESCE(w.username, u.username)"
             " FROM ws_read_notices n"
             " JOIN messages m ON m.id = n.message_id"
             " JOIN message_read_receipts r ON r.message_id = n.message_id"
             "   AND r.user_id = n.reader_id"
             " LEFT JOIN users u ON u.id = n.reader_id"
+            " LEFT JOIN ws_users w ON w.user_id = n.reader_id"
             " WHERE n.sender_id = $1 AND r.read_at IS NOT NULL"
             " ORDER BY r.read_at, n.message_id LIMIT $2",
             user_id, limit,
@@ -1181,7 +1194,8 @@ class PostgresStore(WriteQueue[_Write]):
         last_by = {r[1]: _message(r) for r in last}
         others: dict[int, list[UserRow]] = {}
         for r in await self._fetch(
-            "SELECT p.conversation_id, u.id, u.username, u.user_type::text, w.last_seen"
+            "SELECT p.conversation_id, u.id, COALESCE(w.username, u.username),"
+            " COALESCE(w.user_type, u.user_type::text), w.last_seen"
             " FROM conversation_participants p JOIN users u ON u.id = p.user_id"
             " LEFT JOIN ws_users w ON w.user_id = u.id"
             " WHERE p.conversation_id = ANY($1::integer[])"
@@ -1212,8 +1226,10 @@ class PostgresStore(WriteQueue[_Write]):
             return {}
         receipts: dict[int, list[Receipt]] = {}
         for r in await self._fetch(
-            "SELECT r.message_id, r.user_id, u.username, r.delivered_at, r.read_at"
+            "SELECT r.message_id, r.user_id, COALESCE(w.username, u.username),"
+            " r.delivered_at, r.read_at"
             " FROM message_read_receipts r LEFT JOIN users u ON u.id = r.user_id"
+            " LEFT JOIN ws_users w ON w.user_id = r.user_id"
             " WHERE r.message_id = ANY($1::integer[])"
             " ORDER BY r.message_id, r.user_id LIMIT $2",
             ids, MAX_ROWS,
@@ -1620,19 +1636,23 @@ def _log_failure(future: asyncio.Future[None]) -> None:
 
 # A message as MessageRow, with the app's nullable columns given the daemon's defaults.
 _MESSAGE_SELECT = (
-    "SELECT m.id, m.conversation_id, m.sender_id, su.username, m.content,"
+    "SELECT m.id, m.conversation_id, m.sender_id, COALESCE(sw.username, su.username),"
+    " m.content,"
     " COALESCE(NULLIF(m.attachments, 'null'::jsonb)::text, '[]'),"
     " COALESCE(m.message_type, 'text'), m.sent_at,"
     " COALESCE(m.is_read, false)"
     " FROM messages m LEFT JOIN users su ON su.id = m.sender_id"
+    " LEFT JOIN ws_users sw ON sw.user_id = m.sender_id"
 )
 
 _NOTIFICATION_SELECT = (
     "SELECT id, user_id, type, fields::text, created_at, read_at FROM ws_notifications"
 )
 _COMMENT_SELECT = (
-    "SELECT c.id, c.pitch_id, c.user_id, u.username, c.content, c.created_at"
+    "SELECT c.id, c.pitch_id, c.user_id, COALESCE(w.username, u.username), c.content,"
+    " c.created_at"
     " FROM ws_pitch_comments c LEFT JOIN users u ON u.id = c.user_id"
+    " LEFT JOIN ws_users w ON w.user_id = c.user_id"
 )
 # Largest values of the ws_* tables' bigint ids (a cursor past every row).
 INT8_MAX = 2**63 - 1
@@ -1678,6 +1698,13 @@ def _message(row: Sequence[Any]) -> MessageRow:
 _PUT_SETTING = (
     "INSERT INTO ws_settings (key, value) VALUES ($1, $2)"
     " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+)
+_UPSERT_WS_PROFILE = (
+    "INSERT INTO ws_users (user_id, username, user_type)"
+    " SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM users WHERE id = $1)"
+    " ON CONFLICT (user_id) DO UPDATE SET"
+    " username = COALESCE(EXCLUDED.username, ws_users.username),"
+    " user_type = COALESCE(EXCLUDED.user_type, ws_users.user_type)"
 )
 _UPSERT_USER = (
     "INSERT INTO users (id, username, user_type, created_at, updated_at)"

@@ -446,3 +446,29 @@ def test_missing_indexes_on_the_app_tables_are_named(tmp_path: Path, pitchey_db:
     again.start()
     again.stop()
     assert "no index on" not in again.log_text()
+
+
+async def test_names_from_tokens_and_the_backend_on_the_app_users(existing: Connector) -> None:
+    """On the app's database the display name follows PROTOCOL.md 12 as on SQLite: the
+    token's claim first, then the backend's PUT /api/users, then the app's users.username;
+    live frames and history agree, and the app's users rows are not changed."""
+    daemon = existing.daemon
+    alex = await existing(1, username="alex")
+    sarah = await existing(2, username="Sarah Chen")
+    sent = await sarah.request({"type": "send_message", "conversationId": 40, "content": "hey",
+                                "requestId": "n1"}, "message_sent", requestId="n1")
+    live = await alex.expect("new_message", messageId=sent["messageId"])
+    page = await alex.request({"type": "get_messages", "conversationId": 40}, "messages")
+    assert live["senderName"] == page["messages"][-1]["senderName"] == "Sarah Chen"
+    status, _ = call(daemon, "PUT", "/api/users/1", {"username": "Alex Director"})
+    assert status == 200
+    status, _ = call(daemon, "PUT", "/api/users/999", {"username": "Nobody"})  # not the app's
+    assert status == 200
+    nameless = await existing(1, token=make_token(1))
+    mine = await nameless.request({"type": "send_message", "conversationId": 40,
+                                   "content": "hi", "requestId": "n2"},
+                                  "message_sent", requestId="n2")
+    assert mine["senderName"] == "Alex Director"
+    assert daemon.query("SELECT id, username FROM users ORDER BY id") == [
+        (1, "alex"), (2, "sarah"), (3, "stellar")]
+    assert daemon.query("SELECT COUNT(*) FROM ws_users WHERE user_id = ?", (999,)) == [(0,)]
