@@ -977,13 +977,16 @@ def conversation_entry(row: ConversationSummary) -> dict[str, Any]:
             "sentAt": last.sent_at,
             "messageType": last.message_type,
         }
-    one_other = not row.is_group and len(others) == 1
+    # A group: marked so, or more than two participants (PROTOCOL.md 3), as the app's own
+    # rows may leave is_group at its default.
+    group = row.is_group or len(others) > 1
+    one_other = not group and len(others) == 1
     return {
         "id": row.id,
         "title": row.title,
         "pitchId": row.pitch_id,
         "pitchTitle": row.pitch_title,
-        "isGroup": row.is_group,
+        "isGroup": group,
         "lastMessageAt": row.last_message_at,
         "createdAt": row.created_at,
         "participants": others,

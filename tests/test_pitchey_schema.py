@@ -472,3 +472,21 @@ async def test_names_from_tokens_and_the_backend_on_the_app_users(existing: Conn
     assert daemon.query("SELECT id, username FROM users ORDER BY id") == [
         (1, "alex"), (2, "sarah"), (3, "stellar")]
     assert daemon.query("SELECT COUNT(*) FROM ws_users WHERE user_id = ?", (999,)) == [(0,)]
+
+
+async def test_app_conversation_of_three_is_a_group_in_the_inbox(existing: Connector) -> None:
+    """A conversation the app made for three users without setting is_group is a group in the
+    inbox (more than two participants, PROTOCOL.md 3): named by its title."""
+    daemon = existing.daemon
+    _script(daemon.database_url or "", """
+        INSERT INTO conversations (id, created_by_id, title) VALUES (41, 1, 'Team');
+        SELECT setval('conversations_id_seq', 41);
+        INSERT INTO conversation_participants (conversation_id, user_id)
+        VALUES (41, 1), (41, 2), (41, 3);
+    """)
+    status, body = call(daemon, "GET", "/api/messages/conversations",
+                        token=make_token(1, username="alex"))
+    assert status == 200
+    entries = {c["id"]: c for c in body["conversations"]}
+    assert entries[41]["isGroup"] is True and entries[41]["participantName"] == "Team"
+    assert entries[40]["isGroup"] is False and entries[40]["participantName"] == "sarah"
