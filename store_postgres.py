@@ -865,7 +865,7 @@ class PostgresStore(WriteQueue[_Write]):
         rows = await self._fetch(
             "SELECT c.id, c.title, COALESCE(c.is_group, false), c.created_by_id, p.user_id"
             " FROM conversations c LEFT JOIN conversation_participants p"
-            "   ON p.conversation_id = c.id AND p.is_active IS NOT FALSE"
+            "   ON p.conversation_id = c.id AND p.is_active IS NOT FALSE AND p.left_at IS NULL"
             " WHERE c.id = $1 LIMIT $2",
             conversation_id, MAX_ROWS,
         )
@@ -959,13 +959,14 @@ class PostgresStore(WriteQueue[_Write]):
         rows = await self._fetch(
             "SELECT p.conversation_id FROM conversation_participants p"
             " JOIN conversations c ON c.id = p.conversation_id"
-            " WHERE p.user_id = $1 AND p.is_active IS NOT FALSE AND c.is_group IS NOT TRUE"
+            " WHERE p.user_id = $1 AND p.is_active IS NOT FALSE AND p.left_at IS NULL"
+            " AND c.is_group IS NOT TRUE"
             " AND EXISTS (SELECT 1 FROM conversation_participants q"
             "   WHERE q.conversation_id = p.conversation_id AND q.user_id = $2"
-            "   AND q.is_active IS NOT FALSE)"
+            "   AND q.is_active IS NOT FALSE AND q.left_at IS NULL)"
             " AND NOT EXISTS (SELECT 1 FROM conversation_participants r"
             "   WHERE r.conversation_id = p.conversation_id AND r.user_id <> $1"
-            "   AND r.user_id <> $2 AND r.is_active IS NOT FALSE)"
+            "   AND r.user_id <> $2 AND r.is_active IS NOT FALSE AND r.left_at IS NULL)"
             " ORDER BY p.conversation_id LIMIT 1",
             low, high,
         )
@@ -1001,7 +1002,8 @@ class PostgresStore(WriteQueue[_Write]):
         rows = await self._fetch(
             "SELECT DISTINCT b.user_id FROM conversation_participants a"
             " JOIN conversation_participants b ON b.conversation_id = a.conversation_id"
-            " WHERE a.user_id = $1 AND a.is_active IS NOT FALSE AND b.is_active IS NOT FALSE"
+            " WHERE a.user_id = $1 AND a.is_active IS NOT FALSE AND a.left_at IS NULL"
+            " AND b.is_active IS NOT FALSE AND b.left_at IS NULL"
             " AND b.user_id != $1 LIMIT $2",
             user_id, MAX_ROWS,
         )
@@ -1085,7 +1087,8 @@ class PostgresStore(WriteQueue[_Write]):
             "   CROSS JOIN LATERAL (SELECT id FROM messages"
             "     WHERE conversation_id = p.conversation_id AND id > $2::bigint"
             "     AND is_deleted IS NOT TRUE ORDER BY id LIMIT $3) x"
-            "   WHERE p.user_id = $1 AND p.is_active IS NOT FALSE ORDER BY x.id LIMIT $3) page"
+            "   WHERE p.user_id = $1 AND p.is_active IS NOT FALSE AND p.left_at IS NULL"
+            "   ORDER BY x.id LIMIT $3) page"
             " ON page.id = m.id ORDER BY m.id",
             user_id, since, limit + 1,
         )
@@ -1098,7 +1101,7 @@ class PostgresStore(WriteQueue[_Write]):
             _MESSAGE_SELECT + " JOIN ws_undelivered u ON u.message_id = m.id"
             # A user removed from a conversation is owed none of its messages any more.
             " JOIN conversation_participants p ON p.conversation_id = m.conversation_id"
-            "   AND p.user_id = u.user_id AND p.is_active IS NOT FALSE"
+            "   AND p.user_id = u.user_id AND p.is_active IS NOT FALSE AND p.left_at IS NULL"
             " WHERE u.user_id = $1 ORDER BY u.message_id LIMIT $2",
             user_id, limit,
         )
@@ -1175,7 +1178,8 @@ class PostgresStore(WriteQueue[_Write]):
             " c.created_at, pt.title"
             " FROM conversation_participants p JOIN conversations c ON c.id = p.conversation_id"
             " LEFT JOIN pitches pt ON pt.id = c.pitch_id"
-            f" WHERE p.user_id = $1 AND p.is_active IS NOT FALSE AND ({activity} < $2"
+            " WHERE p.user_id = $1 AND p.is_active IS NOT FALSE AND p.left_at IS NULL"
+            f" AND ({activity} < $2"
             f" OR ({activity} = $2 AND c.id < $3::bigint))"
             f" ORDER BY {activity} DESC, c.id DESC LIMIT $4",
             user_id, at, below, limit + 1,
@@ -1199,7 +1203,7 @@ class PostgresStore(WriteQueue[_Write]):
             " FROM conversation_participants p JOIN users u ON u.id = p.user_id"
             " LEFT JOIN ws_users w ON w.user_id = u.id"
             " WHERE p.conversation_id = ANY($1::integer[])"
-            " AND p.is_active IS NOT FALSE AND p.user_id != $2"
+            " AND p.is_active IS NOT FALSE AND p.left_at IS NULL AND p.user_id != $2"
             " ORDER BY p.conversation_id, u.id LIMIT $3",
             ids, user_id, MAX_ROWS,
         ):
@@ -1285,13 +1289,15 @@ class PostgresStore(WriteQueue[_Write]):
                 " joined_at, mute_notifications) VALUES ($1, $2, true, $3, false)"
                 " ON CONFLICT (conversation_id, user_id) DO UPDATE SET is_active = true,"
                 " left_at = NULL, joined_at = EXCLUDED.joined_at"
-                " WHERE conversation_participants.is_active IS FALSE",
+                " WHERE conversation_participants.is_active IS FALSE"
+                " OR conversation_participants.left_at IS NOT NULL",
                 (conversation_id, user_id, now),
             )
         for user_id in dict.fromkeys(remove):
             write.add(
                 "UPDATE conversation_participants SET is_active = false, left_at = $1"
-                " WHERE conversation_id = $2 AND user_id = $3 AND is_active IS NOT FALSE",
+                " WHERE conversation_id = $2 AND user_id = $3"
+                " AND (is_active IS NOT FALSE OR left_at IS NULL)",
                 (now, conversation_id, user_id),
             )
         # Its members changed: it is no longer "the" conversation of a pair.

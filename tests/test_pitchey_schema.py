@@ -490,3 +490,22 @@ async def test_app_conversation_of_three_is_a_group_in_the_inbox(existing: Conne
     entries = {c["id"]: c for c in body["conversations"]}
     assert entries[41]["isGroup"] is True and entries[41]["participantName"] == "Team"
     assert entries[40]["isGroup"] is False and entries[40]["participantName"] == "sarah"
+
+
+async def test_a_participant_the_app_marked_left_is_not_a_member(existing: Connector) -> None:
+    """A participant row with left_at set (the app's way to leave, is_active left at its
+    default) gives no access; the backend adding the user back restores it."""
+    daemon = existing.daemon
+    _script(daemon.database_url or "", """
+        INSERT INTO conversation_participants (conversation_id, user_id, left_at)
+        VALUES (40, 3, now());
+    """)
+    stellar = await existing(3, username="stellar")
+    error = await stellar.request({"type": "get_messages", "conversationId": 40}, "error")
+    assert error["code"] == "forbidden"
+    status, body = call(daemon, "POST", "/api/conversations/40/participants", {"add": [3]})
+    assert status == 200 and 3 in body["conversation"]["participantIds"], body
+    page = await stellar.request({"type": "get_messages", "conversationId": 40}, "messages")
+    assert page["messages"] == []
+    assert daemon.query("SELECT is_active, left_at FROM conversation_participants"
+                        " WHERE conversation_id = 40 AND user_id = 3") == [(True, None)]
