@@ -802,7 +802,9 @@ class PostgresStore(WriteQueue[_Write]):
             return 0 < user_id <= INT4_MAX
         if not 0 < user_id <= INT4_MAX:
             return False
-        rows = await self._fetch("SELECT 1 FROM users WHERE id = $1", user_id)
+        # A user the app deactivated (users.is_active false) is refused like an unknown one.
+        rows = await self._fetch(
+            "SELECT 1 FROM users WHERE id = $1 AND is_active IS NOT FALSE", user_id)
         return bool(rows)
 
     async def users(self, ids: Iterable[int]) -> dict[int, UserRow]:

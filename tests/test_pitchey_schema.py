@@ -168,6 +168,16 @@ async def test_unknown_user_refused(existing: Connector) -> None:
     assert response.status_code == 401
     assert json.loads(response.body)["error"] == "unknown_user"
     assert daemon.query("SELECT COUNT(*) FROM users WHERE id = ?", (999,)) == [(0,)]
+    # A user the app deactivated is refused the same way, on the socket and over HTTP.
+    pg_query(daemon.database_url or "", "UPDATE users SET is_active = false WHERE id = 3")
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(f"{daemon.url}?token={make_token(3, username='stellar')}",
+                           open_timeout=TIMEOUT):
+            pass
+    assert info.value.response.status_code == 401
+    assert json.loads(info.value.response.body)["error"] == "unknown_user"
+    status, body = call(daemon, "GET", "/api/notifications", token=make_token(3))
+    assert status == 401 and body["error"] == "unknown_user"
 
 
 async def test_app_pitches_ndas_and_views(existing: Connector) -> None:
