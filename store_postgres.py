@@ -1674,11 +1674,6 @@ def _comment(row: Sequence[Any]) -> CommentRow:
     return CommentRow(row[0], row[1], row[2], row[3], row[4], row[5])
 
 
-# The message ids $1 has not read: not yet delivered, or delivered and unread (disjoint: a
-# delivery or a read removes the ws_undelivered row as it writes the receipt).
-# The user's unread messages: not delivered yet, or delivered and not read. An undelivered
-# message that has a receipt anyway (the app wrote it: delivered, or read through its own
-# routes) counts by its receipt alone.
 # Indexes the reads need on an existing Pitchey database: (table, leading columns as
 # pg_indexes writes them, the statement docs/deploy.md suggests).
 _WANTED_INDEXES = (
@@ -1688,6 +1683,10 @@ _WANTED_INDEXES = (
      "CREATE INDEX message_read_receipts_unread_idx ON message_read_receipts"
      " (user_id, message_id) WHERE read_at IS NULL;"),
 )
+# The message ids $1 has not read: not yet delivered, or delivered and unread. Disjoint for
+# pitchey-ws's own writes (a delivery or a read removes the ws_undelivered row as it writes
+# the receipt); an undelivered message that has a receipt anyway (the app wrote it: delivered,
+# or read through its own routes) counts by its receipt alone.
 _UNREAD_OF_USER = (
     "SELECT u.message_id FROM ws_undelivered u WHERE u.user_id = $1"
     " AND NOT EXISTS (SELECT 1 FROM message_read_receipts r"
