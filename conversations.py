@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from typing import Generic, TypeVar
 
 from rows import ConversationRow
 from store import Store
+
+V = TypeVar("V")
 
 # How long a row read from a database another program writes (the Pitchey app's, PostgreSQL)
 # is trusted before it is read again: the longest the app's removal of a participant, or of a
@@ -22,27 +25,55 @@ from store import Store
 SHARED_ROWS_SECONDS = 2.0
 
 
+class RowCache(Generic[V]):
+    """Rows by id in memory, least recently used dropped past ``capacity``; with ``ttl``, an
+    entry older than that many seconds is no longer ``fresh`` (read it again). Conversations
+    here, and the service's pitches."""
+
+    def __init__(self, capacity: int, ttl: float | None = None) -> None:
+        self.capacity = capacity
+        self.ttl = ttl
+        # id -> (row, monotonic time it was read), least recently used first
+        self._rows: OrderedDict[int, tuple[V, float]] = OrderedDict()
+
+    def fresh(self, key: int) -> V | None:
+        """The row if it is in memory and still trusted."""
+        entry = self._rows.get(key)
+        if entry is None:
+            return None
+        if self.ttl is not None and time.monotonic() - entry[1] > self.ttl:
+            return None
+        self._rows.move_to_end(key)
+        return entry[0]
+
+    def known(self, key: int) -> V | None:
+        """The row if it is in memory, however old (for frames about it, not for access)."""
+        entry = self._rows.get(key)
+        return entry[0] if entry is not None else None
+
+    def put(self, key: int, row: V) -> None:
+        self._rows[key] = (row, time.monotonic())
+        self._rows.move_to_end(key)
+        while len(self._rows) > self.capacity:
+            self._rows.popitem(last=False)
+
+    def pop(self, key: int) -> None:
+        self._rows.pop(key, None)
+
+
 class Conversations:
     def __init__(self, store: Store, capacity: int, ttl: float | None = None) -> None:
         """``ttl``: seconds an entry is trusted (None: until evicted or changed here)."""
         self.store = store
         self.capacity = capacity
-        self.ttl = ttl
-        # id -> (row, monotonic time it was read), least recently used first
-        self._rows: OrderedDict[int, tuple[ConversationRow, float]] = OrderedDict()
+        self._rows: RowCache[ConversationRow] = RowCache(capacity, ttl)
         # (low, high) user pair -> their direct conversation's id
         self._pairs: OrderedDict[tuple[int, int], int] = OrderedDict()
 
     def cached(self, conversation_id: int) -> ConversationRow | None:
         """The conversation if it is in memory and still trusted (no await: the send path's
         usual case)."""
-        entry = self._rows.get(conversation_id)
-        if entry is None:
-            return None
-        if self.ttl is not None and time.monotonic() - entry[1] > self.ttl:
-            return None
-        self._rows.move_to_end(conversation_id)
-        return entry[0]
+        return self._rows.fresh(conversation_id)
 
     async def get(self, conversation_id: int) -> ConversationRow | None:
         row = self.cached(conversation_id)
@@ -55,7 +86,7 @@ class Conversations:
         if row is not None:
             self.put(row)
         else:
-            self._rows.pop(conversation_id, None)
+            self._rows.pop(conversation_id)
         return row
 
     async def member_of(self, conversation_id: int, user_id: int) -> ConversationRow | None:
@@ -64,7 +95,7 @@ class Conversations:
         row = self.cached(conversation_id)
         if row is not None and user_id in row.members:
             return row
-        if row is None or self.ttl is not None:
+        if row is None or self._rows.ttl is not None:
             row = await self._load(conversation_id)
         if row is None or user_id not in row.members:
             return None
@@ -76,10 +107,7 @@ class Conversations:
         return row is not None and user_id in row.members
 
     def put(self, row: ConversationRow) -> None:
-        self._rows[row.id] = (row, time.monotonic())
-        self._rows.move_to_end(row.id)
-        while len(self._rows) > self.capacity:
-            self._rows.popitem(last=False)
+        self._rows.put(row.id, row)
 
     async def direct(self, a: int, b: int, now: str) -> ConversationRow:
         """The direct conversation of a and b (made by the store if missing)."""
@@ -119,7 +147,7 @@ class Conversations:
 
     def forget(self, conversation_id: int) -> None:
         """Another daemon changed it: read it again on next use."""
-        self._rows.pop(conversation_id, None)
+        self._rows.pop(conversation_id)
         self.forget_pairs(conversation_id)
 
     def forget_pairs(self, conversation_id: int) -> None:

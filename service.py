@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import protocol as p
 from backplane import TypingState, TypingTopic
 from config import Config
-from conversations import SHARED_ROWS_SECONDS, Conversations
+from conversations import SHARED_ROWS_SECONDS, Conversations, RowCache
 from delivery import DeliveryLog
 from hub import Client, Hub
 from limits import TokenBucket
@@ -133,11 +133,12 @@ class Service:
         self.delivery_buckets: OrderedDict[int, TokenBucket] = OrderedDict()
         # Pitches (PROTOCOL.md 9): the registered ones, least recently used first; the
         # connections subscribed to each (pitch_view), and each connection's subscriptions.
-        self.pitches: OrderedDict[int, PitchRow] = OrderedDict()
-        # Where the app writes the database too, when each pitch was read (it is read again
-        # after SHARED_ROWS_SECONDS, and before a refusal: an NDA just signed).
-        self.pitch_ttl = SHARED_ROWS_SECONDS if store.shared_with_app else None
-        self.pitch_loaded: dict[int, float] = {}
+        # Where the app writes the database too, a pitch is read again after
+        # SHARED_ROWS_SECONDS, and before a refusal (an NDA just signed).
+        self.pitches: RowCache[PitchRow] = RowCache(
+            config.database.cache_conversations,
+            SHARED_ROWS_SECONDS if store.shared_with_app else None,
+        )
         self.watching: dict[int, set[Client]] = {}
         self.subscriptions: dict[Client, set[int]] = {}
         self.pitch_typing = TypingTracker(hub, store, config.typing.ttl_seconds,
@@ -633,36 +634,21 @@ class Service:
     # -- pitches (PROTOCOL.md 9) -----------------------------------------------------------
 
     async def pitch(self, pitch_id: int) -> PitchRow | None:
-        row = self.pitches.get(pitch_id)
-        if row is not None and (
-            self.pitch_ttl is None
-            or time.monotonic() - self.pitch_loaded.get(pitch_id, 0.0) <= self.pitch_ttl
-        ):
-            self.pitches.move_to_end(pitch_id)
-            return row
-        return await self._load_pitch(pitch_id)
+        row = self.pitches.fresh(pitch_id)
+        return row if row is not None else await self._load_pitch(pitch_id)
 
     async def _load_pitch(self, pitch_id: int) -> PitchRow | None:
         row = await self.store.pitch(pitch_id)
         if row is not None:
-            self._remember_pitch(row)
+            self.pitches.put(row.id, row)
         return row
-
-    def _remember_pitch(self, row: PitchRow) -> None:
-        self.pitches[row.id] = row
-        self.pitches.move_to_end(row.id)
-        if self.pitch_ttl is not None:
-            self.pitch_loaded[row.id] = time.monotonic()
-        while len(self.pitches) > self.config.database.cache_conversations:
-            gone, _ = self.pitches.popitem(last=False)
-            self.pitch_loaded.pop(gone, None)
 
     async def visible_pitch(self, pitch_id: int, user_id: int) -> PitchRow:
         """The pitch, or ``forbidden`` (the same whether it does not exist or is private).
-        Where the app writes the database too, a refusal is checked against it first (the
-        app may just have published the pitch or recorded the user's NDA)."""
-        row = await self.pitch(pitch_id)
-        if (row is None or not row.visible_to(user_id)) and self.pitch_ttl is not None:
+        Where the app writes the database too, a refusal from memory is checked against it
+        first (the app may just have published the pitch or recorded the user's NDA)."""
+        row = self.pitches.fresh(pitch_id)
+        if row is None or (not row.visible_to(user_id) and self.pitches.ttl is not None):
             row = await self._load_pitch(pitch_id)
         if row is None or not row.visible_to(user_id):
             raise p.ProtocolError(p.FORBIDDEN, NO_PITCH)
@@ -676,7 +662,7 @@ class Service:
             # As stored: on an existing Pitchey database the app's row rules (owner, title,
             # status) and its NDA signers are allowed too.
             row = await self.store.pitch(row.id) or row
-            self._remember_pitch(row)
+            self.pitches.put(row.id, row)
         for client in list(self.watching.get(row.id, ())):
             if not row.visible_to(client.user_id):
                 self._unsubscribe(client, row.id)
@@ -713,7 +699,7 @@ class Service:
 
     def pitch_frame_elsewhere(self, change: dict[str, Any]) -> None:
         """A pitch frame another daemon wrote to its watchers: the same for the ones here."""
-        pitch = self.pitches.get(int(change["pitch"]))
+        pitch = self.pitches.known(int(change["pitch"]))
         if pitch is None:
             return  # no connection here watches a pitch this daemon never loaded
         exclude = change.get("exclude")
@@ -857,7 +843,7 @@ class Service:
         self, pitch_id: int, user_id: int, username: str | None, _: frozenset[int],
         typing: bool
     ) -> None:
-        pitch = self.pitches.get(pitch_id)
+        pitch = self.pitches.known(pitch_id)
         if pitch is None:
             return
         frame = p.pitch_user_typing(pitch_id, user_id, username, typing)
