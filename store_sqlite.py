@@ -749,12 +749,14 @@ class SqliteStore(WriteQueue[_Write]):
         return [_message(r) for r in reversed(rows[:limit])], has_more
 
     async def since(self, user_id: int, since: int, limit: int) -> tuple[list[MessageRow], bool]:
-        # One range scan of messages_conversation per conversation, at most limit + 1 ids
-        # each (the index alone: no row is read), merged here; then only the rows of the
-        # lowest limit + 1 ids, by key. The cost is the rows asked for, not the user's whole
-        # history (one query over all the user's conversations sorted every message after
-        # ``since`` first). Later groups only look below the (limit + 1)-th id found so far.
-        # One read transaction, so every statement sees the same snapshot (ids in order).
+        # One range scan of messages_conversation per conversation, merged by SQLite in id
+        # order (a compound SELECT's ORDER BY over arms that each walk the index in order:
+        # no sort), and the merge stops at limit + 1 ids; then only the rows of those ids, by
+        # key. The cost is the rows asked for plus one index seek per conversation, not the
+        # user's whole history (one query over all the user's conversations sorted every
+        # message after ``since`` first). Later groups of conversations only look below the
+        # (limit + 1)-th id found so far. One read transaction, so every statement sees the
+        # same snapshot (ids in order).
         async with self._reading(long=True) as reader:
             await self._fetch_on(reader, "BEGIN")
             try:
@@ -770,8 +772,8 @@ class SqliteStore(WriteQueue[_Write]):
                     group = conversations[start : start + _SINCE_ARMS]
                     found.extend(r[0] for r in await self._fetch_on(
                         reader,
-                        " UNION ALL ".join([_SINCE_ARM] * len(group)),
-                        tuple(x for cid in group for x in (cid, since, below, limit + 1)),
+                        " UNION ALL ".join([_SINCE_ARM] * len(group)) + " ORDER BY 1 LIMIT ?",
+                        (*(x for cid in group for x in (cid, since, below)), limit + 1),
                     ))
                     found.sort()
                     del found[limit + 1 :]
@@ -1435,8 +1437,7 @@ _MESSAGE_SELECT = (
 # since(): the ids of one conversation's messages in (since, below), at most limit + 1, by
 # id; and how many conversations one statement covers (4 parameters each, under 999).
 _SINCE_ARM = (
-    "SELECT * FROM (SELECT id FROM messages WHERE conversation_id = ? AND id > ? AND id < ?"
-    " AND is_deleted = 0 ORDER BY id LIMIT ?)"
+    "SELECT id FROM messages WHERE conversation_id = ? AND id > ? AND id < ? AND is_deleted = 0"
 )
 _SINCE_ARMS = 50
 # A history page above this many rows is a long read (it waits for a long-read slot).

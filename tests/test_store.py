@@ -208,12 +208,14 @@ async def test_owed_read_notices_start_from_the_sender(store: engine.SqliteStore
 
 
 async def test_sync_scans_each_conversation_by_id(store: engine.SqliteStore) -> None:
-    """sync's statement is one bounded range of messages_conversation per conversation: no
-    read of the user's whole history, no temporary sort."""
-    sql = " UNION ALL ".join([engine._SINCE_ARM] * 3)
-    details = await plan_of(store, sql, (1, 0, 99, 10) * 3)
+    """sync's statement is one bounded range of messages_conversation per conversation,
+    merged in index order (so the merge stops at the LIMIT): no read of the user's whole
+    history, no temporary sort."""
+    sql = " UNION ALL ".join([engine._SINCE_ARM] * 3) + " ORDER BY 1 LIMIT ?"
+    details = await plan_of(store, sql, (*(1, 0, 99) * 3, 10))
     ranges = "USING INDEX messages_conversation (conversation_id=? AND id>? AND id<?)"
     assert details.count(ranges) == 3, details
+    assert "MERGE (UNION ALL)" in details, details
     assert "TEMP B-TREE" not in details, details
 
 
@@ -232,6 +234,28 @@ async def test_sync_merges_conversations_in_id_order(store: engine.SqliteStore) 
     assert [r.id for r in rows] == mine[:4] and more
     rows, more = await store.since(1, mine[1], 100)
     assert [r.id for r in rows] == mine[2:] and not more
+
+
+async def test_sync_over_more_conversations_than_one_statement(
+    store: engine.SqliteStore,
+) -> None:
+    """A user in more conversations than one statement's arms (engine._SINCE_ARMS) still gets
+    the lowest ids after ``since`` across all of them, in order, and an honest ``more``."""
+    count = engine._SINCE_ARMS * 2 + 7
+    conversations = [(await store.create_conversation(1, [1, 2 + i], None, None, None, NOW)).id
+                     for i in range(count)]
+    # Three rounds over the conversations from the last to the first: the lowest ids are in
+    # the conversations that the last statement reads.
+    order = [cid for _ in range(3) for cid in reversed(conversations)]
+    ids = await asyncio.gather(*(store.add_message(message(cid, 1, [2])) for cid in order))
+    everything = sorted(ids)
+    rows, more = await store.since(1, 0, count + 5)
+    assert [r.id for r in rows] == everything[: count + 5] and more
+    rows, more = await store.since(2 + count - 1, 0, 10)  # a user of one conversation
+    assert [r.id for r in rows] == sorted(i for i, c in zip(ids, order, strict=True)
+                                          if c == conversations[-1]) and not more
+    rows, more = await store.since(1, everything[-4], 10)
+    assert [r.id for r in rows] == everything[-3:] and not more
 
 
 async def test_history_and_pending_use_their_indexes(store: engine.SqliteStore) -> None:
