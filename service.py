@@ -946,19 +946,24 @@ class Service:
                                     (EventKind.NOTIFICATION, nid, user_id)):
                     delivered += 1
         elif users is not None:
-            delivered = len(self.hub.send_to(users, p.event(kind, fields)))
+            delivered = len(self.hub.send_to(users, p.event(kind, {"timestamp": now, **fields})))
         elif pitch_id is not None:
             pitch = await self.pitch(pitch_id)
             if pitch is None:
                 raise p.ProtocolError(p.INVALID_MESSAGE, f"unknown pitch {pitch_id}")
-            delivered = self._to_watchers(pitch, p.event(kind, fields), owner=True)
+            # Every pitch frame names its pitch (PROTOCOL.md 9): usePitchUpdates drops the
+            # ones whose pitchId is not the page's.
+            frame = p.event(kind, {"timestamp": now, **fields, "pitchId": pitch_id})
+            delivered = self._to_watchers(pitch, frame, owner=True)
         else:
             assert conversation_id is not None
             conversation = await self.conversations.get(conversation_id)
             if conversation is None:
                 raise p.ProtocolError(p.INVALID_MESSAGE,
                                       f"unknown conversation {conversation_id}")
-            delivered = len(self.hub.send_to(conversation.members, p.event(kind, fields)))
+            frame = p.event(kind, {"timestamp": now, **fields,
+                                   "conversationId": conversation_id})
+            delivered = len(self.hub.send_to(conversation.members, frame))
         self.metrics.frames_out["published"] += delivered
         answer = {"delivered": delivered, "stored": len(ids), "notificationIds": ids}
         if key is not None:

@@ -18,6 +18,7 @@ from conftest import (
     Client,
     Connector,
     Daemon,
+    conversation,
     free_port,
     make_token,
     new_user,
@@ -99,6 +100,37 @@ async def test_idempotency_key_stores_one_notification(daemon: Daemon,
     await client.expect("nda_signed")
     await client.absent("nda_signed")
     assert notifications_of(daemon, user) == 1
+
+
+async def test_ephemeral_publish_names_its_target(daemon: Daemon, connect_to: Connector) -> None:
+    """A publish to a pitch reaches its watchers and owner with the pitch's pitchId (what
+    usePitchUpdates filters on), one to a conversation carries its conversationId, and every
+    ephemeral event gets a timestamp unless the backend gave one; nothing is stored."""
+    owner_id, watcher_id, other_id = new_user(), new_user(), new_user()
+    put_pitch(daemon, 9101, owner_id)
+    owner, watcher, other = (await connect_to(owner_id), await connect_to(watcher_id),
+                             await connect_to(other_id))
+    await watcher.request({"type": "pitch_view", "pitchId": 9101}, "pitch_viewed")
+    status, answer = call(daemon, "POST", "/api/publish", {
+        "pitchId": 9101, "event": {"type": "pitch_updated", "field": "budget", "pitchId": 1}})
+    assert status == 200 and answer == {"delivered": 2, "stored": 0, "notificationIds": []}
+    for client in (owner, watcher):
+        got = await client.expect("pitch_updated")
+        assert got["pitchId"] == 9101 and got["field"] == "budget"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", got["timestamp"])
+    cid = await conversation(owner, other_id)
+    await other.expect("conversation_created")
+    status, answer = call(daemon, "POST", "/api/publish", {
+        "conversationId": cid, "event": {"type": "call_started", "timestamp": "then"}})
+    assert status == 200 and answer["delivered"] == 2
+    for client in (owner, other):
+        got = await client.expect("call_started")
+        assert got == {"type": "call_started", "timestamp": "then", "conversationId": cid}
+    status, answer = call(daemon, "POST", "/api/publish", {
+        "users": [other_id], "durable": False, "event": {"type": "poke"}})
+    assert status == 200 and answer["delivered"] == 1
+    assert set(await other.expect("poke")) == {"type", "timestamp"}
+    assert notifications_of(daemon, other_id) == 0
 
 
 @pytest.mark.parametrize("event_type", ["new_message", "error", "queued_message", "user_online",
