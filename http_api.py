@@ -567,12 +567,12 @@ class HttpApi:
         if wanted is not None:
             existing = await self.service.conversations.get(wanted)
             if existing is not None:
-                if (existing.members, existing.title, existing.created_by) != (
-                        members, title, created_by):
+                if (existing.members, existing.title, existing.created_by,
+                        existing.pitch_id) != (members, title, created_by, pitch_id):
                     raise ApiError(409, "conflict",
                                    f"conversation {wanted} exists with other values")
                 return json_answer(201, {"success": True,
-                                         "conversation": _conversation(existing, pitch_id)})
+                                         "conversation": _conversation(existing)})
         try:
             created = await self.service.create_conversation(
                 created_by, participants, title, None, pitch_id, by_backend=True,
@@ -581,7 +581,7 @@ class HttpApi:
         except ConstraintViolation:
             raise ApiError(409, "conflict", f"conversation {wanted} exists") from None
         return json_answer(201, {"success": True,
-                                 "conversation": _conversation(created.conversation, pitch_id)})
+                                 "conversation": _conversation(created.conversation)})
 
     async def participants(self, request: HttpRequest, params: tuple[int, ...]) -> Answer:
         body = _json_body(request)
@@ -593,7 +593,7 @@ class HttpApi:
         row = await self.service.change_participants(params[0], add, remove)
         if row is None:
             raise ApiError(404, "not_found", f"no conversation {params[0]}")
-        return json_answer(200, {"success": True, "conversation": _conversation(row, None)})
+        return json_answer(200, {"success": True, "conversation": _conversation(row)})
 
     async def put_pitch(self, request: HttpRequest, params: tuple[int, ...]) -> Answer:
         body = _json_body(request)
@@ -672,8 +672,8 @@ def _ids(value: Any, name: str, cap: int, *, required: bool) -> list[int]:
     return list(dict.fromkeys(_id(v, name) for v in value))
 
 
-def _conversation(row: ConversationRow, pitch_id: int | None) -> dict[str, Any]:
+def _conversation(row: ConversationRow) -> dict[str, Any]:
     """A conversation as the backend's API answers it (conversation_created's fields)."""
     return {"id": row.id, "conversationId": row.id, "title": row.title,
             "isGroup": row.is_group, "participantIds": sorted(row.members),
-            "createdBy": row.created_by, "pitchId": pitch_id}
+            "createdBy": row.created_by, "pitchId": row.pitch_id}

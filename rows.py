@@ -29,6 +29,7 @@ class ConversationRow(NamedTuple):
     is_group: bool
     created_by: int
     members: frozenset[int]  # active participants
+    pitch_id: int | None = None
 
 
 class UserRow(NamedTuple):

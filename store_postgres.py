@@ -865,17 +865,17 @@ class PostgresStore(WriteQueue[_Write]):
         if not 0 < conversation_id <= INT4_MAX:
             return None
         rows = await self._fetch(
-            "SELECT c.id, c.title, COALESCE(c.is_group, false), c.created_by_id, p.user_id"
-            " FROM conversations c LEFT JOIN conversation_participants p"
+            "SELECT c.id, c.title, COALESCE(c.is_group, false), c.created_by_id, c.pitch_id,"
+            " p.user_id FROM conversations c LEFT JOIN conversation_participants p"
             "   ON p.conversation_id = c.id AND p.is_active IS NOT FALSE AND p.left_at IS NULL"
             " WHERE c.id = $1 LIMIT $2",
             conversation_id, MAX_ROWS,
         )
         if not rows:
             return None
-        cid, title, is_group, created_by, _ = rows[0]
-        members = frozenset(r[4] for r in rows if r[4] is not None)
-        return ConversationRow(cid, title, bool(is_group), created_by, members)
+        cid, title, is_group, created_by, pitch_id, _ = rows[0]
+        members = frozenset(r[5] for r in rows if r[5] is not None)
+        return ConversationRow(cid, title, bool(is_group), created_by, members, pitch_id)
 
     async def conversation_by_request(self, created_by: int, request_id: str) -> int | None:
         rows = await self._fetch(
@@ -945,7 +945,7 @@ class PostgresStore(WriteQueue[_Write]):
         await self._write(write)
         assert write.conversation_id is not None
         return ConversationRow(write.conversation_id, title, is_group, created_by,
-                               frozenset(members))
+                               frozenset(members), pitch_id)
 
     async def _direct_id(self, low: int, high: int) -> int | None:
         """The pair's direct conversation: the one pitchey-ws recorded, else one the app made

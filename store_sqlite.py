@@ -597,7 +597,7 @@ class SqliteStore(WriteQueue[_Write]):
 
     async def conversation(self, conversation_id: int) -> ConversationRow | None:
         rows = await self._fetch(
-            "SELECT c.id, c.title, c.is_group, c.created_by_id, p.user_id"
+            "SELECT c.id, c.title, c.is_group, c.created_by_id, c.pitch_id, p.user_id"
             " FROM conversations c LEFT JOIN conversation_participants p"
             "   ON p.conversation_id = c.id AND p.is_active = 1"
             " WHERE c.id = ? LIMIT ?",
@@ -605,9 +605,9 @@ class SqliteStore(WriteQueue[_Write]):
         )
         if not rows:
             return None
-        cid, title, is_group, created_by, _ = rows[0]
-        members = frozenset(r[4] for r in rows if r[4] is not None)
-        return ConversationRow(cid, title, bool(is_group), created_by, members)
+        cid, title, is_group, created_by, pitch_id, _ = rows[0]
+        members = frozenset(r[5] for r in rows if r[5] is not None)
+        return ConversationRow(cid, title, bool(is_group), created_by, members, pitch_id)
 
     async def conversation_by_request(self, created_by: int, request_id: str) -> int | None:
         rows = await self._fetch(
@@ -643,7 +643,8 @@ class SqliteStore(WriteQueue[_Write]):
             write.add(_INSERT_DIRECT.replace("INSERT", "INSERT OR IGNORE", 1),
                       (low, high, conversation_id))
         await self._write(write)
-        return ConversationRow(conversation_id, title, is_group, created_by, frozenset(members))
+        return ConversationRow(conversation_id, title, is_group, created_by, frozenset(members),
+                               pitch_id)
 
     async def _direct_id(self, low: int, high: int) -> int | None:
         rows = await self._fetch(

@@ -318,3 +318,17 @@ async def test_inbox_names_the_pitch_of_a_conversation(daemon: Daemon) -> None:
     assert status == 200
     titles = {c["id"]: (c["pitchId"], c["pitchTitle"]) for c in body["conversations"]}
     assert titles == {80_000 + a: (pitch, "Night Train"), 80_000 + b: (pitch + 1, None)}
+    # The conversation's pitch is part of "the body matches" (409 otherwise), and every
+    # answer reports the stored one.
+    same = {"id": 80_000 + a, "participantIds": [b], "createdBy": a, "pitchId": pitch}
+    status, answer = call(daemon, "POST", "/api/conversations", same)
+    assert status == 201 and answer["conversation"]["pitchId"] == pitch
+    status, answer = call(daemon, "POST", "/api/conversations", {**same, "pitchId": pitch + 1})
+    assert status == 409 and answer["error"] == "conflict"
+    status, answer = call(daemon, "POST", "/api/conversations", {**same, "pitchId": None})
+    assert status == 409
+    status, answer = call(daemon, "POST", f"/api/conversations/{80_000 + a}/participants",
+                          {"add": [new_user()]})
+    assert status == 200 and answer["conversation"]["pitchId"] == pitch
+    assert daemon.query(f"SELECT pitch_id FROM {daemon.table('conversations')} WHERE id = ?",
+                        (80_000 + a,)) == [(pitch,)]
