@@ -60,6 +60,7 @@ class App:
             on_commit=self._observe_commit,
             read_connections=config.database.read_connections,
         )
+        self.store.notifications_per_user = config.notifications.max_per_user
         self.verifier = Verifier(config.auth)
         self.background = Background()
         self.deliveries = DeliveryLog(self.store)

@@ -121,6 +121,9 @@ class Store(Protocol):
     # Another program writes the same rows (the Pitchey app, on PostgreSQL): rows cached in
     # memory are read again after conversations.SHARED_ROWS_SECONDS.
     shared_with_app: bool
+    # notifications.max_per_user, kept by every write that adds notifications (0: no bound
+    # at insert; prune_notifications still applies one).
+    notifications_per_user: int
 
     async def open(self) -> None:
         """Connect, apply the schema and migrations, start the writer."""
@@ -388,6 +391,7 @@ class WriteQueue(Generic[W]):
         # Why writes fail right now (cleared by the next commit).
         self._failing: Unavailable | None = None
         self._last_commit = time.monotonic()
+        self.notifications_per_user = 0
 
     @property
     def where(self) -> str:

@@ -1475,6 +1475,9 @@ class PostgresStore(WriteQueue[_Write]):
                 " VALUES ($1, $2, $3, $4, $5)",
                 (nid, note.user_id, note.type, note.fields, now),
             )
+        if self.notifications_per_user > 0:
+            for user_id in dict.fromkeys(note.user_id for note in notes):
+                write.add(_KEEP_NEWEST_NOTIFICATIONS, (user_id, self.notifications_per_user))
         return ids
 
     async def add_notifications(
@@ -1653,6 +1656,12 @@ _MESSAGE_SELECT = (
     " LEFT JOIN ws_users sw ON sw.user_id = m.sender_id"
 )
 
+# A user's notifications beyond the newest max_per_user, read ones first and oldest first (the
+# order prune_notifications keeps): run after the batch's INSERTs (DELETE ranks after them).
+_KEEP_NEWEST_NOTIFICATIONS = (
+    "DELETE FROM ws_notifications WHERE id IN (SELECT id FROM ws_notifications"
+    " WHERE user_id = $1 ORDER BY (read_at IS NULL) DESC, id DESC OFFSET $2)"
+)
 _NOTIFICATION_SELECT = (
     "SELECT id, user_id, type, fields::text, created_at, read_at FROM ws_notifications"
 )

@@ -1129,6 +1129,9 @@ class SqliteStore(WriteQueue[_Write]):
                 (nid, note.user_id, note.type, note.fields, now),
             )
             ids.append(nid)
+        if self.notifications_per_user > 0:
+            for user_id in dict.fromkeys(note.user_id for note in notes):
+                write.add(_KEEP_NEWEST_NOTIFICATIONS, (user_id, self.notifications_per_user))
         return ids
 
     async def add_notifications(
@@ -1445,6 +1448,12 @@ _SINCE_ARMS = 50
 _SHORT_PAGE = 200
 
 
+# A user's notifications beyond the newest max_per_user, read ones first and oldest first (the
+# order prune_notifications keeps): run after the batch's INSERTs (DELETE ranks after them).
+_KEEP_NEWEST_NOTIFICATIONS = (
+    "DELETE FROM notifications WHERE id IN (SELECT id FROM notifications WHERE user_id = ?"
+    " ORDER BY (read_at IS NULL) DESC, id DESC LIMIT -1 OFFSET ?)"
+)
 _NOTIFICATION_SELECT = (
     "SELECT id, user_id, type, fields, created_at, read_at FROM notifications"
 )

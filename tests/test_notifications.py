@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 from backend import KEY, call, put_pitch
-from conftest import Client, Connector, Daemon, conversation, eventually_db, make_token, new_user
+from conftest import (
+    Client,
+    Connector,
+    Daemon,
+    conversation,
+    eventually_db,
+    make_token,
+    new_user,
+    write_config,
+)
 
 _pitch_ids = itertools.count(500)
 
@@ -138,9 +147,14 @@ async def test_replay_merges_messages_and_notifications_in_order(
     await sender.request({"type": "send_message", "conversationId": cid, "content": "two"},
                          "message_sent")
     client = await connect_to(user)
-    frames = await replay(client)
-    kinds = [f["type"] for f in frames if f["type"] != "user_online"]
-    assert kinds == ["queued_message", "nda_signed", "queued_message"]
+    frames = [f for f in await replay(client) if f["type"] != "user_online"]
+    assert [f.get("content") for f in frames if f["type"] == "queued_message"] == ["one", "two"]
+    # Oldest queued first. Queue times have milliseconds: events of one millisecond come
+    # messages first, then notifications (docs/protocol.md), so "two" may precede the
+    # notification when both were queued within the same millisecond.
+    rank = {"queued_message": 0, "nda_signed": 2}
+    assert frames == sorted(frames, key=lambda f: (f["queuedAt"], rank[f["type"]]))
+    assert sorted(f["type"] for f in frames) == ["nda_signed", "queued_message", "queued_message"]
 
 
 async def test_like_survives_kill_9_and_is_delivered_once(tmp_path: Path) -> None:
@@ -175,24 +189,47 @@ async def test_like_survives_kill_9_and_is_delivered_once(tmp_path: Path) -> Non
             d.stop()
 
 
-async def test_prune_keeps_max_per_user_read_ones_first(tmp_path: Path) -> None:
-    """Beyond notifications.max_per_user the oldest read ones go first (pruned at startup)."""
-    d = Daemon(tmp_path, {"api.key": KEY, "notifications.max_per_user": 3})
+async def test_at_most_max_per_user_read_ones_first(tmp_path: Path) -> None:
+    """A user keeps at most notifications.max_per_user: each write that adds one drops the
+    oldest read ones first, then the oldest unread ones; a lower bound set at a restart is
+    applied by the prune at startup."""
+    overrides = {"api.key": KEY, "notifications.max_per_user": 3}
+    d = Daemon(tmp_path, overrides)
     d.start()
     try:
         user = new_user()
-        ids = []
-        for n in range(5):
+        token = make_token(user)
+        table = d.table("notifications")
+
+        def publish(n: int) -> int:
             status, answer = call(d, "POST", "/api/publish",
                                   {"users": [user], "event": {"type": "note", "n": n}})
-            ids += answer["notificationIds"]
-        status, _ = call(d, "POST", "/api/notifications/read", {"notificationIds": ids[3:]},
-                         token=make_token(user))
+            assert status == 200 and answer["stored"] == 1
+            return int(answer["notificationIds"][0])
+
+        ids = [publish(n) for n in range(3)]
+        status, _ = call(d, "POST", "/api/notifications/read", {"notificationIds": ids[1:]},
+                         token=token)
         assert status == 200
-        d.restart()
-        # Two of the five go: the two read ones (the newest), before any unread one.
-        await eventually_db(d, f"SELECT id FROM {d.table('notifications')} WHERE user_id = ?"
-                            " ORDER BY id", (user,), [(i,) for i in ids[:3]])
+        ids.append(publish(3))  # 4 of 3: the oldest read one goes
+        assert d.query(f"SELECT id FROM {table} WHERE user_id = ? ORDER BY id", (user,)) == [
+            (ids[0],), (ids[2],), (ids[3],)]
+        ids.append(publish(4))  # then the other read one
+        ids.append(publish(5))  # then the oldest unread one
+        expected = [ids[3], ids[4], ids[5]]
+        assert d.query(f"SELECT id FROM {table} WHERE user_id = ? ORDER BY id",
+                       (user,)) == [(i,) for i in expected]
+        status, body = call(d, "GET", "/api/notifications", token=token)
+        assert status == 200 and body["unreadCount"] == 3
+        assert [n["notificationId"] for n in body["notifications"]] == expected[::-1]
+        # A lower bound from the next start: the prune at startup keeps the newest two.
+        d.stop()
+        write_config(d.config, {"presence.offline_grace_seconds": 0,
+                                **({"database.url": d.database_url} if d.database_url else {}),
+                                **overrides, "notifications.max_per_user": 2})
+        d.start()
+        await eventually_db(d, f"SELECT id FROM {table} WHERE user_id = ? ORDER BY id",
+                            (user,), [(i,) for i in expected[1:]])
     finally:
         if d.proc is not None:
             d.stop()
