@@ -152,13 +152,16 @@ class HttpApi:
         return "*" in allowed or origin in allowed
 
     def cors(self, request: HttpRequest) -> list[tuple[str, str]]:
-        try:
-            origin = request.header("origin")
-        except DuplicateHeader:
+        return self.cors_for(request.headers)
+
+    def cors_for(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The CORS headers of an answer to a request with these (lower-case) headers: none
+        unless it has one Origin and that origin is allowed. Also for the errors the front
+        writes itself (413, 431), so that a browser shows them rather than a CORS failure."""
+        origins = [v for k, v in headers if k == "origin"]
+        if len(origins) != 1 or not self.origin_allowed(origins[0]):
             return []
-        if origin is None or not self.origin_allowed(origin):
-            return []
-        return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
+        return [("Access-Control-Allow-Origin", origins[0]), ("Vary", "Origin"),
                 ("Access-Control-Expose-Headers", EXPOSE_HEADERS)]
 
     def websocket_refusal(self, headers: list[tuple[str, str]]) -> Answer | None:

@@ -134,6 +134,8 @@ class LogSummary:
 Respond = Callable[["FrontConnection", HttpRequest], Awaitable[Answer]]
 # (method, target, headers) -> whether the request is a WebSocket handshake to hand over.
 IsWebSocket = Callable[[str, str, list[tuple[str, str]]], bool]
+# The CORS headers of an answer to a request with these (lower-case name) headers.
+Cors = Callable[[list[tuple[str, str]]], list[tuple[str, str]]]
 
 
 class OpenCount:
@@ -162,8 +164,11 @@ class Front:
         summary: LogSummary,
         max_open: int | None = None,
         opened: OpenCount | None = None,
+        cors: Cors | None = None,
     ) -> None:
         self.respond = respond
+        # The CORS headers for a request's headers, added to the errors written here.
+        self.cors = cors
         self.is_websocket = is_websocket
         self.websocket_refusal = websocket_refusal
         self.max_header_bytes = max_header_bytes
@@ -511,8 +516,13 @@ class FrontConnection(ServerConnection):
     def _send_error_and_close(self, status: int, code: str, message: str) -> None:
         assert self.raw is not None
         if self.parser.our_state is h11.SEND_RESPONSE:
-            self._write(json_answer(status, {"error": code, "message": message}, close=True),
-                        "GET")
+            answer = json_answer(status, {"error": code, "message": message}, close=True)
+            head = self.request_head
+            if head is not None and self.front.cors is not None:
+                answer.headers.extend(self.front.cors(
+                    [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in head.headers]
+                ))
+            self._write(answer, "GET")
         else:
             self.raw.write(_raw_answer(status, code, message))
             self._close()

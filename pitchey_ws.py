@@ -31,7 +31,7 @@ from connection import Sessions
 from conversations import SHARED_ROWS_SECONDS, Conversations
 from delivery import DeliveryLog
 from http_api import HttpApi, is_websocket
-from http_front import Front, IsWebSocket, LogSummary, OpenCount, Respond
+from http_front import Cors, Front, IsWebSocket, LogSummary, OpenCount, Respond
 from http_routes import WS_PATH, Routes
 from hub import Background, Hub
 from metrics import Metrics
@@ -103,7 +103,8 @@ class App:
                            config.api, self._forget_profile)
         # Both listeners' connections hold descriptors: one count for max_open.
         self.opened = OpenCount()
-        self.front = self._front(self.api.respond, is_websocket, "pitchey.http", max_open)
+        self.front = self._front(self.api.respond, is_websocket, "pitchey.http", max_open,
+                                 cors=self.api.cors_for)
         self.server: Server | None = None
         # The backend's API on a listener of its own (api.port): plain HTTP, no WebSocket.
         self.api_front = self._front(self.api.respond_backend, _no_websocket, "pitchey.api",
@@ -111,7 +112,9 @@ class App:
         self.api_server: Server | None = None
 
     def _front(self, respond: Respond, websocket: IsWebSocket, logger: str,
-               max_open: int | None) -> Front:
+               max_open: int | None,
+               cors: Cors | None = None,
+               ) -> Front:
         """An HTTP front (http_front.py) with the config's bounds; ``websocket`` tells which
         requests are handed over to websockets."""
         return Front(
@@ -123,6 +126,7 @@ class App:
             summary=LogSummary(logging.getLogger(logger)),
             max_open=max_open,
             opened=self.opened,
+            cors=cors,
         )
 
     def _forget_profile(self, user_id: int) -> None:

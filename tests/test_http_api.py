@@ -359,6 +359,18 @@ async def test_cors_and_origin(tmp_path: Path) -> None:
         status, headers, _ = await acall(port, "GET", "/api/messages/conversations",
                                          token=tok(new_user()), headers={"Origin": "https://evil.test"})
         assert status == 200 and "access-control-allow-origin" not in headers
+        # The errors the front writes before the API sees the request carry CORS too, so a
+        # page can read them (a browser reports a bare 413 as a network failure).
+        big = b'{"content": "' + b"x" * 70_000 + b'"}'
+        for origin, allowed in ((ORIGIN, True), ("https://evil.test", False)):
+            status, headers, body = await acall(port, "POST", "/api/messages/send", raw=big,
+                                                token=tok(new_user()),
+                                                headers={"Origin": origin})
+            assert status == 413 and body["error"] == "too_large"
+            assert (headers.get("access-control-allow-origin") == ORIGIN) is allowed, headers
+        status, headers, body = await acall(port, "GET", "/api/health",
+                                            headers={"Origin": ORIGIN, "X-Big": "y" * 20_000})
+        assert status == 431 and headers["access-control-allow-origin"] == ORIGIN
         uid = new_user()
         with pytest.raises(Exception) as refused:
             await connect(uid, origin="https://evil.test")  # type: ignore[arg-type]
