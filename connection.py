@@ -152,7 +152,9 @@ class Sessions:
             return
         client = Client(ws, user_id, identity.expires_at, self.hub)
         try:
-            await self.hub.attach(client, username, user_type)
+            await self.hub.attach(client, username, user_type,
+                                  named_by_token=identity.username is not None,
+                                  typed_by_token=identity.user_type is not None)
             self.lifecycle.note("connections opened", "user %d connected (%d open)", user_id,
                                 self.hub.connections)
             self.arm_expiry(client)

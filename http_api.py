@@ -33,7 +33,7 @@ from http_front import (
 )
 from http_routes import HERE, STATIC, WS_PATH, Routes
 from hub import Hub
-from rows import ConversationRow, PitchRow
+from rows import ConversationRow, PitchRow, UserRow
 from service import INBOX_DEFAULT, INBOX_MAX, Service, store_error_reply
 from store import ConstraintViolation, StoreError
 
@@ -111,7 +111,7 @@ class HttpApi:
         cors_origins: Callable[[], tuple[str, ...]],
         limits: p.Limits,
         backend: ApiConfig | None = None,
-        forget_profile: Callable[[int], None] | None = None,
+        forget_profile: Callable[[UserRow], None] | None = None,
     ) -> None:
         self.routes = routes
         self.service = service
@@ -524,18 +524,26 @@ class HttpApi:
         username, name, user_type = values
         return username or name, user_type
 
-    async def _save_profiles(self, profiles: list[tuple[int, str | None, str | None]]) -> None:
+    async def _save_profiles(
+        self, profiles: list[tuple[int, str | None, str | None]]
+    ) -> dict[int, UserRow]:
+        """Store the profiles (a field left out keeps its value); return them as stored,
+        and tell the daemon (online users are shown by them at once)."""
         for user_id, username, user_type in profiles:
             await self.service.store.save_profile(user_id, username, user_type)
+        stored = await self.service.store.users([user_id for user_id, _, _ in profiles])
+        for row in stored.values():
             if self.forget_profile is not None:
-                self.forget_profile(user_id)
+                self.forget_profile(row)
+        return stored
 
     async def put_user(self, request: HttpRequest, params: tuple[int, ...]) -> Answer:
         body = _json_body(request)
         username, user_type = self._profile(body, params[0])
-        await self._save_profiles([(params[0], username, user_type)])
+        row = (await self._save_profiles([(params[0], username, user_type)])).get(params[0])
         return json_answer(200, {"success": True, "user": {
-            "id": params[0], "username": username, "userType": user_type}})
+            "id": params[0], "username": row.username if row else username,
+            "userType": row.user_type if row else user_type}})
 
     async def post_users(self, request: HttpRequest, _: tuple[int, ...]) -> Answer:
         raw = _json_value(request)

@@ -267,13 +267,27 @@ class Client:
 class UserState:
     """One online user (or one inside the offline grace period) and their connections."""
 
-    __slots__ = ("bucket", "clients", "contacts", "last_seen", "offline_timer", "user_id",
-                 "user_type", "username")
+    __slots__ = (
+        "bucket",
+        "clients",
+        "contacts",
+        "last_seen",
+        "named_by_token",
+        "offline_timer",
+        "typed_by_token",
+        "user_id",
+        "user_type",
+        "username",
+    )
 
     def __init__(self, user_id: int, username: str, user_type: str | None, bucket: TokenBucket):
         self.user_id = user_id
         self.username = username
         self.user_type = user_type
+        # Whether the latest connection's token named the user / gave the type (PROTOCOL.md
+        # 12: a claim wins over the profile the backend registers, which applies otherwise).
+        self.named_by_token = False
+        self.typed_by_token = False
         self.clients: list[Client] = []
         self.contacts: set[int] = set()
         self.bucket = bucket
@@ -348,7 +362,8 @@ class Hub:
         return len(user.clients) if user else 0
 
     async def attach(
-        self, client: Client, username: str, user_type: str | None
+        self, client: Client, username: str, user_type: str | None,
+        named_by_token: bool = False, typed_by_token: bool = False,
     ) -> UserState:
         """Register a connection; announce user_online to contacts when it is the first.
 
@@ -365,6 +380,7 @@ class Hub:
                 self._bucket(client.user_id),
             )
             self.users[client.user_id] = user
+            user.named_by_token, user.typed_by_token = named_by_token, typed_by_token
             user.clients.append(client)
             self.connections += 1
             client.user = user
@@ -381,6 +397,7 @@ class Hub:
             client.user = user
             user.username = username
             user.user_type = user_type or user.user_type
+            user.named_by_token, user.typed_by_token = named_by_token, typed_by_token
             if user.offline_timer is not None:
                 # Back within the grace period: nobody was told we left.
                 user.offline_timer.cancel()
@@ -393,6 +410,17 @@ class Hub:
             self.send_to(self.presence_targets(user),
                          p.user_online(user.user_id, user.username))
         return user
+
+    def profile_changed(self, user_id: int, username: str | None, user_type: str | None) -> None:
+        """The backend registered a profile: an online user whose token did not name them
+        (or give their type) is shown by it from now on, in every frame."""
+        user = self.users.get(user_id)
+        if user is None:
+            return
+        if username and not user.named_by_token:
+            user.username = username
+        if user_type and not user.typed_by_token:
+            user.user_type = user_type
 
     def detach(self, client: Client) -> None:
         """Unregister a connection; after the last one, start the offline grace period."""

@@ -35,6 +35,7 @@ from http_front import Cors, Front, IsWebSocket, LogSummary, OpenCount, Respond
 from http_routes import WS_PATH, Routes
 from hub import Background, Hub
 from metrics import Metrics
+from rows import UserRow
 from service import Service
 from store import StoreError, open_store
 from typing_indicators import TypingTracker
@@ -129,11 +130,20 @@ class App:
             cors=cors,
         )
 
-    def _forget_profile(self, user_id: int) -> None:
-        # The backend registered a new profile: read it again at the user's next handshake
-        # (on every daemon).
-        self.sessions.profiles.pop(user_id, None)
-        self.backplane.invalidate({"profile": user_id})
+    def _forget_profile(self, row: UserRow) -> None:
+        # The backend registered a new profile: read it again at the user's next handshake,
+        # and show an online user by it now (on every daemon).
+        self.sessions.profiles.pop(row.id, None)
+        self.hub.profile_changed(row.id, row.username, row.user_type)
+        self.backplane.invalidate({"profile": row.id})
+
+    async def _profile_elsewhere(self, user_id: int) -> None:
+        """Another daemon stored a user's profile: shown here too if the user is online."""
+        if user_id not in self.hub.users:
+            return
+        row = (await self.store.users([user_id])).get(user_id)
+        if row is not None:
+            self.hub.profile_changed(user_id, row.username, row.user_type)
 
     def _typing_gone(self, states: list[TypingState]) -> None:
         """A dead daemon this one claimed was typing: end its states (they need reads)."""
@@ -144,6 +154,7 @@ class App:
         profile = change.get("profile")
         if isinstance(profile, int):
             self.sessions.profiles.pop(profile, None)
+            self.background.spawn(self._profile_elsewhere(profile), name="profile-elsewhere")
             return
         if "pitch" in change:
             self.service.pitch_frame_elsewhere(change)

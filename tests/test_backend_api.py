@@ -250,6 +250,35 @@ async def test_profiles_name_senders(daemon: Daemon, connect_to: Connector) -> N
     assert rows == [(a, "Ada L"), (b, "Bo")]
 
 
+async def test_a_profile_reaches_connected_users(daemon: Daemon, connect_to: Connector) -> None:
+    """A profile the backend registers while the user is connected names them from then on
+    (new_message's senderName, online_users), unless their token names them: a claim wins.
+    The answer is the profile as stored (a field left out keeps its value)."""
+    plain, claimed, peer = new_user(), new_user(), new_user()
+    assert call(daemon, "PUT", f"/api/users/{plain}", {"name": "Maya Chen"})[0] == 200
+    me = await connect_to(plain, token=make_token(plain))
+    them = await connect_to(claimed, token=make_token(claimed, username="Token Name"))
+    other = await connect_to(peer)
+    assert (await me.request({"type": "ping"}, "pong"))["userId"] == plain
+    status, answer = call(daemon, "PUT", f"/api/users/{plain}",
+                          {"username": "Maya C.", "userType": "creator"})
+    assert status == 200 and answer["user"] == {"id": plain, "username": "Maya C.",
+                                                "userType": "creator"}
+    status, answer = call(daemon, "PUT", f"/api/users/{plain}", {})
+    assert status == 200 and answer["user"]["username"] == "Maya C."
+    assert call(daemon, "PUT", f"/api/users/{claimed}", {"name": "Backend Name"})[0] == 200
+    for sender, name in ((me, "Maya C."), (them, "Token Name")):
+        cid = await conversation(sender, peer)
+        await other.expect("conversation_created", conversationId=cid)
+        await sender.request({"type": "send_message", "conversationId": cid, "content": "hi"},
+                             "message_sent")
+        got = await other.expect("new_message", conversationId=cid)
+        assert got["senderName"] == name
+    online = await other.request({"type": "get_online_users"}, "online_users")
+    names = {u["userId"]: (u["username"], u["userType"]) for u in online["users"]}
+    assert names[plain] == ("Maya C.", "creator") and names[claimed][0] == "Token Name"
+
+
 async def test_publish_cli(daemon: Daemon, connect_to: Connector) -> None:
     """`pitchey_ws.py publish` posts the event with the key from PITCHEY_WS_API_KEY."""
     user = new_user()
