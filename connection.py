@@ -294,6 +294,9 @@ class Sessions:
         except p.ProtocolError as exc:
             if exc.request_id is None:
                 exc.request_id = command.request_id
+            if (isinstance(command, p.SendMessage) and exc.code == p.INVALID_MESSAGE
+                    and exc.detail is None):
+                exc = p.send_message_error(exc.message, exc.request_id)
             self.reply_error(client, exc)
         except ConnectionClosed:
             raise
@@ -320,7 +323,8 @@ class Sessions:
 
     def reply_error(self, client: Client, exc: p.ProtocolError) -> None:
         self.metrics.errors[exc.code] += 1
-        client.send(p.error(exc.code, exc.message, exc.request_id, exc.retry_after_ms))
+        client.send(p.error(exc.code, exc.message, exc.request_id, exc.retry_after_ms,
+                            exc.detail))
 
 
 def _token_from(request: Request, query: str) -> str | None:

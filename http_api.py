@@ -78,17 +78,20 @@ def _api_error(exc: p.ProtocolError | StoreError) -> ApiError:
         return ApiError(503, code, message, _retry_after(retry_after_ms))
     status = {p.FORBIDDEN: 403, p.RATE_LIMITED: 429, p.UNAVAILABLE: 503,
               p.INTERNAL: 500}.get(exc.code, 400)
-    return ApiError(status, exc.code, exc.message, _retry_after(exc.retry_after_ms))
+    return ApiError(status, exc.code, exc.message, _retry_after(exc.retry_after_ms),
+                    detail=exc.detail)
 
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str,
-                 headers: list[tuple[str, str]] | None = None) -> None:
+                 headers: list[tuple[str, str]] | None = None, *,
+                 detail: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or []
+        self.detail = detail
 
 
 def is_websocket(method: str, target: str, headers: list[tuple[str, str]]) -> bool:
@@ -241,12 +244,12 @@ class HttpApi:
             try:
                 return await self.backend_call(backend[1], request, params)
             except ApiError as exc:
-                return error(exc.status, exc.code, exc.message, exc.headers)
+                return error(exc.status, exc.code, exc.message, exc.headers, exc.detail)
         if handler is not None:
             try:
                 return await self.call(handler, request, parse_qs(url.query), params)
             except ApiError as exc:
-                return error(exc.status, exc.code, exc.message, exc.headers)
+                return error(exc.status, exc.code, exc.message, exc.headers, exc.detail)
         if path in STATIC:
             return self.static_file(request, path)
         if path == "/demo/sign-nda":
@@ -360,24 +363,29 @@ class HttpApi:
     async def send(self, call: Call) -> Answer:
         body = _json_body(call.request)
         frame = {**body, "type": "send_message"}
-        if "receiverId" in body and "recipientId" not in body:
+        if body.get("recipientId") is None and "receiverId" in body:
             frame["recipientId"] = body["receiverId"]
         try:
             key = call.request.header("idempotency-key")
         except DuplicateHeader:
             raise ApiError(400, p.INVALID_MESSAGE, "More than one Idempotency-Key") from None
-        if key is not None and "requestId" not in body:
+        if key is not None and body.get("requestId") is None:
             frame["requestId"] = key
         # The socket's parser checks the fields, so both doors accept exactly the same sends.
         command = p.parse(json.dumps(frame), self.limits)
         assert isinstance(command, p.SendMessage)
-        sent = await self.service.send_message(
-            call.identity.user_id, call.name, command.conversation_id, command.recipient_id,
-            command.content, message_type=command.message_type,
-            attachments=[a.to_wire() for a in command.attachments],
-            pitch_id=command.pitch_id, subject=command.subject,
-            request_id=command.request_id, origin=None,
-        )
+        try:
+            sent = await self.service.send_message(
+                call.identity.user_id, call.name, command.conversation_id, command.recipient_id,
+                command.content, message_type=command.message_type,
+                attachments=[a.to_wire() for a in command.attachments],
+                pitch_id=command.pitch_id, subject=command.subject,
+                request_id=command.request_id, origin=None,
+            )
+        except p.ProtocolError as exc:
+            if exc.code == p.INVALID_MESSAGE and exc.detail is None:
+                raise p.send_message_error(exc.message, exc.request_id) from None
+            raise
         fields = sent.fields
         message = {
             "id": fields["messageId"], **fields, "sentAt": fields["timestamp"],
@@ -631,8 +639,11 @@ class HttpApi:
 
 
 def error(status: int, code: str, message: str,
-          headers: list[tuple[str, str]] | None = None) -> Answer:
-    return json_answer(status, {"error": code, "message": message}, headers)
+          headers: list[tuple[str, str]] | None = None, detail: str | None = None) -> Answer:
+    body = {"error": code, "message": message}
+    if detail is not None:
+        body["detail"] = detail
+    return json_answer(status, body, headers)
 
 
 def _json_body(request: HttpRequest, *, optional: bool = False) -> dict[str, Any]:

@@ -91,12 +91,22 @@ class ProtocolError(Exception):
         request_id: str | None = None,
         *,
         retry_after_ms: int | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.request_id = request_id
         self.retry_after_ms = retry_after_ms
+        # What exactly is wrong, when ``message`` is a fixed text (send_message's).
+        self.detail = detail
+
+
+def send_message_error(reason: str, request_id: str | None = None) -> ProtocolError:
+    """A send_message that is not valid: ``invalid_message`` with the message PROTOCOL.md 6
+    fixes for it, whatever the field, and the reason as ``detail``."""
+    return ProtocolError(INVALID_MESSAGE, SEND_MESSAGE_MISSING, request_id,
+                         detail=None if reason == SEND_MESSAGE_MISSING else reason)
 
 
 def std_loads(text: str) -> Any:
@@ -382,6 +392,8 @@ class _Fields:
         self.missing = missing
 
     def fail(self, message: str) -> ProtocolError:
+        if self.missing == SEND_MESSAGE_MISSING:
+            return send_message_error(message, self.request_id)
         return ProtocolError(INVALID_MESSAGE, message, self.request_id)
 
     def id(self, name: str, *, required: bool = True) -> int | None:
@@ -661,8 +673,13 @@ def parse(text: str, limits: Limits) -> Command:
     # back as UTF-8. Only frames with escapes can hold one.
     if "\\u" in text and _has_lone_surrogate(frame):
         raise ProtocolError(INVALID_JSON, "frame holds an unpaired surrogate escape")
-    request_id = _request_id(frame, limits)
     kind = frame.get("type")
+    try:
+        request_id = _request_id(frame, limits)
+    except ProtocolError as exc:
+        if kind == "send_message":
+            raise send_message_error(exc.message) from None
+        raise
     if not isinstance(kind, str):
         raise ProtocolError(INVALID_MESSAGE, "type must be a string", request_id)
     if kind == "send_message":
@@ -744,9 +761,12 @@ def display_name(user_id: int, username: str | None) -> str:
 
 
 def error(
-    code: str, message: str, request_id: str | None = None, retry_after_ms: int | None = None
+    code: str, message: str, request_id: str | None = None, retry_after_ms: int | None = None,
+    detail: str | None = None,
 ) -> str:
     fields: dict[str, Any] = {"code": code, "message": message}
+    if detail is not None:
+        fields["detail"] = detail
     if request_id is not None:
         fields["requestId"] = request_id
     if retry_after_ms is not None:

@@ -43,6 +43,35 @@ async def test_send_message_missing_fields_text(connect_to: Connector) -> None:
                    "message": "Missing required fields for message", "requestId": "r9"}
 
 
+@pytest.mark.parametrize(("fields", "detail"), [
+    ({"conversationId": "7", "content": "x"}, "conversationId must be an integer"),
+    ({"conversationId": -1, "content": "x"}, "conversationId must be a positive integer"),
+    ({"recipientId": "102", "content": "x"}, "recipientId must be an integer"),
+    ({"conversationId": 1, "content": "x", "requestId": 5},
+     "requestId must be a non-empty string"),
+    ({"conversationId": 1, "content": "x" * 10_001},
+     "content is longer than 10000 characters"),
+    ({"conversationId": 1, "content": "x", "attachments": "x"}, "attachments must be a list"),
+    ({"conversationId": 1, "content": "x", "messageType": 5}, "messageType must be a string"),
+    ({"conversationId": 1, "content": "x", "pitchId": "x"}, "pitchId must be an integer"),
+])
+async def test_send_message_errors_keep_the_reference_text(
+        connect_to: Connector, fields: dict[str, object], detail: str) -> None:
+    """Every invalid send_message, missing or mistyped, is invalid_message with the text
+    PROTOCOL.md 6 fixes for it; what exactly is wrong is in ``detail``."""
+    client = await connect_to()
+    err = await client.request({"type": "send_message", **fields}, "error")
+    assert err["code"] == "invalid_message"
+    assert err["message"] == "Missing required fields for message"
+    assert err["detail"] == detail
+    me = {"type": "send_message", "recipientId": client.user_id, "content": "x",
+          "requestId": "self"}
+    err = await client.request(me, "error")
+    assert err == {"type": "error", "code": "invalid_message", "requestId": "self",
+                   "message": "Missing required fields for message",
+                   "detail": "recipientId must be another user"}
+
+
 async def test_binary_frame_closes_1003(connect_to: Connector) -> None:
     """A binary frame closes the connection with 1003."""
     client = await connect_to()

@@ -109,6 +109,13 @@ async def test_send_over_http_reaches_sockets_once(daemon: Daemon, connect_to: C
         headers={"Idempotency-Key": "k-1"},
     )
     assert again[0] == 201 and again[2]["message"]["id"] == message["id"]
+    # "requestId": null is no requestId: the header still makes the retry a repeat.
+    third = await acall(
+        daemon.port, "POST", "/api/messages/send",
+        {"conversationId": cid, "content": "over http", "requestId": None},
+        token=tok(alice.user_id, "Alice"), headers={"Idempotency-Key": "k-1"},
+    )
+    assert third[0] == 201 and third[2]["message"]["id"] == message["id"]
     await bob.quiet("new_message")
     assert daemon.query("SELECT COUNT(*) FROM messages WHERE conversation_id = ?", (cid,)) == [(1,)]
 
@@ -124,6 +131,10 @@ async def test_send_to_receiver_id(daemon: Daemon, connect_to: Connector) -> Non
     frame = await dave.expect("new_message", messageId=body["message"]["id"])
     assert frame["senderId"] == carol
     assert body["message"]["requestId"] == "r"
+    status, _, again = await acall(daemon.port, "POST", "/api/messages/send",
+                                   {"receiverId": dave.user_id, "recipientId": None,
+                                    "content": "hi again"}, token=tok(carol))
+    assert status == 201 and again["message"]["conversationId"] == frame["conversationId"]
 
 
 async def test_send_bad_bodies(daemon: Daemon, connect_to: Connector) -> None:
@@ -138,6 +149,14 @@ async def test_send_bad_bodies(daemon: Daemon, connect_to: Connector) -> None:
     status, _, body = await acall(port, "POST", "/api/messages/send", {"conversationId": 1},
                                   token=tok(user))
     assert status == 400 and body["error"] == "invalid_message"
+    status, _, body = await acall(port, "POST", "/api/messages/send",
+                                  {"conversationId": "1", "content": "x"}, token=tok(user))
+    assert status == 400 and body == {"error": "invalid_message",
+                                      "message": "Missing required fields for message",
+                                      "detail": "conversationId must be an integer"}
+    status, _, body = await acall(port, "POST", "/api/messages/send",
+                                  {"receiverId": user, "content": "x"}, token=tok(user))
+    assert status == 400 and body["detail"] == "recipientId must be another user"
 
 
 async def test_not_a_participant_is_403(daemon: Daemon, connect_to: Connector) -> None:

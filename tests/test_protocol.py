@@ -151,7 +151,8 @@ NOT_INTEGER = "must be an integer"
 
 
 def outcome_with(codec: object, text: str) -> tuple[str, str]:
-    """(code, message) of the error ``parse`` raises with ``codec`` as the JSON reader."""
+    """(code, reason) of the error ``parse`` raises with ``codec`` as the JSON reader: the
+    reason is the error's detail when its message is send_message's fixed text."""
     saved = p.loads
     p.loads = codec  # type: ignore[assignment]
     try:
@@ -159,7 +160,9 @@ def outcome_with(codec: object, text: str) -> tuple[str, str]:
             p.parse(text, LIMITS)
     finally:
         p.loads = saved
-    return info.value.code, info.value.message
+    if '"send_message"' in text:
+        assert info.value.message == p.SEND_MESSAGE_MISSING, text
+    return info.value.code, info.value.detail or info.value.message
 
 
 @BOTH_CODECS
