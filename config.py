@@ -385,8 +385,8 @@ def _validate(config: Config, *, has_crypto: bool = jwt.algorithms.has_crypto) -
             raise ConfigError("auth.name_claims: claim names must not be empty")
 
 
-# The largest incoming frame the daemon will ever read, whatever the field limits say: each
-# connection may buffer websockets' 16 frames of this size.
+# The largest server.max_message_bytes (the largest incoming frame read): each connection may
+# buffer websockets' 16 frames of this size.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 
 
@@ -404,42 +404,12 @@ def parser_limits(config: Config) -> protocol.Limits:
     )
 
 
-def frame_limit(config: Config) -> int:
-    """The largest incoming frame read (websockets' ``max_size``; bigger closes with 1009):
-    ``server.max_message_bytes``, or the largest ``send_message`` within every field limit when
-    that is larger, so such a message is never refused for its size (docs/protocol.md). Other
-    frames over ``server.max_message_bytes`` are closed with 1009 by the connection."""
-    worst = protocol.send_message_worst_case(parser_limits(config))
-    return max(config.server.max_message_bytes, worst)
-
-
 def _check_frame_limit(config: Config) -> None:
-    """The field limits must add up to a frame the daemon can read (MAX_FRAME_BYTES)."""
-    worst = protocol.send_message_worst_case(parser_limits(config))
-    if max(worst, config.server.max_message_bytes) <= MAX_FRAME_BYTES:
-        return
     if config.server.max_message_bytes > MAX_FRAME_BYTES:
         raise ConfigError(
             f"server.max_message_bytes: at most {MAX_FRAME_BYTES}, got"
             f" {config.server.max_message_bytes}"
         )
-    lim = config.limits
-    escaped = 12  # bytes one character can take in JSON (an escaped surrogate pair)
-    parts = [
-        f"limits.max_content_chars ({lim.max_content_chars}: up to"
-        f" {lim.max_content_chars * escaped} bytes)",
-        f"limits.max_attachments x limits.max_attachment_field_chars ({lim.max_attachments} x"
-        f" 4 fields x {lim.max_attachment_field_chars}: up to"
-        f" {lim.max_attachments * 4 * lim.max_attachment_field_chars * escaped} bytes)",
-        f"limits.max_title_chars ({lim.max_title_chars}: up to"
-        f" {lim.max_title_chars * escaped} bytes)",
-        f"limits.max_request_id_chars ({lim.max_request_id_chars}: up to"
-        f" {lim.max_request_id_chars * escaped} bytes)",
-    ]
-    raise ConfigError(
-        f"the field limits allow a send_message frame of {worst} bytes, more than the"
-        f" {MAX_FRAME_BYTES} a frame may have; lower {', '.join(parts)}"
-    )
 
 
 def _check_public_key(auth: AuthConfig) -> None:

@@ -246,13 +246,6 @@ class Sessions:
             error: p.ProtocolError | None = None
         except p.ProtocolError as exc:
             command, error = None, exc
-        # Frames are read up to config.frame_limit, which is larger than max_message_bytes when
-        # a send_message within every field limit can be (12 bytes for an escaped emoji): that
-        # is the only frame let past max_message_bytes.
-        if not isinstance(command, p.SendMessage) and self.oversized(text):
-            self.metrics.frames_in["too_big"] += 1
-            client.close(p.TOO_BIG)
-            return
         service = self.service
         # No frame is free: a flood of anything empties the bucket and meets the flood guard.
         # A typing frame that changes nothing (clients repeat typing_start on every keystroke)
@@ -312,14 +305,6 @@ class Sessions:
             self.reply_error(
                 client, p.ProtocolError(p.INTERNAL, "Internal error", command.request_id)
             )
-
-    def oversized(self, text: str) -> bool:
-        """More than ``server.max_message_bytes`` bytes as UTF-8 (encoded only when unsure)."""
-        limit = self.config.server.max_message_bytes
-        chars = len(text)
-        if chars * 4 <= limit:
-            return False
-        return chars > limit or len(text.encode()) > limit
 
     def reply_error(self, client: Client, exc: p.ProtocolError) -> None:
         self.metrics.errors[exc.code] += 1

@@ -195,7 +195,8 @@ class App:
                 create_connection=self.front.connection_class(),
                 server_header="pitchey-ws",
                 compression=None,
-                max_size=cfg.frame_limit(self.config),
+                # PROTOCOL.md 6: a frame over this closes with 1009 (websockets does it).
+                max_size=self.config.server.max_message_bytes,
                 ping_interval=ping_interval,
                 ping_timeout=ping_timeout,
                 close_timeout=self.config.server.close_timeout_seconds,

@@ -161,30 +161,6 @@ class Limits:
     max_notification_ids: int = 1000  # notifications.max_per_user: more ids can never match
 
 
-def send_message_worst_case(limits: Limits) -> int:
-    """Bytes of the largest ``send_message`` frame within every field limit: each known field
-    once, every string at its limit in characters outside the BMP, written as escaped surrogate
-    pairs (``\\ud83d\\ude00``: 12 bytes for one character, the most any character can take in
-    JSON), every id and size at :data:`MAX_ID`, and a space after each ``,`` and ``:`` (Python's
-    ``json.dumps``; ``JSON.stringify`` writes none). So a frame of these fields as common
-    encoders write it is never larger. Built, not estimated, so it is exact."""
-    def text(chars: int) -> str:
-        return "\U0001F600" * chars
-
-    cap = limits.max_attachment_field_chars
-    attachment = {"type": text(cap), "url": text(cap), "filename": text(cap), "size": MAX_ID,
-                  "mimeType": text(cap)}
-    frame = {
-        "type": "send_message", "conversationId": MAX_ID, "recipientId": MAX_ID,
-        "content": text(limits.max_content_chars),
-        "requestId": text(limits.max_request_id_chars),
-        "messageType": text(MAX_MESSAGE_TYPE_CHARS), "pitchId": MAX_ID,
-        "subject": text(limits.max_title_chars),
-        "attachments": [attachment] * limits.max_attachments,
-    }
-    return len(json.dumps(frame, ensure_ascii=True))  # ASCII: characters are bytes
-
-
 @dataclass(frozen=True)
 class Attachment:
     type: str

@@ -29,7 +29,6 @@ from websockets.exceptions import ConnectionClosed
 sys.path.insert(0, str(ROOT))
 
 import config as cfg
-import protocol as p
 
 
 async def flood(client: Client, frame: dict[str, Any], count: int) -> int:
@@ -206,91 +205,53 @@ async def test_backend_policy_refuses_new_conversations(tmp_path: Path) -> None:
             daemon.stop()
 
 
-# -- 5. field limits and the frame limit agree ---------------------------------------------
+# -- 5. the frame limit -----------------------------------------------------------------
 
 EMOJI = "\U0001F600"
 
 
-async def test_escaped_emoji_within_content_limit_is_stored_and_delivered(
-    daemon: Daemon, connect_to: Connector
-) -> None:
-    """6,000 emoji sent as escaped surrogate pairs (72 kB, over max_message_bytes) are within
-    max_content_chars: stored and delivered, not closed 1009."""
-    a = await connect_to()
-    b = await connect_to()
-    conv = await conversation(a, b.user_id)
-    text = json.dumps({"type": "send_message", "conversationId": conv,
-                       "content": EMOJI * 6000, "requestId": "emoji"})  # ASCII: \ud83d\ude00
-    assert len(text) > cfg.Config().server.max_message_bytes
-    await a.send(text)
-    sent = await a.expect("message_sent", requestId="emoji")
-    assert sent["content"] == EMOJI * 6000
-    got = await b.expect("new_message", messageId=sent["messageId"])
-    assert got["content"] == EMOJI * 6000
-    assert daemon.query("SELECT length(content) FROM messages WHERE id = ?",
-                        (sent["messageId"],)) == [(6000,)]
-
-
-async def test_largest_send_message_within_every_limit_is_accepted(
-    connect_to: Connector,
-) -> None:
-    """A send_message with every field at its limit in escaped emoji is answered, not 1009."""
-    a = await connect_to()
-    b = await connect_to()
-    conv = await conversation(a, b.user_id)
-    limits = p.Limits()
-    cap = limits.max_attachment_field_chars
-    attachment = {"type": EMOJI * cap, "url": EMOJI * cap, "filename": EMOJI * cap,
-                  "size": p.MAX_ID, "mimeType": EMOJI * cap}
-    frame = {"type": "send_message", "conversationId": conv,
-             "content": EMOJI * limits.max_content_chars,
-             "requestId": EMOJI * limits.max_request_id_chars,
-             "messageType": EMOJI * p.MAX_MESSAGE_TYPE_CHARS,
-             "subject": EMOJI * limits.max_title_chars,
-             "attachments": [attachment] * limits.max_attachments}
-    text = json.dumps(frame)
-    assert len(text) <= cfg.frame_limit(cfg.Config())
-    await a.send(text)
-    sent = await a.expect("message_sent", timeout=20 * SCALE)
-    assert len(sent["attachments"]) == limits.max_attachments
-
-
-async def test_frames_over_the_limits_still_close_1009(connect_to: Connector) -> None:
-    """A send_message over the enforced frame limit closes 1009, and so does any other frame,
-    or a send_message breaking a field limit, over server.max_message_bytes."""
-    limit = cfg.frame_limit(cfg.Config())
-    head = '{"type":"send_message","conversationId":1,"content":"x","pad":"'
-    c = await connect_to()
-    with contextlib.suppress(ConnectionClosed):
-        await c.send(head + "x" * (limit + 1 - len(head) - 2) + '"}')
-        await c.expect("error")
-    assert await c.closed() == 1009
+async def test_every_frame_over_max_message_bytes_closes_1009(connect_to: Connector) -> None:
+    """PROTOCOL.md 6: a frame over server.max_message_bytes closes with 1009, whatever it is:
+    a padded ping, a send_message over a field limit, and a send_message within every field
+    limit (6,000 emoji sent as escaped surrogate pairs: 72 kB)."""
     small = cfg.Config().server.max_message_bytes
+    a = await connect_to()
+    b = await connect_to()
+    conv = await conversation(a, b.user_id)
     for frame in (
         {"type": "ping", "pad": "x" * small},
-        {"type": "send_message", "conversationId": 1, "content": "x" * small},
+        {"type": "send_message", "conversationId": conv, "content": "x" * small},
+        {"type": "send_message", "conversationId": conv, "content": EMOJI * 6000},
         {"type": "join_conversation", "conversationId": 1, "pad": EMOJI * (small // 12)},
     ):
-        c = await connect_to()
+        c = await connect_to(a.user_id)
+        text = json.dumps(frame)  # ASCII: an emoji is \ud83d\ude00
+        assert len(text) > small
         with contextlib.suppress(ConnectionClosed):
-            await c.send(frame)
+            await c.send(text)
             await c.expect("pong", timeout=1 * SCALE)
         assert await c.closed() == 1009, frame
+    await b.quiet("new_message")
+    await a.request({"type": "ping"}, "pong")  # the other connections are untouched
 
 
-def test_worst_case_is_exact() -> None:
-    """The computed worst case is the size of that frame, and one more character exceeds it."""
-    limits = p.Limits(max_content_chars=5, max_attachments=1, max_attachment_field_chars=2,
-                      max_request_id_chars=3, max_title_chars=4)
-    worst = p.send_message_worst_case(limits)
-    frame = {"type": "send_message", "conversationId": p.MAX_ID, "recipientId": p.MAX_ID,
-             "content": EMOJI * 5, "requestId": EMOJI * 3, "messageType": EMOJI * 32,
-             "pitchId": p.MAX_ID, "subject": EMOJI * 4,
-             "attachments": [{"type": EMOJI * 2, "url": EMOJI * 2, "filename": EMOJI * 2,
-                              "size": p.MAX_ID, "mimeType": EMOJI * 2}]}
-    assert worst == len(json.dumps(frame))
-    p.parse(json.dumps(frame), limits)  # within every limit
-    assert worst > len(json.dumps(frame, separators=(",", ":")))
+async def test_a_larger_limit_takes_the_escaped_emoji(tmp_path: Path) -> None:
+    """With server.max_message_bytes raised, the same 72 kB message is stored and delivered
+    whole (content counts characters, the frame limit bytes)."""
+    async with running(tmp_path, {"server.max_message_bytes": 131072}) as connect:
+        a = await connect()
+        b = await connect()
+        conv = await conversation(a, b.user_id)
+        text = json.dumps({"type": "send_message", "conversationId": conv,
+                           "content": EMOJI * 6000, "requestId": "emoji"})
+        assert 65536 < len(text) <= 131072
+        await a.send(text)
+        sent = await a.expect("message_sent", requestId="emoji")
+        assert sent["content"] == EMOJI * 6000
+        got = await b.expect("new_message", messageId=sent["messageId"])
+        assert got["content"] == EMOJI * 6000
+        assert connect.daemon.query("SELECT length(content) FROM messages WHERE id = ?",
+                                    (sent["messageId"],)) == [(6000,)]
 
 
 def serve(tmp_path: Path, overrides: dict[str, Any]) -> subprocess.CompletedProcess[str]:
@@ -305,13 +266,12 @@ def serve(tmp_path: Path, overrides: dict[str, Any]) -> subprocess.CompletedProc
     )
 
 
-def test_field_limits_past_any_frame_refuse_to_start(tmp_path: Path) -> None:
-    """Field limits whose largest send_message is over 16 MiB stop serve with exit 2,
-    naming the keys."""
-    result = serve(tmp_path, {"limits.max_content_chars": 2_000_000})
+def test_a_frame_limit_past_16_mib_refuses_to_start(tmp_path: Path) -> None:
+    """server.max_message_bytes over 16 MiB (the most a frame may have) stops serve with
+    exit 2, naming the key."""
+    result = serve(tmp_path, {"server.max_message_bytes": 16 * 1024 * 1024 + 1})
     assert result.returncode == 2, result.stderr
-    assert "limits.max_content_chars" in result.stderr, result.stderr
-    assert "limits.max_attachment_field_chars" in result.stderr, result.stderr
+    assert "server.max_message_bytes" in result.stderr, result.stderr
 
 
 def test_inconsistent_budgets_and_policies_refuse_to_start(tmp_path: Path) -> None:
