@@ -938,7 +938,9 @@ class PostgresStore(WriteQueue[_Write]):
         write = self._create_conversation(
             created_by, members, title, is_group, request_id, pitch_id, now, conversation_id
         )
-        if not is_group and title is None and pitch_id is None and len(distinct) == 2:
+        if not is_group and len(distinct) == 2:
+            # A 1:1 (titled, about a pitch or plain) becomes the pair's direct conversation
+            # if they have none yet: recipientId sends go there (PROTOCOL.md 3).
             low, high = sorted(distinct)
             write.add(_INSERT_DIRECT + " ON CONFLICT DO NOTHING",
                       (low, high, write.conversation_id or CONVERSATION_ID))

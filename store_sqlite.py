@@ -637,8 +637,9 @@ class SqliteStore(WriteQueue[_Write]):
             _Write(), conversation_id, created_by, members, title, is_group, request_id,
             pitch_id, now,
         )
-        if not is_group and title is None and pitch_id is None and len(set(members)) == 2:
-            # A plain 1:1 becomes the pair's direct conversation if they have none yet.
+        if not is_group and len(set(members)) == 2:
+            # A 1:1 (titled, about a pitch or plain) becomes the pair's direct conversation
+            # if they have none yet: recipientId sends go there (PROTOCOL.md 3).
             low, high = sorted(set(members))
             write.add(_INSERT_DIRECT.replace("INSERT", "INSERT OR IGNORE", 1),
                       (low, high, conversation_id))
@@ -647,11 +648,28 @@ class SqliteStore(WriteQueue[_Write]):
                                pitch_id)
 
     async def _direct_id(self, low: int, high: int) -> int | None:
+        """The pair's direct conversation: the one recorded, else (a 1:1 made before every
+        1:1 was recorded) the oldest non-group conversation whose active participants are
+        exactly the two."""
         rows = await self._fetch(
             "SELECT conversation_id FROM direct_conversations WHERE user_low = ? AND user_high = ?",
             (low, high),
         )
-        return rows[0][0] if rows else None
+        if rows:
+            return int(rows[0][0])
+        rows = await self._fetch(
+            "SELECT p.conversation_id FROM conversation_participants p"
+            " JOIN conversations c ON c.id = p.conversation_id"
+            " WHERE p.user_id = ? AND p.is_active = 1 AND c.is_group = 0"
+            " AND EXISTS (SELECT 1 FROM conversation_participants q"
+            "   WHERE q.conversation_id = p.conversation_id AND q.user_id = ? AND q.is_active = 1)"
+            " AND NOT EXISTS (SELECT 1 FROM conversation_participants r"
+            "   WHERE r.conversation_id = p.conversation_id AND r.user_id NOT IN (?, ?)"
+            "   AND r.is_active = 1)"
+            " ORDER BY p.conversation_id LIMIT 1",
+            (low, high, low, high),
+        )
+        return int(rows[0][0]) if rows else None
 
     async def find_direct(self, a: int, b: int) -> int | None:
         return await self._direct_id(min(a, b), max(a, b))

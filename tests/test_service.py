@@ -54,18 +54,21 @@ async def test_attach_keeps_contacts_added_while_it_loads(tmp_path: Path) -> Non
         assert [u["userId"] for u in a.only("online_users")["users"]] == [2]
 
 
-async def test_recipient_send_skips_titled_pitch_one_to_one(tmp_path: Path) -> None:
-    """send_message by recipientId never lands in a titled, pitch-linked 1:1."""
+async def test_recipient_send_uses_the_pairs_first_one_to_one(tmp_path: Path) -> None:
+    """send_message by recipientId goes to the non-group conversation of exactly the two
+    users (PROTOCOL.md 3), titled or about a pitch: the pair's first; a later 1:1 of the
+    same pair is a conversation of its own."""
     async with harness(tmp_path) as h:
         a = await h.connect(1)
         await h.send(a, {"type": "create_conversation", "participantIds": [2],
                          "title": "The Last Lighthouse", "pitchId": 7})
         titled = a.only("conversation_created")["conversationId"]
         await h.send(a, {"type": "send_message", "recipientId": 2, "content": "hello"})
-        direct = a.only("message_sent")["conversationId"]
-        assert direct != titled
+        assert a.only("message_sent")["conversationId"] == titled
+        await h.send(a, {"type": "create_conversation", "participantIds": [2]})
+        later = a.only("conversation_created")["conversationId"]
         await h.send(a, {"type": "send_message", "recipientId": 2, "content": "again"})
-        assert a.only("message_sent")["conversationId"] == direct
+        assert later != titled and a.only("message_sent")["conversationId"] == titled
 
 
 async def test_replay_hold_counts_bytes(tmp_path: Path) -> None:

@@ -111,16 +111,24 @@ async def test_direct_conversation_is_one_per_pair(store: engine.SqliteStore) ->
     assert db.execute("SELECT COUNT(*) FROM conversations").fetchone() == (1,)
 
 
-async def test_direct_conversation_skips_titled_and_pitch_threads(
+async def test_direct_conversation_is_the_pairs_first_one_to_one(
     store: engine.SqliteStore,
 ) -> None:
-    """A titled or pitch-linked 1:1 is its own thread; a plain 1:1 becomes the direct one."""
+    """The pair's first 1:1, titled, about a pitch or plain, is their direct conversation;
+    one made before 1:1s were all recorded is found by its participants."""
     titled = await store.create_conversation(1, [1, 2], "About the pitch", None, None, NOW)
-    pitched = await store.create_conversation(1, [1, 2], None, None, 7, NOW)
-    direct = await store.direct_conversation(2, 1, NOW)
-    assert direct.id not in (titled.id, pitched.id)
-    plain = await store.create_conversation(3, [3, 4], None, None, None, NOW)
-    assert (await store.direct_conversation(4, 3, NOW)).id == plain.id
+    await store.create_conversation(1, [1, 2], None, None, 7, NOW)
+    assert (await store.direct_conversation(2, 1, NOW)).id == titled.id
+    pitched = await store.create_conversation(3, [3, 4], None, None, 7, NOW)
+    assert (await store.direct_conversation(4, 3, NOW)).id == pitched.id
+    group = await store.create_conversation(5, [5, 6, 7], None, None, None, NOW)
+    old = await store.create_conversation(5, [5, 6], "Before", None, None, NOW)
+    db = sqlite3.connect(store.path)
+    db.execute("DELETE FROM direct_conversations WHERE conversation_id = ?", (old.id,))
+    db.commit()
+    db.close()
+    assert await store.find_direct(6, 5) == old.id != group.id
+    assert await store.find_direct(5, 7) is None  # only a group of the two and another
 
 
 async def test_version_1_database_is_migrated(tmp_path: Path) -> None:
