@@ -402,6 +402,11 @@ class _Fields:
         return value
 
 
+# Frame types whose requestId makes a repeat answer as the first (stored with what it made):
+# a requestId that is not a string of at most max_request_id_chars is refused there.
+_KEYED_BY_REQUEST_ID = frozenset({"send_message", "create_conversation", "pitch_comment"})
+
+
 def _request_id(frame: dict[str, Any], limits: Limits) -> str | None:
     value = frame.get("requestId")
     if value is None:
@@ -655,7 +660,11 @@ def parse(text: str, limits: Limits) -> Command:
     except ProtocolError as exc:
         if kind == "send_message":
             raise send_message_error(exc.message) from None
-        raise
+        if kind in _KEYED_BY_REQUEST_ID:
+            raise
+        # Elsewhere a requestId only tags the answer: one that cannot be echoed (a number,
+        # say, from a client that tags every frame) is left out, not a reason to refuse.
+        request_id = None
     if not isinstance(kind, str):
         raise ProtocolError(INVALID_MESSAGE, "type must be a string", request_id)
     if kind == "send_message":

@@ -107,6 +107,23 @@ def test_invalid_fields(frame: dict[str, object]) -> None:
     assert code_of(json.dumps(frame)) == p.INVALID_MESSAGE
 
 
+@pytest.mark.parametrize("request_id", [5, "", "r" * 129, None, ["x"]])
+def test_a_request_id_that_only_tags_the_answer_may_be_anything(request_id: object) -> None:
+    """On frames whose requestId is only echoed, one that is not a usable string is left out
+    (a client may tag every frame with a number); where it makes a repeat answer as the first
+    (send_message, create_conversation, pitch_comment), it is refused."""
+    cmd = p.parse(json.dumps({"type": "ping", "requestId": request_id}), LIMITS)
+    assert isinstance(cmd, p.Ping) and cmd.request_id is None
+    with pytest.raises(p.ProtocolError) as info:
+        p.parse(json.dumps({"type": "nope", "requestId": request_id}), LIMITS)
+    assert info.value.code == p.UNKNOWN_TYPE
+    if request_id is None:
+        return
+    for frame in ({"type": "create_conversation", "participantIds": [2]},
+                  {"type": "pitch_comment", "pitchId": 1, "comment": "c"}):
+        assert code_of(json.dumps({**frame, "requestId": request_id})) == p.INVALID_MESSAGE
+
+
 def test_request_id_travels_with_errors() -> None:
     """An error for a frame with a valid requestId carries it."""
     with pytest.raises(p.ProtocolError) as info:
