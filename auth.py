@@ -79,9 +79,15 @@ class Verifier:
                 algorithms=self.algorithms,
                 options={
                     "require": ["exp"] if self.require_exp else [],
+                    # Times are checked below (exp in seconds or milliseconds, the leeway).
                     "verify_exp": False,
                     "verify_nbf": False,
                     "verify_iat": False,
+                    # The identity is userId or sub, read below (PyJWT wants sub a string);
+                    # an audience or token id the app adds does not concern the daemon.
+                    "verify_sub": False,
+                    "verify_aud": False,
+                    "verify_jti": False,
                 },
             )
         except jwt.InvalidSignatureError:
@@ -95,11 +101,13 @@ class Verifier:
         slack = self.leeway if leeway else 0
         now = time.time()
         expires_at = self._instant(claims, "exp")
-        # Ordered like PyJWT: a token not yet valid is invalid, an expired one is expired.
-        for name in ("iat", "nbf"):
-            instant = self._instant(claims, name)
-            if instant is not None and instant > now + slack:
-                raise AuthError("invalid_token", f"Token is not yet valid ({name})")
+        # A token not yet valid (nbf) is invalid, an expired one is expired. iat only says
+        # when the token was made: checked as a time, but one a little ahead of this clock
+        # (the app's server runs ahead) does not refuse the token.
+        self._instant(claims, "iat")
+        not_before = self._instant(claims, "nbf")
+        if not_before is not None and not_before > now + slack:
+            raise AuthError("invalid_token", "Token is not yet valid (nbf)")
         if expires_at is not None and expires_at <= now - slack:
             raise AuthError("token_expired", "Token has expired")
         return Identity(
@@ -162,13 +170,13 @@ def _user_id(claims: dict[str, Any]) -> int:
     value = claims.get("userId")
     if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63:
         return value
-    if value is None:
-        sub = claims.get("sub")
-        # Length first: int() refuses strings of more than 4300 digits with a ValueError.
-        if isinstance(sub, str) and len(sub) <= 19 and sub.isdecimal() and sub.isascii():
-            number = int(sub)
-            if 0 < number < 2**63:
-                return number
+    # Otherwise sub holding a decimal integer (PROTOCOL.md 2): sub is text (RFC 7519).
+    sub = claims.get("sub")
+    # Length first: int() refuses strings of more than 4300 digits with a ValueError.
+    if isinstance(sub, str) and len(sub) <= 19 and sub.isdecimal() and sub.isascii():
+        number = int(sub)
+        if 0 < number < 2**63:
+            return number
     raise AuthError("invalid_token", "Token names no user (userId or numeric sub)")
 
 

@@ -243,6 +243,21 @@ def test_verify_iat_nbf_units() -> None:
     assert refusal(future).code == "invalid_token"
 
 
+@pytest.mark.parametrize(("claims", "user_id"), [
+    ({"userId": 7, "sub": 7}, 7),  # PyJWT would refuse a sub that is not a string
+    ({"userId": 7, "aud": "pitchey-app"}, 7),  # an audience the app adds
+    ({"userId": 7, "aud": ["a", "b"], "iss": "pitchey", "jti": 12}, 7),
+    ({"userId": 7, "iat": int(time.time()) + 5}, 7),  # the app's clock a little ahead
+    ({"userId": 7, "iat": in_ms(5)}, 7),
+    ({"userId": "x", "sub": "8"}, 8),  # userId not an integer: otherwise sub
+])
+def test_verify_accepts_what_the_app_may_add(claims: dict[str, Any], user_id: int) -> None:
+    """Claims the contract does not use do not refuse a token; iat ahead of this clock
+    neither (only nbf says "not yet")."""
+    token = signed({**claims, "exp": int(time.time()) + 600})
+    assert verifier().verify(token).user_id == user_id
+
+
 @pytest.mark.parametrize(
     "claims",
     [{"sub": HUGE_SUB}, {"sub": "1" * 20}, {"sub": "0"}, {"userId": 2**63}, {"userId": 0},
