@@ -120,6 +120,15 @@ class Sessions:
             self.refusals.note("handshake refused (unknown_user)", "handshake refused: %s",
                                "unknown_user")
             return json_response(ws, 401, {"error": "unknown_user", "message": "Unknown user"})
+        if not _asks_upgrade(request):
+            # A plain GET of the endpoint (a browser tab, a health probe): the JSON of every
+            # other refusal, not websockets' text page.
+            response = json_response(ws, 426, {
+                "error": "upgrade_required",
+                "message": "This endpoint speaks WebSocket: connect with a WebSocket client",
+            })
+            response.headers["Upgrade"] = "websocket"
+            return response
         self.identities[ws] = identity
         return None
 
@@ -310,6 +319,14 @@ class Sessions:
         self.metrics.errors[exc.code] += 1
         client.send(p.error(exc.code, exc.message, exc.request_id, exc.retry_after_ms,
                             exc.detail))
+
+
+def _asks_upgrade(request: Request) -> bool:
+    """Whether the request asks for a WebSocket (RFC 6455 4.2.1: Upgrade and Connection)."""
+    upgrade = ",".join(request.headers.get_all("Upgrade")).lower()
+    connection = ",".join(request.headers.get_all("Connection")).lower()
+    return ("websocket" in {v.strip() for v in upgrade.split(",")}
+            and "upgrade" in {v.strip() for v in connection.split(",")})
 
 
 def _token_from(request: Request, query: str) -> str | None:

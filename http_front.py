@@ -414,6 +414,19 @@ class FrontConnection(ServerConnection):
         if self.front.is_websocket(method, target, headers):
             # Also after earlier requests on a kept-alive connection: clients pool their
             # connections (Node's fetch-based WebSocket reuses the one a health check used).
+            too_long = _lines_too_long(event)
+            if too_long:
+                # websockets would refuse the line with a text page (414, or 400 for a
+                # header). The query or Authorization that long is a token, refused as one
+                # (PROTOCOL.md 2: 401 with JSON); any other line is a header too large.
+                token = any(name in (b"", b"authorization") for name in too_long)
+                status = 401 if token else 431
+                self.front.summary.note("handshake_refused", "handshake refused: %d", status)
+                body = ({"error": "invalid_token", "message": "Token is too long"} if token
+                        else {"error": "header_too_large",
+                              "message": "Request header is too large"})
+                self._write(json_answer(status, body, close=True), method)
+                return False
             refusal = self.front.websocket_refusal(headers)
             if refusal is not None:
                 self.front.summary.note("handshake_refused", "handshake refused: %d",
@@ -541,6 +554,20 @@ class FrontConnection(ServerConnection):
             asyncio.get_running_loop().call_later(1, raw.abort)
         else:
             raw.close()
+
+
+# The longest request or header line websockets reads (websockets.http11.MAX_LINE_LENGTH).
+WS_MAX_LINE = 8192
+
+
+def _lines_too_long(event: h11.Request) -> list[bytes]:
+    """The lines of the request longer than websockets reads (CRLF included): b"" for the
+    request line, else the header's lower-case name."""
+    long = []
+    if len(event.method) + len(event.target) + len(" HTTP/1.1\r\n") + 1 > WS_MAX_LINE:
+        long.append(b"")
+    long.extend(k.lower() for k, v in event.headers if len(k) + len(v) + 4 > WS_MAX_LINE)
+    return long
 
 
 def event_length(headers: list[tuple[str, str]]) -> int | None:

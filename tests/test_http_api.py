@@ -340,6 +340,31 @@ async def test_inbox_http_equals_socket(daemon: Daemon, connect_to: Connector) -
     assert frame["nextCursor"] == page["nextCursor"]
 
 
+UPGRADE = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+           "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+
+
+def test_the_websocket_path_refuses_in_json(daemon: Daemon) -> None:
+    """Every refusal on the WebSocket path is JSON: a plain GET with a valid token is 426
+    (with Upgrade: websocket); a token too long for a request line, in the query or the
+    Authorization header, is 401 invalid_token; another header line that long is 431."""
+    token = tok(new_user())
+    status, headers, body = call(daemon.port, "GET", f"/api/messages/ws?token={token}")
+    assert status == 426 and headers["upgrade"] == "websocket"
+    assert body["error"] == "upgrade_required" and body["message"]
+    status, _, body = call(daemon.port, "GET", "/api/messages/ws")
+    assert status == 401 and body["error"] == "missing_token"
+    long = "a" * 9000
+    status, _, body = call(daemon.port, "GET", f"/api/messages/ws?token={long}", headers=UPGRADE)
+    assert status == 401 and body == {"error": "invalid_token", "message": "Token is too long"}
+    status, _, body = call(daemon.port, "GET", "/api/messages/ws",
+                           headers={**UPGRADE, "Authorization": f"Bearer {long}"})
+    assert status == 401 and body["error"] == "invalid_token"
+    status, _, body = call(daemon.port, "GET", f"/api/messages/ws?token={token}",
+                           headers={**UPGRADE, "Cookie": long})
+    assert status == 431 and body["error"] == "header_too_large"
+
+
 def test_preflight(daemon: Daemon) -> None:
     """With no origins configured, a cross-origin preflight gets no CORS headers."""
     status, headers, _ = call(daemon.port, "OPTIONS", "/api/messages/send",
