@@ -55,10 +55,12 @@ log = logging.getLogger("pitchey.service")
 
 NOT_A_PARTICIPANT = "Not a participant of this conversation"
 UNKNOWN_RECIPIENT = "recipientId is not a known user"
-# The largest inbox page (PROTOCOL.md 8), and the most messages one "mark all read" changes.
+# The largest inbox page (PROTOCOL.md 8). "Mark the conversation read" changes READ_ALL_MAX
+# messages per transaction, in at most READ_ALL_ROUNDS of them per request (100,000).
 INBOX_MAX = 200
 INBOX_DEFAULT = 50
 READ_ALL_MAX = 1000
+READ_ALL_ROUNDS = 100
 CREATED_BY_BACKEND = "Conversations on this server are created by the backend, not by clients"
 NO_PITCH = "No such pitch, or you may not see it"
 NO_DIRECT = ("No conversation with this user yet; conversations on this server are created by"
@@ -568,27 +570,34 @@ class Service:
     ) -> int:
         """Mark the reader's unread messages in the conversation read (up to ``up_to``), and
         tell each sender as ``mark_read`` does (PROTOCOL.md 4.3). Returns how many changed.
-        ``forbidden`` unless a participant. Bounded: at most READ_ALL_MAX per call."""
+        ``forbidden`` unless a participant. In transactions of READ_ALL_MAX messages, at most
+        READ_ALL_ROUNDS of them per call."""
         await self.member_of(conversation_id, reader)
-        ids = await self.store.unread_ids(conversation_id, reader, up_to, READ_ALL_MAX)
-        # Claimed before the next await, as mark_read does: a tab marking one of these right
-        # now keeps it (and tells the sender); this call skips it.
-        senders = {mid: sender for mid, sender in ids if (mid, reader) not in self.reads_in_flight}
-        keys = [(mid, reader) for mid in senders]
-        self.reads_in_flight.update(keys)
-        try:
-            now = p.now_iso()
-            await self.store.mark_read_many(list(senders), reader, now)
-        finally:
-            self.reads_in_flight.difference_update(keys)
-        for mid, sender in senders.items():
-            fields = p.read_fields(mid, conversation_id, reader, reader_name, now)
-            reached = self.hub.send_to(
-                [sender], p.message_read(fields), (EventKind.READ, mid, reader)
-            )
-            if reached:
-                self.metrics.frames_out["message_read"] += 1
-        return len(senders)
+        marked = 0
+        for _ in range(READ_ALL_ROUNDS):
+            ids = await self.store.unread_ids(conversation_id, reader, up_to, READ_ALL_MAX)
+            # Claimed before the next await, as mark_read does: a tab marking one of these
+            # right now keeps it (and tells the sender); this call skips it.
+            senders = {mid: sender for mid, sender in ids
+                       if (mid, reader) not in self.reads_in_flight}
+            keys = [(mid, reader) for mid in senders]
+            self.reads_in_flight.update(keys)
+            try:
+                now = p.now_iso()
+                await self.store.mark_read_many(list(senders), reader, now)
+            finally:
+                self.reads_in_flight.difference_update(keys)
+            for mid, sender in senders.items():
+                fields = p.read_fields(mid, conversation_id, reader, reader_name, now)
+                reached = self.hub.send_to(
+                    [sender], p.message_read(fields), (EventKind.READ, mid, reader)
+                )
+                if reached:
+                    self.metrics.frames_out["message_read"] += 1
+            marked += len(senders)
+            if len(ids) < READ_ALL_MAX or not senders:
+                break
+        return marked
 
     # -- participants (the backend's API) --------------------------------------------------
 

@@ -365,6 +365,34 @@ def test_the_websocket_path_refuses_in_json(daemon: Daemon) -> None:
     assert status == 431 and body["error"] == "header_too_large"
 
 
+async def test_mark_read_takes_every_unread_message(tmp_path: Path) -> None:
+    """POST read marks all of the caller's unread messages of the conversation, past one
+    transaction's 1000, each with its message_read: the Messages page calls it once per
+    conversation."""
+    async with running(tmp_path, {"limits.frames_per_second": 100_000,
+                                  "limits.frames_burst": 100_000}) as connect:
+        alice = await connect(username="Alice")
+        bob_id = new_user()
+        cid = await conversation(alice, bob_id)
+        count = 1005
+        for n in range(count):
+            await alice.send({"type": "send_message", "conversationId": cid,
+                              "content": f"m{n}", "requestId": f"all-{n}"})
+        sent = set()
+        while len(sent) < count:
+            sent.add((await alice.expect("message_sent"))["messageId"])
+        status, _, body = await acall(connect.daemon.port, "POST", f"/api/messages/{cid}/read",
+                                      None, token=tok(bob_id, "Bob"))
+        assert (status, body) == (200, {"success": True, "read": count})
+        notified = set()
+        while len(notified) < count:
+            notified.add((await alice.expect("message_read", readBy=bob_id))["messageId"])
+        assert notified == sent
+        _, _, inbox = await acall(connect.daemon.port, "GET", "/api/messages/conversations",
+                                  token=tok(bob_id, "Bob"))
+        assert inbox["conversations"][0]["unreadCount"] == 0
+
+
 def test_preflight(daemon: Daemon) -> None:
     """With no origins configured, a cross-origin preflight gets no CORS headers."""
     status, headers, _ = call(daemon.port, "OPTIONS", "/api/messages/send",
