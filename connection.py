@@ -299,6 +299,7 @@ class Sessions:
             if (isinstance(command, p.SendMessage) and exc.code == p.INVALID_MESSAGE
                     and exc.detail is None):
                 exc = p.send_message_error(exc.message, exc.request_id)
+            exc.pitch_id = _pitch_of(command)
             self.reply_error(client, exc)
         except ConnectionClosed:
             raise
@@ -308,17 +309,22 @@ class Sessions:
                 log.exception("handler for %s failed", type(command).__name__)
             code, message, retry_after_ms = store_error_reply(exc)
             self.metrics.errors[code] += 1
-            client.send(p.error(code, message, command.request_id, retry_after_ms))
+            client.send(p.error(code, message, command.request_id, retry_after_ms,
+                                pitch_id=_pitch_of(command)))
         except Exception:
             log.exception("handler for %s failed", type(command).__name__)
-            self.reply_error(
-                client, p.ProtocolError(p.INTERNAL, "Internal error", command.request_id)
-            )
+            internal = p.ProtocolError(p.INTERNAL, "Internal error", command.request_id)
+            internal.pitch_id = _pitch_of(command)
+            self.reply_error(client, internal)
 
     def reply_error(self, client: Client, exc: p.ProtocolError) -> None:
         self.metrics.errors[exc.code] += 1
         client.send(p.error(exc.code, exc.message, exc.request_id, exc.retry_after_ms,
-                            exc.detail))
+                            exc.detail, exc.pitch_id))
+
+
+def _pitch_of(command: p.Command) -> int | None:
+    return command.pitch_id if isinstance(command, p.PITCH_FRAMES) else None
 
 
 def _asks_upgrade(request: Request) -> bool:

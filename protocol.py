@@ -100,6 +100,8 @@ class ProtocolError(Exception):
         self.retry_after_ms = retry_after_ms
         # What exactly is wrong, when ``message`` is a fixed text (send_message's).
         self.detail = detail
+        # The pitch of the refused pitch frame (PROTOCOL.md 9: every pitch frame names it).
+        self.pitch_id: int | None = None
 
 
 def send_message_error(reason: str, request_id: str | None = None) -> ProtocolError:
@@ -288,6 +290,10 @@ class GetPitchActivity(Frame):
     pitch_id: int
     before_comment_id: int | None
     limit: int | None
+
+
+# The frames about one pitch: an error answering one names the pitch too.
+PITCH_FRAMES = (PitchView, PitchLeave, PitchLike, PitchComment, PitchTyping, GetPitchActivity)
 
 
 @dataclass(frozen=True)
@@ -747,11 +753,13 @@ def display_name(user_id: int, username: str | None) -> str:
 
 def error(
     code: str, message: str, request_id: str | None = None, retry_after_ms: int | None = None,
-    detail: str | None = None,
+    detail: str | None = None, pitch_id: int | None = None,
 ) -> str:
     fields: dict[str, Any] = {"code": code, "message": message}
     if detail is not None:
         fields["detail"] = detail
+    if pitch_id is not None:
+        fields["pitchId"] = pitch_id
     if request_id is not None:
         fields["requestId"] = request_id
     if retry_after_ms is not None:

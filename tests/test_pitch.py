@@ -121,7 +121,8 @@ async def test_comment_request_id_is_idempotent(daemon: Daemon, connect_to: Conn
 
 async def test_private_pitch_is_forbidden_for_every_frame(daemon: Daemon,
                                                           connect_to: Connector) -> None:
-    """A user not allowed on a private pitch (or any user on an unknown one) gets forbidden."""
+    """A user not allowed on a private pitch (or any user on an unknown one) gets forbidden,
+    naming the pitch (every pitch frame carries pitchId)."""
     owner_id, friend_id = new_user(), new_user()
     pitch = next(_pitch_ids)
     put_pitch(daemon, pitch, owner_id, private=True, allowed=[friend_id])
@@ -134,7 +135,7 @@ async def test_private_pitch_is_forbidden_for_every_frame(daemon: Daemon,
     for target in (pitch, 999_999):
         for frame in frames:
             error = await stranger.request({**frame, "pitchId": target}, "error")
-            assert error["code"] == "forbidden", (frame, error)
+            assert error["code"] == "forbidden" and error["pitchId"] == target, (frame, error)
     assert daemon.query("SELECT COUNT(*) FROM pitch_views WHERE pitch_id = ?", (pitch,)) == [(0,)]
     assert daemon.query(f"SELECT COUNT(*) FROM {daemon.table('pitch_comments')} WHERE pitch_id = ?",
                         (pitch,)) == [(0,)]
