@@ -33,7 +33,7 @@ from http_front import (
 )
 from http_routes import HERE, STATIC, WS_PATH, Routes
 from hub import Hub
-from rows import ConversationRow, PitchRow, UserRow
+from rows import ConversationRow, MessageRow, PitchRow, UserRow
 from service import INBOX_DEFAULT, INBOX_MAX, Service, store_error_reply
 from store import ConstraintViolation, StoreError
 
@@ -590,8 +590,8 @@ class HttpApi:
                         existing.pitch_id) != (members, title, created_by, pitch_id):
                     raise ApiError(409, "conflict",
                                    f"conversation {wanted} exists with other values")
-                return json_answer(201, {"success": True,
-                                         "conversation": _conversation(existing)})
+                rows, _more = await self.service.history(existing.id, created_by, None, None)
+                return json_answer(201, _created(existing, rows))
         try:
             created = await self.service.create_conversation(
                 created_by, participants, title, None, pitch_id, by_backend=True,
@@ -599,8 +599,7 @@ class HttpApi:
             )
         except ConstraintViolation:
             raise ApiError(409, "conflict", f"conversation {wanted} exists") from None
-        return json_answer(201, {"success": True,
-                                 "conversation": _conversation(created.conversation)})
+        return json_answer(201, _created(created.conversation, []))
 
     async def participants(self, request: HttpRequest, params: tuple[int, ...]) -> Answer:
         body = _json_body(request)
@@ -692,6 +691,15 @@ def _ids(value: Any, name: str, cap: int, *, required: bool) -> list[int]:
     if len(value) > cap:
         raise ApiError(400, p.INVALID_MESSAGE, f"{name}: at most {cap} ids")
     return list(dict.fromkeys(_id(v, name) for v in value))
+
+
+def _created(row: ConversationRow, rows: list[MessageRow]) -> dict[str, Any]:
+    """POST /api/conversations' answer: the conversation with the fields of
+    conversation_joined (PROTOCOL.md 4.4: its newest messages, none when new, and a
+    timestamp), both under ``conversation`` and at the top level."""
+    conversation = {**_conversation(row), "messages": [p.history_entry(r) for r in rows],
+                    "timestamp": p.now_iso()}
+    return {"success": True, **conversation, "conversation": conversation}
 
 
 def _conversation(row: ConversationRow) -> dict[str, Any]:

@@ -209,6 +209,9 @@ async def test_removed_participant_stops_receiving_and_is_forbidden(
     ca, cb, cc = await connect_to(a), await connect_to(b), await connect_to(c)
     status, answer = call(daemon, "POST", "/api/conversations", body)
     assert status == 201 and answer["conversation"]["participantIds"] == sorted([a, b, c])
+    # The conversation with conversation_joined's fields (PROTOCOL.md 4.4), also at the top.
+    assert answer["conversationId"] == answer["id"] == cid and answer["messages"] == []
+    assert answer["timestamp"] and answer["conversation"]["timestamp"] == answer["timestamp"]
     for client in (ca, cb, cc):
         await client.expect("conversation_created", conversationId=cid)
     assert call(daemon, "POST", "/api/conversations", body)[0] == 201  # the same body again
@@ -222,6 +225,8 @@ async def test_removed_participant_stops_receiving_and_is_forbidden(
     await ca.request({"type": "send_message", "conversationId": cid, "content": "hi"},
                      "message_sent")
     await cb.expect("new_message", content="hi")
+    status, again = call(daemon, "POST", "/api/conversations", {**body, "participantIds": [b]})
+    assert status == 201 and [m["content"] for m in again["messages"]] == ["hi"]
     await cc.absent("new_message")
     error = await cc.request({"type": "send_message", "conversationId": cid, "content": "x"},
                              "error")
