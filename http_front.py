@@ -387,6 +387,13 @@ class FrontConnection(ServerConnection):
             if isinstance(event, h11.Request):
                 if not self._on_request(event):
                     return
+                if self.parser.they_are_waiting_for_100_continue:
+                    # The body is wanted (a too large one was refused above): say so now,
+                    # or curl and others wait a second or more before they send it.
+                    assert self.raw is not None
+                    self.raw.write(self.parser.send(
+                        h11.InformationalResponse(status_code=100, headers=[],
+                                                  reason=b"Continue")) or b"")
             elif isinstance(event, h11.Data):
                 self.body += event.data
                 if len(self.body) > self.front.max_body_bytes:

@@ -340,6 +340,28 @@ async def test_inbox_http_equals_socket(daemon: Daemon, connect_to: Connector) -
     assert frame["nextCursor"] == page["nextCursor"]
 
 
+async def test_expect_100_continue(daemon: Daemon, connect_to: Connector) -> None:
+    """A client that sends Expect: 100-continue gets 100 Continue before it sends the body
+    (curl and others otherwise wait a second or more), then the answer."""
+    bob = await connect_to()
+    token = tok(new_user())
+    body = json.dumps({"recipientId": bob.user_id, "content": "after 100"}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    writer.write(b"POST /api/messages/send HTTP/1.1\r\nHost: x\r\n"
+                 b"Authorization: Bearer " + token.encode() + b"\r\n"
+                 b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert interim.startswith(b"HTTP/1.1 100 ")
+    writer.write(body)
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 201 ")
+    writer.close()
+    await bob.expect("new_message", content="after 100")
+
+
 UPGRADE = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
 
