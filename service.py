@@ -810,14 +810,13 @@ class Service:
         sends nothing and returns the original."""
         pitch = await self.visible_pitch(pitch_id, user_id)
         if request_id is None:
-            return await self._comment(pitch, user_id, username, comment, None, origin)
+            return await self._comment(pitch, user_id, username, comment, None)
         async with self.in_flight.hold(("comment", user_id, request_id)):
             known = await self.store.comment_by_request(user_id, request_id)
             if known is not None:
                 return p.comment_fields(known)
             try:
-                return await self._comment(pitch, user_id, username, comment, request_id,
-                                           origin)
+                return await self._comment(pitch, user_id, username, comment, request_id)
             except DuplicateRequest:
                 known = await self.store.comment_by_request(user_id, request_id)
                 if known is None:
@@ -826,7 +825,7 @@ class Service:
 
     async def _comment(
         self, pitch: PitchRow, user_id: int, username: str, comment: str,
-        request_id: str | None, origin: Client | None,
+        request_id: str | None,
     ) -> dict[str, Any]:
         now = p.now_iso()
 
@@ -845,7 +844,10 @@ class Service:
         )
         fields = fields_of(comment_id)
         self.pitch_typing.stop(pitch.id, user_id)
-        self._pitch_event(pitch, "new_comment", fields, notification_id, skip=origin)
+        # To every watcher, the commenting connection too when it watches (PROTOCOL.md 9;
+        # the Pitchey page adds a comment to its list on new_comment only), which also
+        # gets comment_sent, the answer to its request.
+        self._pitch_event(pitch, "new_comment", fields, notification_id)
         return fields
 
     def _announce_pitch_typing(

@@ -80,6 +80,10 @@ async def test_watchers_and_owner_see_each_event_once(daemon: Daemon,
                   "requestId": "c1"})
     sent = await a.expect("comment_sent", requestId="c1")
     assert sent["comment"] == "Great logline" and sent["pitchId"] == pitch
+    # The commenter watches too: its own new_comment (what the Pitchey page lists), besides
+    # the comment_sent answer.
+    mine = await a.expect("new_comment", commentId=sent["commentId"])
+    assert mine["comment"] == "Great logline" and "requestId" not in mine
     for c in (owner, owner_sub, b):
         frame = await c.expect("new_comment", commentId=sent["commentId"])
         assert frame["userId"] == a.user_id and frame["username"] == "alice"
