@@ -133,6 +133,11 @@ class HttpApi:
             (re.compile(r"/api/messages/send"), ("POST",), self.send),
             (re.compile(rf"/api/messages/{_ID}/read"), ("POST",), self.read),
             (re.compile(rf"/api/creator/conversations/{_ID}/read"), ("POST",), self.read),
+            # The same, by the paths a later Pitchey Messages page (messaging.service) uses.
+            (re.compile(rf"/api/messages/conversations/{_ID}/messages"), ("GET",),
+             self.messages),
+            (re.compile(r"/api/messages"), ("POST",), self.send),
+            (re.compile(rf"/api/messages/conversations/{_ID}/read"), ("POST",), self.read),
             (re.compile(r"/api/notifications"), ("GET",), self.notifications),
             (re.compile(r"/api/notifications/read"), ("POST",), self.notifications_read),
             (re.compile(rf"/api/pitches/{_ID}/activity"), ("GET",), self.pitch_activity),

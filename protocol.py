@@ -989,6 +989,10 @@ def conversation_entry(row: ConversationSummary) -> dict[str, Any]:
             "senderName": display_name(last.sender_id, last.sender_name),
             "sentAt": last.sent_at,
             "messageType": last.message_type,
+            # The names a later Pitchey Messages page reads (lastMessage.createdAt or
+            # .timestamp): the same instant.
+            "createdAt": last.sent_at,
+            "timestamp": last.sent_at,
         }
     # A group: marked so, or more than two participants (PROTOCOL.md 3), as the app's own
     # rows may leave is_group at its default.
@@ -1008,6 +1012,10 @@ def conversation_entry(row: ConversationSummary) -> dict[str, Any]:
         "participantName": others[0]["name"] if one_other else row.title,
         "participantType": others[0]["userType"] if one_other else None,
         "timestamp": row.last_message_at or row.created_at,
+        # Aliases a later Pitchey Messages page reads (conv.participantDetails[0].name,
+        # conv.updatedAt).
+        "participantDetails": others,
+        "updatedAt": row.last_message_at or row.created_at,
     }
 
 

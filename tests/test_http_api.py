@@ -120,6 +120,31 @@ async def test_send_over_http_reaches_sockets_once(daemon: Daemon, connect_to: C
     assert daemon.query("SELECT COUNT(*) FROM messages WHERE conversation_id = ?", (cid,)) == [(1,)]
 
 
+async def test_the_later_pages_paths(daemon: Daemon, connect_to: Connector) -> None:
+    """The paths a later Pitchey Messages page (messaging.service) calls answer as the
+    contract's: POST /api/messages sends, /api/messages/conversations/{id}/messages pages,
+    POST /api/messages/conversations/{id}/read marks read."""
+    alice = await connect_to(username="Alice")
+    bob = await connect_to(username="Bob")
+    cid = await conversation(alice, bob.user_id)
+    await bob.expect("conversation_created", conversationId=cid)
+    status, _, sent = await acall(daemon.port, "POST", "/api/messages",
+                                  {"conversationId": cid, "content": "by the other path"},
+                                  token=tok(alice.user_id, "Alice"))
+    assert status == 201 and sent["message"]["content"] == "by the other path"
+    await bob.expect("new_message", messageId=sent["message"]["id"])
+    status, _, page = await acall(daemon.port, "GET",
+                                  f"/api/messages/conversations/{cid}/messages",
+                                  token=tok(bob.user_id, "Bob"))
+    assert status == 200 and [m["id"] for m in page["messages"]] == [sent["message"]["id"]]
+    status, _, read = await acall(daemon.port, "POST", f"/api/messages/conversations/{cid}/read",
+                                  None, token=tok(bob.user_id, "Bob"))
+    assert (status, read) == (200, {"success": True, "read": 1})
+    await alice.expect("message_read", messageId=sent["message"]["id"])
+    status, _, _ = await acall(daemon.port, "GET", "/api/messages", token=tok(bob.user_id))
+    assert status == 405
+
+
 async def test_send_to_receiver_id(daemon: Daemon, connect_to: Connector) -> None:
     """receiverId (alias of recipientId) finds or makes the direct conversation."""
     carol = new_user()
@@ -317,8 +342,13 @@ async def test_inbox_http_equals_socket(daemon: Daemon, connect_to: Connector) -
                                     "userType": "investor"}]
     assert top["participantName"] == "Victor" and top["participantType"] == "investor"
     assert top["lastMessage"]["content"] == "reply" and top["lastMessage"]["senderId"] == victor
-    assert set(top["lastMessage"]) == {"id", "content", "senderId", "senderName", "sentAt",
+    assert set(top["lastMessage"]) >= {"id", "content", "senderId", "senderName", "sentAt",
                                        "messageType"}
+    # The names a later Pitchey Messages page reads, as aliases.
+    assert top["lastMessage"]["createdAt"] == top["lastMessage"]["timestamp"] \
+        == top["lastMessage"]["sentAt"]
+    assert top["participantDetails"] == top["participants"]
+    assert top["updatedAt"] == top["timestamp"]
     assert top["unreadCount"] == 1 and top["timestamp"] == top["lastMessageAt"]
     assert top["isGroup"] is False and top["pitchTitle"] is None
     assert entries[1]["isGroup"] is True and entries[1]["participantType"] is None
