@@ -150,7 +150,7 @@ class Handlers:
         user = client.user
         assert user is not None
         fields = await self.service.pitch_comment(
-            client.user_id, user.username, cmd.pitch_id, cmd.comment, cmd.request_id, client
+            client.user_id, user.username, cmd.pitch_id, cmd.comment, cmd.request_id
         )
         self.reply(client, p.comment_sent(fields, cmd.request_id), "comment_sent")
 

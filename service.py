@@ -803,7 +803,7 @@ class Service:
 
     async def pitch_comment(
         self, user_id: int, username: str, pitch_id: int, comment: str,
-        request_id: str | None, origin: Client | None,
+        request_id: str | None,
     ) -> dict[str, Any]:
         """Store a comment, tell the watchers (``new_comment``); return its fields for the
         ``comment_sent`` reply. Idempotent on ``(user, request_id)``: a repeat stores and
