@@ -279,7 +279,8 @@ class Sessions:
                 request_id = error.request_id
             client.send(
                 p.error(p.RATE_LIMITED, "Too many frames; slow down",
-                        request_id, math.ceil(wait * 1000))
+                        request_id, math.ceil(wait * 1000),
+                        pitch_id=_pitch_of(command) if command is not None else None)
             )
             if client.flood.drop():
                 log.warning("user %d flooding; closing with 1008", client.user_id)

@@ -372,11 +372,16 @@ class _Fields:
         self.frame = frame
         self.request_id = request_id
         self.missing = missing
+        # A pitch frame's pitchId once read (pitch parsers read it first): their later
+        # failures name the pitch, as every pitch frame does (PROTOCOL.md 9).
+        self.pitch_id: int | None = None
 
     def fail(self, message: str) -> ProtocolError:
         if self.missing == SEND_MESSAGE_MISSING:
             return send_message_error(message, self.request_id)
-        return ProtocolError(INVALID_MESSAGE, message, self.request_id)
+        error = ProtocolError(INVALID_MESSAGE, message, self.request_id)
+        error.pitch_id = self.pitch_id
+        return error
 
     def id(self, name: str, *, required: bool = True) -> int | None:
         value = self.frame.get(name)
@@ -393,6 +398,8 @@ class _Fields:
     def required_id(self, name: str) -> int:
         value = self.id(name)
         assert value is not None  # id(required=True) never returns None
+        if name == "pitchId":
+            self.pitch_id = value
         return value
 
     def text(self, name: str, max_chars: int, *, required: bool = False) -> str | None:
@@ -666,7 +673,7 @@ def parse(text: str, limits: Limits) -> Command:
     except ProtocolError as exc:
         if kind == "send_message":
             raise send_message_error(exc.message) from None
-        if kind in _KEYED_BY_REQUEST_ID:
+        if isinstance(kind, str) and kind in _KEYED_BY_REQUEST_ID:
             raise
         # Elsewhere a requestId only tags the answer: one that cannot be echoed (a number,
         # say, from a client that tags every frame) is left out, not a reason to refuse.

@@ -148,6 +148,9 @@ async def test_private_pitch_is_forbidden_for_every_frame(daemon: Daemon,
     assert status == 403
     friend = await connect_to(friend_id)
     await friend.request({"type": "pitch_view", "pitchId": pitch}, "pitch_viewed", viewCount=1)
+    error = await friend.request({"type": "pitch_comment", "pitchId": pitch, "comment": " "},
+                                 "error")
+    assert error["code"] == "invalid_message" and error["pitchId"] == pitch
 
 
 async def test_leave_and_subscription_limit(daemon: Daemon, connect_to: Connector) -> None:

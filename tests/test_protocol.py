@@ -124,6 +124,23 @@ def test_a_request_id_that_only_tags_the_answer_may_be_anything(request_id: obje
         assert code_of(json.dumps({**frame, "requestId": request_id})) == p.INVALID_MESSAGE
 
 
+@pytest.mark.parametrize("kind", [[], {}, 5, None])
+def test_a_bad_type_with_a_bad_request_id_is_invalid_message(kind: object) -> None:
+    """A type that is not a string beside a requestId that is not one: invalid_message, not
+    an exception out of the parser (which closed the connection with 1011)."""
+    assert code_of(json.dumps({"type": kind, "requestId": 1})) == p.INVALID_MESSAGE
+
+
+def test_parse_errors_of_pitch_frames_name_the_pitch() -> None:
+    """A pitch frame refused for a later field names the pitchId it did read."""
+    for frame in ({"type": "pitch_comment", "pitchId": 41, "comment": ""},
+                  {"type": "get_pitch_activity", "pitchId": 41, "limit": 0},
+                  {"type": "typing", "pitchId": 41, "isTyping": "yes"}):
+        with pytest.raises(p.ProtocolError) as info:
+            p.parse(json.dumps(frame), LIMITS)
+        assert info.value.code == p.INVALID_MESSAGE and info.value.pitch_id == 41, frame
+
+
 def test_request_id_travels_with_errors() -> None:
     """An error for a frame with a valid requestId carries it."""
     with pytest.raises(p.ProtocolError) as info:
