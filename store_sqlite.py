@@ -682,11 +682,19 @@ class SqliteStore(WriteQueue[_Write]):
             async with self._pairs.hold((low, high)):
                 found = await self._direct_id(low, high)
                 if found is None:
-                    found = self._new_conversation_id()
+                    made = self._new_conversation_id()
                     write = _create_conversation(
-                        _Write(), found, a, [a, b], None, False, None, None, now
+                        _Write(), made, a, [a, b], None, False, None, None, now
                     )
-                    await self._write(write.add(_INSERT_DIRECT, (low, high, found)))
+                    try:
+                        await self._write(write.add(_INSERT_DIRECT, (low, high, made)))
+                        found = made
+                    except ConstraintViolation:
+                        # A create_conversation of the two committed first and became
+                        # their direct conversation: use that one.
+                        found = await self._direct_id(low, high)
+                        if found is None:
+                            raise
         row = await self.conversation(found)
         if row is None:
             raise StoreError(f"direct conversation {found} vanished")
@@ -1456,8 +1464,9 @@ _MESSAGE_SELECT = (
     " FROM messages m LEFT JOIN users su ON su.id = m.sender_id"
 )
 
-# since(): the ids of one conversation's messages in (since, below), at most limit + 1, by
-# id; and how many conversations one statement covers (4 parameters each, under 999).
+# since(): the ids of one conversation's messages in (since, below), one arm per conversation,
+# merged by id and cut at limit + 1; and how many conversations one statement covers (3
+# parameters each and the LIMIT, under 999).
 _SINCE_ARM = (
     "SELECT id FROM messages WHERE conversation_id = ? AND id > ? AND id < ? AND is_deleted = 0"
 )

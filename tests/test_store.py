@@ -131,6 +131,22 @@ async def test_direct_conversation_is_the_pairs_first_one_to_one(
     assert await store.find_direct(5, 7) is None  # only a group of the two and another
 
 
+async def test_a_one_to_one_made_at_once_with_the_direct_one(
+    store: engine.SqliteStore,
+) -> None:
+    """create_conversation of two users and the same pair's first recipientId send at the
+    same moment: both succeed, and the send uses the pair's direct conversation, whichever
+    committed first (the one that lost the race used to fail on the pair's key)."""
+    for pair in range(10):
+        a, b = 100 + 2 * pair, 101 + 2 * pair
+        made, direct = await asyncio.gather(
+            store.create_conversation(a, [a, b], "About the pitch", None, None, NOW),
+            store.direct_conversation(b, a, NOW),
+        )
+        assert await store.find_direct(a, b) == direct.id
+        assert direct.members == made.members == frozenset({a, b})
+
+
 async def test_version_1_database_is_migrated(tmp_path: Path) -> None:
     """A version-1 file gains direct_conversations, filled with each pair's oldest plain 1:1."""
     path = tmp_path / "v1.db"
