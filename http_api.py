@@ -544,10 +544,15 @@ class HttpApi:
         and tell the daemon (online users are shown by them at once)."""
         for user_id, username, user_type in profiles:
             await self.service.store.save_profile(user_id, username, user_type)
-        stored = await self.service.store.users([user_id for user_id, _, _ in profiles])
-        for row in stored.values():
+        stored: dict[int, UserRow] = {}
+        try:
+            stored = await self.service.store.users([user_id for user_id, _, _ in profiles])
+        finally:
+            # Even when that read fails, no daemon keeps showing the old profile: one it
+            # could not read back is forgotten (read again at the user's next handshake).
             if self.forget_profile is not None:
-                self.forget_profile(row)
+                for user_id, _, _ in profiles:
+                    self.forget_profile(stored.get(user_id) or UserRow(user_id, None, None, None))
         return stored
 
     async def put_user(self, request: HttpRequest, params: tuple[int, ...]) -> Answer:

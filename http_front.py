@@ -496,6 +496,8 @@ class FrontConnection(ServerConnection):
         except Exception:
             log.exception("HTTP %s %s failed", request.method, request.target.split("?")[0])
             answer = json_answer(500, {"error": "internal", "message": "Internal error"})
+            if self.front.cors is not None:
+                answer.headers.extend(self.front.cors(request.headers))
         finally:
             self.task = None
         if self.mode != _HTTP:
