@@ -191,6 +191,8 @@ export interface StateEvent {
 export interface ErrorEvent {
   code: string;
   message: string;
+  /** What exactly was wrong, when `message` is a fixed text (send_message's). */
+  detail?: string;
   requestId?: string;
   retryAfterMs?: number;
   /** True when the client stopped (1008, or 4001 without getToken). */
@@ -223,11 +225,14 @@ export interface PitcheyEvents {
 }
 
 export declare class PitcheyError extends Error {
-  constructor(code: string, message: string, extra?: { requestId?: string; retryAfterMs?: number });
+  constructor(code: string, message: string,
+              extra?: { requestId?: string; retryAfterMs?: number; detail?: string });
   /** The server's error code (`forbidden`, `invalid_message`, ...) or `closed`, `policy`, `timeout`, `token_expired`. */
   code: string;
   requestId?: string;
   retryAfterMs?: number;
+  /** What exactly was wrong, when `message` is a fixed text (send_message's). */
+  detail?: string;
 }
 
 export declare function newRequestId(): string;

@@ -57,7 +57,7 @@ export class PitcheyError extends Error {
   /**
    * @param {string} code
    * @param {string} message
-   * @param {{requestId?: string, retryAfterMs?: number}} [extra]
+   * @param {{requestId?: string, retryAfterMs?: number, detail?: string}} [extra]
    */
   constructor(code, message, extra = {}) {
     super(message);
@@ -68,6 +68,8 @@ export class PitcheyError extends Error {
     this.requestId = extra.requestId;
     /** @type {number | undefined} */
     this.retryAfterMs = extra.retryAfterMs;
+    /** What exactly was wrong, when `message` is a fixed text (send_message's). @type {string | undefined} */
+    this.detail = extra.detail;
   }
 }
 

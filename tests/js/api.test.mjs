@@ -73,6 +73,12 @@ test('a refused request rejects with the server code and later answers still mat
   assert.equal(joined.status, 'rejected');
   await assert.rejects(c.c.sendMessage({ conversationId, content: 'not mine' }), { code: 'forbidden' });
   await assert.rejects(c.c.markRead(1), { code: 'forbidden' });
+  // An invalid send: the contract's fixed text, and the reason in detail.
+  await assert.rejects(c.c.sendMessage({ recipientId: uc, content: 'to myself' }), {
+    code: 'invalid_message',
+    message: 'Missing required fields for message',
+    detail: 'recipientId must be another user',
+  });
 });
 
 test('markRead tells the sender (message_read); typing is throttled and stops when idle', async () => {
