@@ -297,9 +297,6 @@ class Sessions:
         except p.ProtocolError as exc:
             if exc.request_id is None:
                 exc.request_id = command.request_id
-            if (isinstance(command, p.SendMessage) and exc.code == p.INVALID_MESSAGE
-                    and exc.detail is None):
-                exc = p.send_message_error(exc.message, exc.request_id)
             exc.pitch_id = _pitch_of(command)
             self.reply_error(client, exc)
         except ConnectionClosed:

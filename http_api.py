@@ -379,18 +379,13 @@ class HttpApi:
         # The socket's parser checks the fields, so both doors accept exactly the same sends.
         command = p.parse(json.dumps(frame), self.limits)
         assert isinstance(command, p.SendMessage)
-        try:
-            sent = await self.service.send_message(
-                call.identity.user_id, call.name, command.conversation_id, command.recipient_id,
-                command.content, message_type=command.message_type,
-                attachments=[a.to_wire() for a in command.attachments],
-                pitch_id=command.pitch_id, subject=command.subject,
-                request_id=command.request_id, origin=None,
-            )
-        except p.ProtocolError as exc:
-            if exc.code == p.INVALID_MESSAGE and exc.detail is None:
-                raise p.send_message_error(exc.message, exc.request_id) from None
-            raise
+        sent = await self.service.send_message(
+            call.identity.user_id, call.name, command.conversation_id, command.recipient_id,
+            command.content, message_type=command.message_type,
+            attachments=[a.to_wire() for a in command.attachments],
+            pitch_id=command.pitch_id, subject=command.subject,
+            request_id=command.request_id, origin=None,
+        )
         fields = sent.fields
         message = {
             "id": fields["messageId"], **fields, "sentAt": fields["timestamp"],

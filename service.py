@@ -262,14 +262,14 @@ class Service:
         else:
             assert recipient_id is not None
             if recipient_id == sender:
-                raise p.ProtocolError(p.INVALID_MESSAGE, "recipientId must be another user")
+                raise p.send_message_error("recipientId must be another user")
             if self.clients_create:
                 known = self.conversations.knows_pair(sender, recipient_id)
                 try:
                     conversation = await self.conversations.direct(sender, recipient_id, now)
                 except ConstraintViolation:
                     # A user an existing Pitchey database does not have.
-                    raise p.ProtocolError(p.INVALID_MESSAGE, UNKNOWN_RECIPIENT) from None
+                    raise p.send_message_error(UNKNOWN_RECIPIENT) from None
                 if not known:
                     self._share_conversation(conversation)  # maybe new: contacts elsewhere
             else:
@@ -293,8 +293,8 @@ class Service:
             # On an existing Pitchey database pitchId refers to the app's pitches (and the
             # app may have deleted the conversation or a member meanwhile).
             budget.refund(len(recipients))
-            raise p.ProtocolError(
-                p.INVALID_MESSAGE, "the pitch, the conversation or a member is not known"
+            raise p.send_message_error(
+                "the pitch, the conversation or a member is not known"
             ) from None
         except BaseException:
             budget.refund(len(recipients))
