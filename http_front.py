@@ -411,7 +411,7 @@ class FrontConnection(ServerConnection):
         self.request_head = event
         method = event.method.decode("ascii", "replace").upper()
         target = event.target.decode("ascii", "replace")
-        headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in event.headers]
+        headers = _header_pairs(event)
         # h11 bounds a head that has not ended yet; one that arrived whole is measured here.
         size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
         if size > self.front.max_header_bytes:
@@ -478,7 +478,7 @@ class FrontConnection(ServerConnection):
         request = HttpRequest(
             head.method.decode("ascii", "replace").upper(),
             head.target.decode("ascii", "replace"),
-            [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in head.headers],
+            _header_pairs(head),
             bytes(self.body),
         )
         self.mode = _HTTP
@@ -541,9 +541,7 @@ class FrontConnection(ServerConnection):
             answer = json_answer(status, {"error": code, "message": message}, close=True)
             head = self.request_head
             if head is not None and self.front.cors is not None:
-                answer.headers.extend(self.front.cors(
-                    [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in head.headers]
-                ))
+                answer.headers.extend(self.front.cors(_header_pairs(head)))
             self._write(answer, "GET")
         else:
             self.raw.write(_raw_answer(status, code, message))
@@ -563,6 +561,11 @@ class FrontConnection(ServerConnection):
             asyncio.get_running_loop().call_later(1, raw.abort)
         else:
             raw.close()
+
+
+def _header_pairs(head: h11.Request) -> list[tuple[str, str]]:
+    """A request's headers as (lower-case name, value) text pairs."""
+    return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in head.headers]
 
 
 # The longest request or header line websockets reads (websockets.http11.MAX_LINE_LENGTH).
