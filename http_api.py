@@ -513,6 +513,8 @@ class HttpApi:
             raise ApiError(400, p.INVALID_MESSAGE,
                            f"idempotencyKey must be a string of 1-{MAX_IDEMPOTENCY_KEY_CHARS}"
                            " characters")
+        if key is not None and p.NUL in key:
+            raise ApiError(400, p.INVALID_MESSAGE, f"idempotencyKey {p.NO_NUL}")
         answer = await self.service.publish(users, pitch_id, conversation_id, kind, fields,
                                             durable, key)
         return json_answer(200, answer)
@@ -528,6 +530,8 @@ class HttpApi:
                 raise ApiError(400, p.INVALID_MESSAGE,
                                f"{field} must be a non-empty string of at most"
                                f" {MAX_PROFILE_CHARS} characters")
+            if value is not None and p.NUL in value:
+                raise ApiError(400, p.INVALID_MESSAGE, f"{field} {p.NO_NUL}")
             values.append(value)
         username, name, user_type = values
         return username or name, user_type
@@ -586,6 +590,8 @@ class HttpApi:
             raise ApiError(400, p.INVALID_MESSAGE,
                            f"title must be a string of at most {self.limits.max_title_chars}"
                            " characters")
+        if title is not None and p.NUL in title:
+            raise ApiError(400, p.INVALID_MESSAGE, f"title {p.NO_NUL}")
         pitch_id = _id(body["pitchId"], "pitchId") if body.get("pitchId") is not None else None
         members = frozenset([created_by, *participants])
         if wanted is not None:
@@ -627,6 +633,8 @@ class HttpApi:
             raise ApiError(400, p.INVALID_MESSAGE,
                            f"title must be a non-empty string of at most"
                            f" {self.limits.max_title_chars} characters")
+        if p.NUL in title:
+            raise ApiError(400, p.INVALID_MESSAGE, f"title {p.NO_NUL}")
         visibility = body.get("visibility")
         if visibility not in VISIBILITIES:
             raise ApiError(400, p.INVALID_MESSAGE, "visibility must be public or private")

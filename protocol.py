@@ -76,6 +76,10 @@ TOKEN_EXPIRED: Final = Disconnect(CLOSE_TOKEN_EXPIRED, "token expired")
 MAX_ID: Final = 2**63 - 1
 
 SEND_MESSAGE_MISSING: Final = "Missing required fields for message"
+# Text that is stored must not hold U+0000: PostgreSQL's text and jsonb cannot, so no engine
+# takes it (the same frame gets the same answer everywhere).
+NUL: Final = "\x00"
+NO_NUL: Final = "must not contain NUL (U+0000) characters"
 
 # Longest messageType, in characters.
 MAX_MESSAGE_TYPE_CHARS: Final = 32
@@ -412,6 +416,8 @@ class _Fields:
             raise self.fail(f"{name} must be a string")
         if len(value) > max_chars:
             raise self.fail(f"{name} is longer than {max_chars} characters")
+        if NUL in value:
+            raise self.fail(f"{name} {NO_NUL}")
         return value
 
 
@@ -430,6 +436,8 @@ def _request_id(frame: dict[str, Any], limits: Limits) -> str | None:
         raise ProtocolError(
             INVALID_MESSAGE, f"requestId is longer than {limits.max_request_id_chars} characters"
         )
+    if NUL in value:
+        raise ProtocolError(INVALID_MESSAGE, f"requestId {NO_NUL}")
     return value
 
 
@@ -478,6 +486,8 @@ def _send_message(f: _Fields, limits: Limits) -> SendMessage:
         raise f.fail(SEND_MESSAGE_MISSING)
     if len(content) > limits.max_content_chars:
         raise f.fail(f"content is longer than {limits.max_content_chars} characters")
+    if NUL in content:
+        raise f.fail(f"content {NO_NUL}")
     message_type = "text"
     if "messageType" in frame:
         message_type = f.text("messageType", MAX_MESSAGE_TYPE_CHARS) or "text"
@@ -576,6 +586,8 @@ def comment_text(value: Any, limits: Limits) -> str:
         raise ProtocolError(
             INVALID_MESSAGE, f"comment is longer than {limits.max_content_chars} characters"
         )
+    if NUL in value:
+        raise ProtocolError(INVALID_MESSAGE, f"comment {NO_NUL}")
     return value
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from backend import KEY, call, put_pitch
-from conftest import Connector, Daemon, make_token, new_user
+from conftest import Connector, Daemon, conversation, make_token, new_user
 
 _pitch_ids = itertools.count(100)
 MAX_CHARS = 100
@@ -227,3 +227,50 @@ async def test_demo_seeds_pitches_and_signs_an_nda(tmp_path: Path) -> None:
         await creator.close()
     finally:
         d.stop()
+
+
+async def test_text_with_nul_is_refused_everywhere(daemon: Daemon, connect_to: Connector) -> None:
+    """U+0000 in any text that is stored (PostgreSQL's text cannot hold it) is invalid_message
+    naming the field, on every engine and door, and nothing is stored; the socket stays open."""
+    owner_id, other = new_user(), new_user()
+    pitch = next(_pitch_ids)
+    put_pitch(daemon, pitch, owner_id)
+    client = await connect_to(owner_id, username="owner")
+    await connect_to(other)
+    conv = await conversation(client, other)
+    attachment = {"type": "file", "url": "https://x.test/a", "filename": "a\x00b", "size": 1}
+    frames = [
+        ({"type": "send_message", "conversationId": conv, "content": "a\x00b"}, "content"),
+        ({"type": "send_message", "conversationId": conv, "content": "ok",
+          "subject": "s\x00"}, "subject"),
+        ({"type": "send_message", "conversationId": conv, "content": "ok",
+          "attachments": [attachment]}, "filename"),
+        ({"type": "send_message", "conversationId": conv, "content": "ok",
+          "requestId": "r\x00"}, "requestId"),
+        ({"type": "create_conversation", "participantIds": [other], "title": "t\x00"}, "title"),
+        ({"type": "pitch_comment", "pitchId": pitch, "comment": "c\x00"}, "comment"),
+    ]
+    for frame, field in frames:
+        error = await client.request(frame, "error")
+        assert error["code"] == "invalid_message", (frame, error)
+        assert f"{field} must not contain NUL" in error.get("detail", error["message"]), error
+    token = make_token(owner_id)
+    status, body = call(daemon, "POST", "/api/messages/send",
+                        {"conversationId": conv, "content": "x\x00"}, token=token)
+    assert status == 400 and body["error"] == "invalid_message", body
+    for method, path, request in (
+        ("PUT", f"/api/users/{other}", {"username": "n\x00"}),
+        ("PUT", f"/api/pitches/{pitch}", {"ownerId": owner_id, "title": "p\x00",
+                                         "visibility": "public"}),
+        ("POST", "/api/conversations", {"participantIds": [other], "createdBy": owner_id,
+                                        "title": "t\x00"}),
+        ("POST", "/api/publish", {"users": [other], "event": {"type": "nda_signed"},
+                                  "idempotencyKey": "k\x00"}),
+    ):
+        status, body = call(daemon, method, path, request)
+        assert status == 400 and "must not contain NUL" in body["message"], (path, body)
+    page = await client.request({"type": "get_messages", "conversationId": conv}, "messages")
+    assert page["messages"] == []
+    activity = await client.request({"type": "get_pitch_activity", "pitchId": pitch},
+                                    "pitch_activity")
+    assert activity["comments"] == [] and activity["title"] == "A pitch"
