@@ -115,7 +115,7 @@ class Conversations:
         found = self._pairs.get(key)
         if found is not None:
             row = await self.get(found)
-            if row is not None and a in row.members and b in row.members:
+            if row is not None and _is_direct(row, key):
                 return row
         row = await self.store.direct_conversation(a, b, now)
         self.put(row)
@@ -127,11 +127,12 @@ class Conversations:
         not (``conversations.create_policy = "backend"``)."""
         key = (min(a, b), max(a, b))
         found = self._pairs.get(key)
-        if found is None:
+        row = await self.get(found) if found is not None else None
+        if row is None or not _is_direct(row, key):
             found = await self.store.find_direct(a, b)
             if found is None:
                 return None
-        row = await self.get(found)
+            row = await self.get(found)
         if row is not None:
             self._remember_pair(key, row.id)
         return row
@@ -155,3 +156,10 @@ class Conversations:
         conversation of any pair (the store drops its key too)."""
         for key in [k for k, v in self._pairs.items() if v == conversation_id]:
             del self._pairs[key]
+
+
+def _is_direct(row: ConversationRow, pair: tuple[int, int]) -> bool:
+    """``row`` still is the direct conversation of ``pair``: not a group, and its active
+    participants are exactly the two (where the Pitchey app writes the database it may have
+    added or removed someone since the pair was recorded)."""
+    return not row.is_group and row.members == frozenset(pair)

@@ -444,6 +444,11 @@ class PostgresStore(WriteQueue[_Write]):
         self._pairs = KeyedLock()
         self._message_seq = "messages_id_seq"
         self._conversation_seq = "conversations_id_seq"
+        # With pitchey_schema = "create", the app's own inserts take ids from these sequences:
+        # rows written here with the id a token or the backend gave move them past it.
+        # (None: the table has no sequence, so nothing to move.)
+        self._user_seq: str | None = None
+        self._pitch_seq: str | None = None
         self.transactions = 0
         self._corrupt: Corrupt | None = None
         self._probe: asyncio.Future[None] | None = None
@@ -507,6 +512,11 @@ class PostgresStore(WriteQueue[_Write]):
                 "SELECT pg_get_serial_sequence('messages', 'id')")
             self._conversation_seq = await conn.fetchval(
                 "SELECT pg_get_serial_sequence('conversations', 'id')")
+            if not self.existing:
+                self._user_seq = await conn.fetchval(
+                    "SELECT pg_get_serial_sequence('users', 'id')")
+                self._pitch_seq = await conn.fetchval(
+                    "SELECT pg_get_serial_sequence('pitches', 'id')")
             if self._message_seq is None or self._conversation_seq is None:
                 raise StoreError(f"database {self.where}: messages.id and conversations.id"
                                  " must take their default from a sequence (serial)")
@@ -829,7 +839,8 @@ class PostgresStore(WriteQueue[_Write]):
         now = now_iso()
         if username is None and user_type is None:
             return self._ensure_users(_Write(), [user_id])
-        return _Write().add(_UPSERT_USER, (user_id, username, user_type, now))
+        return _sequence_past(_Write().add(_UPSERT_USER, (user_id, username, user_type, now)),
+                              self._user_seq, user_id)
 
     async def save_profile(
         self, user_id: int, username: str | None, user_type: str | None
@@ -856,7 +867,7 @@ class PostgresStore(WriteQueue[_Write]):
         now = now_iso()
         # In id order, so two transactions ensuring the same users lock them in one order.
         for user_id in sorted(set(user_ids)):
-            write.add(_ENSURE_USER, (user_id, now))
+            _sequence_past(write.add(_ENSURE_USER, (user_id, now)), self._user_seq, user_id)
         return write
 
     # -- conversations ---------------------------------------------------------------------
@@ -950,12 +961,13 @@ class PostgresStore(WriteQueue[_Write]):
                                frozenset(members), pitch_id)
 
     async def _direct_id(self, low: int, high: int) -> int | None:
-        """The pair's direct conversation: the one pitchey-ws recorded, else one the app made
-        (rows inserted by the app: a non-group conversation whose active participants are
-        exactly the two, the oldest if there are several)."""
+        """The pair's direct conversation: the one pitchey-ws recorded while it still is one
+        (the app may since have added a participant, removed one of the two or made it a
+        group), else one the app made (rows inserted by the app: a non-group conversation
+        whose active participants are exactly the two, the oldest if there are several)."""
         rows = await self._fetch(
-            "SELECT conversation_id FROM ws_direct_conversations"
-            " WHERE user_low = $1 AND user_high = $2",
+            "SELECT d.conversation_id FROM ws_direct_conversations d"
+            " WHERE d.user_low = $1 AND d.user_high = $2 AND " + _STILL_DIRECT,
             low, high,
         )
         if rows:
@@ -986,6 +998,9 @@ class PostgresStore(WriteQueue[_Write]):
             async with self._pairs.hold((low, high)):
                 found = await self._direct_id(low, high)
                 if found is None:
+                    # A recorded conversation that is no longer the pair's gives way (its
+                    # key would refuse the new one's).
+                    await self._write(_Write().add(_FORGET_STALE_DIRECT, (low, high)))
                     write = self._create_conversation(a, [a, b], None, False, None, None, now)
                     write.add(_INSERT_DIRECT, (low, high, CONVERSATION_ID))
                     try:
@@ -1050,7 +1065,7 @@ class PostgresStore(WriteQueue[_Write]):
         rows = await self._fetch(
             _MESSAGE_SELECT.replace("COALESCE(m.is_read, false)", "r.read_at")
             + " LEFT JOIN message_read_receipts r ON r.message_id = m.id AND r.user_id = $1"
-            " WHERE m.id = $2",
+            " WHERE m.id = $2 AND m.is_deleted IS NOT TRUE",
             reader_id, message_id,
         )
         if not rows:
@@ -1106,7 +1121,8 @@ class PostgresStore(WriteQueue[_Write]):
             # A user removed from a conversation is owed none of its messages any more.
             " JOIN conversation_participants p ON p.conversation_id = m.conversation_id"
             "   AND p.user_id = u.user_id AND p.is_active IS NOT FALSE AND p.left_at IS NULL"
-            " WHERE u.user_id = $1 ORDER BY u.message_id LIMIT $2",
+            # Nor a message deleted since (the app's soft delete): history and sync hide it.
+            " WHERE u.user_id = $1 AND m.is_deleted IS NOT TRUE ORDER BY u.message_id LIMIT $2",
             user_id, limit,
         )
         reads = await self._fetch(
@@ -1355,6 +1371,7 @@ class PostgresStore(WriteQueue[_Write]):
                 " updated_at = EXCLUDED.updated_at",
                 (pitch.id, pitch.owner_id, pitch.title, status, now),
             )
+            _sequence_past(write, self._pitch_seq, pitch.id)
         # INSERTs run before every other statement of a batch: add the new set, then drop
         # whoever is not in it.
         allowed = sorted(pitch.allowed)
@@ -1735,9 +1752,34 @@ _ENSURE_USER = (
     "INSERT INTO users (id, created_at, updated_at) VALUES ($1, $2, $2)"
     " ON CONFLICT (id) DO NOTHING"
 )
+# Sequence $1 moved past the id $2 written explicitly (never backwards), so that the app's
+# next insert into that table does not take the same id.
+_SEQUENCE_PAST = (
+    "SELECT setval($1::regclass, GREATEST($2::bigint,"
+    " COALESCE(pg_sequence_last_value($1::regclass), 0)))"
+    " WHERE $2::bigint > COALESCE(pg_sequence_last_value($1::regclass), 0)"
+)
+
+
+def _sequence_past(write: _Write, sequence: str | None, row_id: int) -> _Write:
+    """``write`` also moves ``sequence`` (if the table has one) past ``row_id``."""
+    return write if sequence is None else write.add(_SEQUENCE_PAST, (sequence, row_id))
 _INSERT_DIRECT = (
     "INSERT INTO ws_direct_conversations (user_low, user_high, conversation_id)"
     " VALUES ($1, $2, $3)"
+)
+# The recorded conversation d of the pair ($1 < $2) still is their direct one: not a group,
+# and its active participants are exactly the two.
+_STILL_DIRECT = (
+    "EXISTS (SELECT 1 FROM conversations c WHERE c.id = d.conversation_id"
+    "   AND c.is_group IS NOT TRUE)"
+    " AND ARRAY(SELECT p.user_id FROM conversation_participants p"
+    "   WHERE p.conversation_id = d.conversation_id AND p.is_active IS NOT FALSE"
+    "   AND p.left_at IS NULL ORDER BY p.user_id LIMIT 3) = ARRAY[$1, $2]::integer[]"
+)
+_FORGET_STALE_DIRECT = (
+    "DELETE FROM ws_direct_conversations d WHERE d.user_low = $1 AND d.user_high = $2"
+    " AND NOT (" + _STILL_DIRECT + ")"
 )
 # Delivered: the ws_undelivered rows of ($1[i], $2[i]) (message, recipient) go, and the
 # receipts are written with the real time $3[i]: one statement for a record_deliveries call.

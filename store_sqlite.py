@@ -743,7 +743,7 @@ class SqliteStore(WriteQueue[_Write]):
         rows = await self._fetch(
             _MESSAGE_SELECT.replace("m.is_read", "r.read_at")
             + " LEFT JOIN message_read_receipts r ON r.message_id = m.id AND r.user_id = ?"
-            " WHERE m.id = ?",
+            " WHERE m.id = ? AND m.is_deleted = 0",
             (reader_id, message_id),
         )
         if not rows:
@@ -822,7 +822,9 @@ class SqliteStore(WriteQueue[_Write]):
             # A user removed from a conversation is owed none of its messages any more.
             " JOIN conversation_participants p ON p.conversation_id = m.conversation_id"
             "   AND p.user_id = r.user_id AND p.is_active = 1"
+            # Nor a message deleted since: history and sync hide it.
             " WHERE r.user_id = ? AND (r.delivered_at IS NULL) = 1 AND r.read_at IS NULL"
+            " AND m.is_deleted = 0"
             " ORDER BY r.message_id LIMIT ?",
             (user_id, limit), long=True, factory=_pending_message,
         )

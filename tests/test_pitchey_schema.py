@@ -519,3 +519,109 @@ async def test_a_participant_the_app_marked_left_is_not_a_member(existing: Conne
     assert page["messages"] == []
     assert daemon.query("SELECT is_active, left_at FROM conversation_participants"
                         " WHERE conversation_id = 40 AND user_id = 3") == [(True, None)]
+
+
+async def _until_refused(client: Client, conversation_id: int) -> None:
+    """Poll until ``client`` is refused the conversation: the daemon has seen the app's change
+    (its cache trusts a row for a few seconds)."""
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while True:
+        await client.send({"type": "get_messages", "conversationId": conversation_id})
+        if (await _first(client, ("messages", "error")))["type"] == "error":
+            return
+        assert asyncio.get_running_loop().time() < deadline, "the app's change never seen"
+        await asyncio.sleep(0.2)  # paces the polling (and the rate limit); refusal is the event
+
+
+async def test_recipient_id_follows_the_app_changing_a_direct_conversation(
+    existing: Connector,
+) -> None:
+    """The pair's recorded 1:1 stops being theirs when the app adds a third participant or
+    removes one of the two: recipientId then uses a conversation of exactly the two (PROTOCOL.md
+    3), so the message neither reaches the third user nor goes unseen by the recipient."""
+    daemon = existing.daemon
+    url = daemon.database_url or ""
+    alex = await existing(1, username="alex")
+    sarah = await existing(2, username="sarah")
+    stellar = await existing(3, username="stellar")
+    first = await alex.request({"type": "send_message", "recipientId": 3, "content": "one",
+                                "requestId": "p1"}, "message_sent", requestId="p1")
+    direct = first["conversationId"]
+    await stellar.expect("new_message", messageId=first["messageId"])
+    pg_query(url, "INSERT INTO conversation_participants (conversation_id, user_id)"
+                  " VALUES (?, 2)", (direct,))
+    # sarah, not a member in the daemon's memory, is looked up again: the row is re-read.
+    page = await sarah.request({"type": "get_messages", "conversationId": direct}, "messages")
+    assert [m["messageId"] for m in page["messages"]] == [first["messageId"]]
+    second = await alex.request({"type": "send_message", "recipientId": 3,
+                                 "content": "for stellar only", "requestId": "p2"},
+                                "message_sent", requestId="p2")
+    assert second["conversationId"] not in (direct, 40), second
+    await stellar.expect("new_message", messageId=second["messageId"])
+    await sarah.absent("new_message")
+    members = "SELECT user_id FROM conversation_participants WHERE conversation_id = ? ORDER BY 1"
+    assert daemon.query(members, (second["conversationId"],)) == [(1,), (3,)]
+    # The app removes stellar from the new 1:1: the next send makes another one she is in.
+    pg_query(url, "UPDATE conversation_participants SET is_active = false, left_at = now()"
+                  " WHERE conversation_id = ? AND user_id = 3", (second["conversationId"],))
+    await _until_refused(stellar, second["conversationId"])
+    third = await alex.request({"type": "send_message", "recipientId": 3, "content": "three",
+                                "requestId": "p3"}, "message_sent", requestId="p3")
+    assert third["conversationId"] not in (direct, 40, second["conversationId"]), third
+    got = await stellar.expect("new_message", messageId=third["messageId"])
+    assert got["conversationId"] == third["conversationId"]
+    # And it stays the pair's conversation.
+    fourth = await alex.request({"type": "send_message", "recipientId": 3, "content": "four",
+                                 "requestId": "p4"}, "message_sent", requestId="p4")
+    assert fourth["conversationId"] == third["conversationId"]
+
+
+async def test_a_message_the_app_deleted_is_not_replayed(existing: Connector) -> None:
+    """A message the app soft-deletes while its recipient is offline is not replayed on the
+    next connect, and marking it read is refused like an unknown message (history and sync
+    hide it already)."""
+    daemon = existing.daemon
+    alex = await existing(1, username="alex")
+    gone = await alex.request({"type": "send_message", "conversationId": 40,
+                               "content": "oops", "requestId": "x1"},
+                              "message_sent", requestId="x1")
+    kept = await alex.request({"type": "send_message", "conversationId": 40,
+                               "content": "kept", "requestId": "x2"},
+                              "message_sent", requestId="x2")
+    pg_query(daemon.database_url or "",
+             "UPDATE messages SET is_deleted = true, deleted_at = now() WHERE id = ?",
+             (gone["messageId"],))
+    sarah = await existing(2, username="sarah")
+    replayed = await sarah.expect("queued_message")
+    assert replayed["messageId"] == kept["messageId"], replayed
+    await sarah.absent("queued_message")
+    error = await sarah.request({"type": "mark_read", "messageId": gone["messageId"]}, "error")
+    assert error["code"] == "forbidden"
+    await alex.absent("message_read")
+
+
+async def test_the_app_inserts_users_and_pitches_beside_the_daemon(
+    tmp_path: Path, postgres_db: str,
+) -> None:
+    """In a database pitchey-ws created (pitchey_schema = "create"), rows it writes with the
+    ids tokens and the backend give move the tables' sequences past them: the app's own next
+    sign-up and pitch (ids from the sequence) do not collide with them."""
+    daemon = Daemon(tmp_path, {"api.key": KEY}, database_url=postgres_db)
+    daemon.start()
+    connector = Connector(daemon)
+    try:
+        await connector(4, username="dana")
+        status, _ = call(daemon, "PUT", "/api/users/9", {"username": "ivy"})
+        assert status == 200
+        status, _ = call(daemon, "PUT", "/api/pitches/5",
+                         {"ownerId": 4, "title": "Pilot", "visibility": "public"})
+        assert status == 200
+        user = pg_query(postgres_db, "INSERT INTO users (email, username)"
+                                     " VALUES ('new@example.com', 'new') RETURNING id")
+        assert user[0][0] > 9, user
+        pitch = pg_query(postgres_db, "INSERT INTO pitches (user_id, title)"
+                                      " VALUES (4, 'Second') RETURNING id")
+        assert pitch[0][0] > 5, pitch
+    finally:
+        await connector.close_all()
+        daemon.stop()
