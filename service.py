@@ -930,11 +930,24 @@ class Service:
                                        None)
         async with self.in_flight.hold(("publish", key)):
             known = await self.store.publish_answer(key)
-            if known is not None:
-                answer: dict[str, Any] = p.loads(known)
-                return answer
-            return await self._publish(users, pitch_id, conversation_id, kind, fields, durable,
-                                       key)
+            if known is None and not (users is not None and durable):
+                # A publish that stores nothing else claims its key before anything is sent:
+                # the same key reaching another daemon at the same moment sends nothing and
+                # answers the claim (delivered 0 until the first one's fan-out is counted).
+                placeholder = p.dumps({"delivered": 0, "stored": 0, "notificationIds": []})
+                if not await self.store.claim_publish(key, placeholder, p.now_iso()):
+                    known = await self.store.publish_answer(key)
+            if known is None:
+                try:
+                    return await self._publish(users, pitch_id, conversation_id, kind, fields,
+                                               durable, key)
+                except DuplicateRequest:
+                    # The same durable publish reached another daemon, which stored it first.
+                    known = await self.store.publish_answer(key)
+                    if known is None:
+                        raise
+            answer: dict[str, Any] = p.loads(known)
+            return answer
 
     async def _publish(
         self, users: list[int] | None, pitch_id: int | None, conversation_id: int | None,

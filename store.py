@@ -336,13 +336,18 @@ class Store(Protocol):
     ) -> list[int]:
         """Store notifications (ids in order) and, with ``publish_key``, the publish's answer
         ``answer(ids)`` (JSON text) under that key, in one transaction. Raises
-        ConstraintViolation when the key was stored before."""
+        DuplicateRequest when the key was stored before (by another daemon, say)."""
 
     async def publish_answer(self, key: str) -> str | None:
         """The answer stored for an idempotencyKey, if any."""
 
     async def put_publish_answer(self, key: str, answer: str, now: str) -> None:
         """Replace a stored answer (its ``delivered`` count, known after the fan-out)."""
+
+    async def claim_publish(self, key: str, answer: str, now: str) -> bool:
+        """Store ``answer`` under ``key`` unless the key is stored already; True when this
+        call stored it. Committed before it returns: the claim of a publish that stores
+        nothing else, made before anything is sent."""
 
     async def notification_page(
         self, user_id: int, before: int | None, limit: int, unread_only: bool

@@ -389,7 +389,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 # Unique indexes that mean "this request was stored before".
 _REQUEST_KEYS = frozenset({"ws_message_requests_pkey", "ws_conversation_requests_pkey",
-                           "ws_pitch_comments_request"})
+                           "ws_pitch_comments_request", "ws_publish_requests_pkey"})
 
 
 def _below(before: int | None) -> int:
@@ -1526,6 +1526,17 @@ class PostgresStore(WriteQueue[_Write]):
             " ON CONFLICT (key) DO UPDATE SET answer = EXCLUDED.answer",
             (key, answer, now),
         ))
+
+    async def claim_publish(self, key: str, answer: str, now: str) -> bool:
+        # Outside the write loop: one autocommitted statement on a pooled connection, whose
+        # answer says whether this daemon or another one claimed the key (the table takes
+        # no ids, so the write loop's ordering does not concern it).
+        rows = await self._fetch(
+            "INSERT INTO ws_publish_requests (key, answer, created_at)"
+            " VALUES ($1, $2, $3) ON CONFLICT (key) DO NOTHING RETURNING 1",
+            key, answer, now,
+        )
+        return bool(rows)
 
     async def notification_page(
         self, user_id: int, before: int | None, limit: int, unread_only: bool

@@ -1188,6 +1188,14 @@ class SqliteStore(WriteQueue[_Write]):
             (key, answer, now),
         ))
 
+    async def claim_publish(self, key: str, answer: str, now: str) -> bool:
+        # One daemon per SQLite database, and the service claims a key under its in-flight
+        # lock: nothing can store the key between this read and the write.
+        if await self.publish_answer(key) is not None:
+            return False
+        await self.put_publish_answer(key, answer, now)
+        return True
+
     async def notification_page(
         self, user_id: int, before: int | None, limit: int, unread_only: bool
     ) -> tuple[list[NotificationRow], bool]:

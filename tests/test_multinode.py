@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backend import KEY, put_pitch
+from backend import KEY, call, put_pitch
 from conftest import TIMEOUT, Client, Connector, Daemon, eventually, eventually_db, new_user
 from servers import PostgresServer, RedisServer, SlowLink
 
@@ -495,3 +495,33 @@ def subscribers(port: int, channel: str) -> int:
             reply += chunk
     found = re.search(rb":(\d+)\r\n$", reply)
     return int(found.group(1)) if found else 0
+
+
+async def test_publish_key_at_once_on_two_nodes_is_one(nodes: list[Connector],
+                                                       cluster: Cluster) -> None:
+    """The same idempotencyKey sent to two daemons at the same moment stores and sends once,
+    and both answer 200 with the same notification ids; so does a live-only publish to a
+    conversation (claimed before it is sent)."""
+    a, b = new_user(), new_user()
+    a1 = await nodes[0](a)
+    b2 = await nodes[1](b)
+    cid = await conversation(a1, b)
+    await b2.expect("new_message", conversationId=cid)
+    for round_ in range(5):
+        durable = {"users": [b], "event": {"type": "nda_signed", "round": round_},
+                   "idempotencyKey": f"durable-{a}-{round_}"}
+        live = {"conversationId": cid, "event": {"type": "deal_update", "round": round_},
+                "idempotencyKey": f"live-{a}-{round_}"}
+        for body in (durable, live):
+            answers = await asyncio.gather(*(
+                asyncio.to_thread(call, node, "POST", "/api/publish", body)
+                for node in cluster.nodes[:2]))
+            assert [status for status, _ in answers] == [200, 200], answers
+            assert answers[0][1]["notificationIds"] == answers[1][1]["notificationIds"]
+        await ping(b2)
+        await ping(a1)
+        assert count(b2, "nda_signed", round=round_) == 1
+        assert count(b2, "deal_update", round=round_) == 1
+        assert count(a1, "deal_update", round=round_) == 1
+    await eventually_db(cluster.nodes[0], "SELECT count(*) FROM ws_notifications"
+                        " WHERE user_id = ?", (b,), [(5,)])
