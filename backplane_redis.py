@@ -195,6 +195,16 @@ class RedisBackplane:
         self.node_id = uuid.uuid4().hex[:12]
         self.ttl_ms = max(1, int(node_ttl_seconds * 1000))
         self.heartbeat = heartbeat_seconds
+        # Dead nodes are looked for every `sweep` seconds, and a heartbeat keeps the node key
+        # for node_ttl - sweep: a dead node's key expires at most that long after its death
+        # (its last beat came before), and the next sweep claims it, so its users are
+        # offline within node_ttl (PROTOCOL.md 13). A sweep is one SMEMBERS and an EXISTS per
+        # node, cheap enough to run more often than the heartbeat. (With a heartbeat almost
+        # as long as node_ttl, the key still outlives the gap to the next beat.)
+        self.sweep_seconds = min(heartbeat_seconds, max(0.1, node_ttl_seconds / 30))
+        self.beat_ttl_ms = max(1, int(max(node_ttl_seconds - self.sweep_seconds,
+                                          min(node_ttl_seconds, 1.25 * heartbeat_seconds))
+                                      * 1000))
         self.rate = frames_per_second
         self.burst = frames_burst
         self.max_outgoing = max_outgoing
@@ -295,7 +305,7 @@ class RedisBackplane:
         self.pubsub = pubsub
         await pubsub.subscribe(f"{PREFIX}inv", *(_channel(u) for u in self.users))
         await self._beat(keys=[f"{PREFIX}node:{self.node_id}", f"{PREFIX}nodes"],
-                         args=[self.ttl_ms, self.node_id])
+                         args=[self.beat_ttl_ms, self.node_id])
         await self._register_all()
         recovered = self.ever_up
         self.up = self.ever_up = True
@@ -316,7 +326,8 @@ class RedisBackplane:
 
         for coro, name in ((self._read(pubsub), "backplane-read"),
                            (self._publish_loop(), "backplane-publish"),
-                           (self._heartbeat_loop(), "backplane-heartbeat")):
+                           (self._heartbeat_loop(), "backplane-heartbeat"),
+                           (self._sweep_loop(), "backplane-sweep")):
             task = asyncio.create_task(coro, name=name)
             task.add_done_callback(finished)
             self.tasks.add(task)
@@ -479,11 +490,15 @@ class RedisBackplane:
         while True:
             await asyncio.sleep(self.heartbeat)
             had = await self._beat(keys=[f"{PREFIX}node:{self.node_id}", f"{PREFIX}nodes"],
-                                   args=[self.ttl_ms, self.node_id])
+                                   args=[self.beat_ttl_ms, self.node_id])
             if not int(had):
                 log.warning("node %s was taken for dead; registering its users again",
                             self.node_id)
                 await self._register_all()
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_seconds)
             await self._sweep()
 
     async def _sweep(self) -> None:

@@ -89,7 +89,8 @@ class PresenceConfig:
     # With a Redis backplane: a daemon that stops renewing its heartbeat for this long is
     # taken as dead, and its users go offline (unless connected to another daemon).
     node_ttl_seconds: float = 15
-    # Seconds between two heartbeats (and sweeps for dead daemons); below node_ttl_seconds.
+    # Seconds between two heartbeats; below node_ttl_seconds (dead daemons are looked for
+    # every node_ttl_seconds / 30: backplane_redis.RedisBackplane).
     heartbeat_seconds: float = 5
 
 

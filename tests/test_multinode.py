@@ -525,3 +525,51 @@ async def test_publish_key_at_once_on_two_nodes_is_one(nodes: list[Connector],
         assert count(a1, "deal_update", round=round_) == 1
     await eventually_db(cluster.nodes[0], "SELECT count(*) FROM ws_notifications"
                         " WHERE user_id = ?", (b,), [(5,)])
+
+
+async def test_killed_node_users_offline_within_the_ttl(
+    tmp_path: Path, postgres_server: PostgresServer, fresh_redis_server: RedisServer,
+) -> None:
+    """A daemon killed just after a heartbeat: its users are shown offline within
+    presence.node_ttl_seconds of the kill (PROTOCOL.md 13), not a sweep interval later (dead
+    daemons were looked for once a heartbeat, here 1.5 s)."""
+    import redis.asyncio as aioredis
+
+    ttl = 3.0
+    for i in range(2):
+        (tmp_path / f"node{i}").mkdir()
+    cluster = Cluster(tmp_path, postgres_server.create_database(), fresh_redis_server.url, 2,
+                      {"presence.node_ttl_seconds": ttl, "presence.heartbeat_seconds": 1.5})
+    cluster.start()
+    client = aioredis.from_url(fresh_redis_server.url)
+    try:
+        n1, n2 = cluster.connectors
+        a, b = new_user(), new_user()
+        # a on the daemon started second: the first one's sweeps run ahead of its heartbeats.
+        a1 = await n2(a)
+        b2 = await n1(b)
+        await conversation(a1, b)
+        await b2.expect("new_message")
+        keys = sorted([k async for k in client.scan_iter("pws:node:*")])
+        assert len(keys) == 2, keys
+        # The key of a's daemon (its users set names a).
+        owner = [k for k in keys
+                 if await client.sismember(b"pws:nodeusers:" + k.split(b":")[-1], str(a))]
+        assert len(owner) == 1, (keys, owner)
+        # Wait for a fresh heartbeat (its key's TTL jumps back up), then kill at once.
+        last = await client.pttl(owner[0])
+        while True:
+            now = await client.pttl(owner[0])
+            if now > last:
+                break
+            last = now
+            await asyncio.sleep(0.01)  # polls Redis; the jump of the TTL is the event
+        killed = asyncio.get_running_loop().time()
+        cluster.nodes[1].kill()
+        await b2.expect("user_offline", userId=a, timeout=ttl + TIMEOUT)
+        took = asyncio.get_running_loop().time() - killed
+        assert took <= ttl + 0.3, took
+    finally:
+        await client.aclose()
+        await cluster.close_clients()
+        cluster.stop()
