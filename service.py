@@ -415,8 +415,15 @@ class Service:
                 raise p.ProtocolError(p.FORBIDDEN, NOT_A_PARTICIPANT)
             if message.sender_id == reader or read_at is not None:
                 return None  # nothing changes, nobody is told
-            now = p.now_iso()
-            await self.store.mark_read(message.id, reader, now)
+            # Another daemon may be marking it (another tab of the reader): one at a time,
+            # and the read state read again inside, so the sender is told once.
+            async with self.store.serialized("read", message.conversation_id, reader) as shared:
+                if shared:
+                    found = await self.store.message_for_read(message_id, reader)
+                    if found is None or found[1] is not None:
+                        return None
+                now = p.now_iso()
+                await self.store.mark_read(message.id, reader, now)
         finally:
             self.reads_in_flight.discard(key)
         fields = p.read_fields(message.id, message.conversation_id, reader, reader_name, now)
@@ -575,18 +582,21 @@ class Service:
         await self.member_of(conversation_id, reader)
         marked = 0
         for _ in range(READ_ALL_ROUNDS):
-            ids = await self.store.unread_ids(conversation_id, reader, up_to, READ_ALL_MAX)
-            # Claimed before the next await, as mark_read does: a tab marking one of these
-            # right now keeps it (and tells the sender); this call skips it.
-            senders = {mid: sender for mid, sender in ids
-                       if (mid, reader) not in self.reads_in_flight}
-            keys = [(mid, reader) for mid in senders]
-            self.reads_in_flight.update(keys)
-            try:
-                now = p.now_iso()
-                await self.store.mark_read_many(list(senders), reader, now)
-            finally:
-                self.reads_in_flight.difference_update(keys)
+            # The key of mark_read's: with other daemons, what is unread is read and marked
+            # by one of them at a time, so each sender is told once.
+            async with self.store.serialized("read", conversation_id, reader):
+                ids = await self.store.unread_ids(conversation_id, reader, up_to, READ_ALL_MAX)
+                # Claimed before the next await, as mark_read does: a tab marking one of these
+                # right now keeps it (and tells the sender); this call skips it.
+                senders = {mid: sender for mid, sender in ids
+                           if (mid, reader) not in self.reads_in_flight}
+                keys = [(mid, reader) for mid in senders]
+                self.reads_in_flight.update(keys)
+                try:
+                    now = p.now_iso()
+                    await self.store.mark_read_many(list(senders), reader, now)
+                finally:
+                    self.reads_in_flight.difference_update(keys)
             for mid, sender in senders.items():
                 fields = p.read_fields(mid, conversation_id, reader, reader_name, now)
                 reached = self.hub.send_to(
@@ -748,7 +758,8 @@ class Service:
             self.subscriptions.setdefault(client, set()).add(pitch_id)
             self.watching.setdefault(pitch_id, set()).add(client)
         user_id = client.user_id
-        async with self.in_flight.hold(("pitch_view", pitch_id, user_id)):
+        async with (self.in_flight.hold(("pitch_view", pitch_id, user_id)),
+                    self.store.serialized("pitch_view", pitch_id, user_id)):
             if await self.store.has_viewed(pitch_id, user_id):
                 return
             await self.store.add_view(pitch_id, user_id, p.now_iso())
@@ -789,7 +800,8 @@ class Service:
     async def pitch_like(self, user_id: int, username: str, pitch_id: int, liked: bool) -> None:
         """Like or unlike (idempotent per user); a change tells the watchers."""
         pitch = await self.visible_pitch(pitch_id, user_id)
-        async with self.in_flight.hold(("pitch_like", pitch_id, user_id)):
+        async with (self.in_flight.hold(("pitch_like", pitch_id, user_id)),
+                    self.store.serialized("pitch_like", pitch_id, user_id)):
             stats = await self.store.pitch_stats(pitch_id, user_id)
             if stats.liked_by_me == liked:
                 return

@@ -38,7 +38,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from rows import (
@@ -142,6 +142,13 @@ class Store(Protocol):
     async def flush(self) -> None:
         """Return once every write queued before this call is committed and its caller told
         (writes resolve in the order they were queued)."""
+
+    def serialized(self, *key: int | str) -> AbstractAsyncContextManager[bool]:
+        """Hold ``key`` against every daemon on this database for the block: a check and the
+        write that depends on it (is it liked yet? then like it) run in one daemon at a time,
+        and the block's writes are committed when it ends, if awaited. Yields True when other
+        daemons may share the database, so what was read before the block must be read again
+        inside it; False on an engine of one daemon (SQLite), where it holds nothing."""
 
     # -- settings and users ----------------------------------------------------------------
 

@@ -58,10 +58,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +110,7 @@ TRANSIENT_RETRIES = 3
 # Advisory lock keys (any constants; other programs on the database must not use them).
 _ID_LOCK = 0x7069_7463_6865_7901  # held by each transaction that takes message ids
 _MIGRATE_LOCK = 0x7069_7463_6865_7902  # held while the schema is checked and migrated
+_SERIALIZED_LOCKS = 0x7077_7301  # the first int4 of Store.serialized's two-key locks
 
 PROBE_AFTER = 5.0  # the health check writes when nothing committed for this long (seconds)
 INT4_MAX = 2**31 - 1  # the app's ids are integer (serial)
@@ -439,6 +441,9 @@ class PostgresStore(WriteQueue[_Write]):
         self.max_batch = max_batch
         self.on_commit = on_commit
         self._pool: asyncpg.Pool | None = None
+        # Connections that hold Store.serialized's locks, apart from the reads' pool: a block
+        # holding a lock reads too, and a pool of lock holders alone could leave it none.
+        self._lock_pool: asyncpg.Pool | None = None
         self._writer: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._pairs = KeyedLock()
@@ -469,6 +474,9 @@ class PostgresStore(WriteQueue[_Write]):
             self._pool = await asyncpg.create_pool(
                 self.url, min_size=1, max_size=self.pool_size, init=_init_connection,
                 command_timeout=30,
+            )
+            self._lock_pool = await asyncpg.create_pool(
+                self.url, min_size=0, max_size=self.pool_size, command_timeout=30,
             )
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             await self.close()
@@ -556,8 +564,11 @@ class PostgresStore(WriteQueue[_Write]):
             if not future.done():
                 future.set_exception(StoreClosed("store closed"))
         self._queue.clear()
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
+        pools = (self._lock_pool, self._pool)
+        self._pool = self._lock_pool = None
+        for pool in pools:
+            if pool is None:
+                continue
             try:
                 await asyncio.wait_for(pool.close(), 5)
             except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
@@ -786,6 +797,33 @@ class PostgresStore(WriteQueue[_Write]):
                 else:
                     errors.append(None)
         return errors
+
+    @contextlib.asynccontextmanager
+    async def serialized(self, *key: int | str) -> AsyncIterator[bool]:
+        # A session advisory lock on a pooled connection of its own, held for the block (a
+        # daemon that dies holding it loses its connection, and with it the lock). Two int4
+        # keys: a namespace and a stable hash of the key (never Python's hash(), which
+        # differs between processes); that key space is apart from the one-bigint locks.
+        pool = self._lock_pool
+        if pool is None:
+            raise StoreClosed("store is not open")
+        digest = hashlib.blake2b(repr(key).encode(), digest_size=4).digest()
+        lock = (_SERIALIZED_LOCKS, int.from_bytes(digest, "big", signed=True))
+        try:
+            conn = await pool.acquire()
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise self._noted(_store_error(exc)) from exc
+        try:
+            await conn.execute("SELECT pg_advisory_lock($1, $2)", *lock)
+            try:
+                yield True
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1, $2)", *lock)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            # Lost with the connection (released by the server), or never taken.
+            raise self._noted(_store_error(exc)) from exc
+        finally:
+            await pool.release(conn)
 
     # -- reads -----------------------------------------------------------------------------
 

@@ -499,6 +499,11 @@ class SqliteStore(WriteQueue[_Write]):
             await self._on_writer(self._guarded, _transaction, db, ordered)
         return bool(grouped)
 
+    @contextlib.asynccontextmanager
+    async def serialized(self, *key: int | str) -> AsyncIterator[bool]:
+        # One daemon per SQLite database: the service's own in-flight holds suffice.
+        yield False
+
     # -- reads -----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager

@@ -527,6 +527,57 @@ async def test_publish_key_at_once_on_two_nodes_is_one(nodes: list[Connector],
                         " WHERE user_id = ?", (b,), [(5,)])
 
 
+async def test_likes_views_and_reads_from_two_nodes_at_once_count_once(
+    nodes: list[Connector], cluster: Cluster,
+) -> None:
+    """One user's two tabs on two daemons like and view a pitch, and mark a message read, at
+    the same moment: each change is made once, so the owner and the sender are told once and
+    one notification is stored per like (PROTOCOL.md 9, 10, 4.3)."""
+    owner, fan = new_user(), new_user()
+    pitches = [2000 + owner % 1000 * 10 + i for i in range(4)]
+    for pitch in pitches:
+        put_pitch(cluster.nodes[0], pitch, owner)
+    boss = await nodes[2](owner)
+    tabs = [await nodes[0](fan), await nodes[1](fan)]
+    for pitch in pitches:
+        for kind in ("pitch_like", "pitch_view"):
+            await asyncio.gather(*(tab.send({"type": kind, "pitchId": pitch}) for tab in tabs))
+    for pitch in pitches:
+        await boss.expect("pitch_liked", pitchId=pitch, userId=fan)
+        await boss.expect("pitch_viewed", pitchId=pitch, userId=fan)
+    for tab in tabs:
+        await ping(tab)
+    await ping(boss)
+    for pitch in pitches:
+        assert count(boss, "pitch_liked", pitchId=pitch) == 0, pitch  # one taken above
+        assert count(boss, "pitch_viewed", pitchId=pitch) == 0, pitch
+    await eventually_db(cluster.nodes[0], "SELECT count(*) FROM ws_notifications"
+                        " WHERE user_id = ? AND type = 'pitch_liked'", (owner,), [(4,)])
+    await eventually_db(cluster.nodes[0], "SELECT count(*) FROM pitch_views"
+                        " WHERE viewer_id = ?", (fan,), [(4,)])
+    # Reads (another user's tabs: the rate limit is per user): the sender is told once.
+    reader = new_user()
+    tabs = [await nodes[0](reader), await nodes[1](reader)]
+    sender = await nodes[2](new_user())
+    cid = await conversation(sender, reader)
+    sent = [(await sender.request({"type": "send_message", "conversationId": cid,
+                                   "content": f"m{i}", "requestId": f"rd{i}"},
+                                  "message_sent", requestId=f"rd{i}"))["messageId"]
+            for i in range(3)]
+    for mid in sent:
+        for tab in tabs:
+            await tab.expect("new_message", messageId=mid)
+        await asyncio.gather(*(tab.send({"type": "mark_read", "messageId": mid})
+                               for tab in tabs))
+    for mid in sent:
+        await sender.expect("message_read", messageId=mid)
+    for tab in tabs:
+        await ping(tab)
+    await ping(sender)
+    for mid in sent:
+        assert count(sender, "message_read", messageId=mid) == 0, mid
+
+
 async def test_killed_node_users_offline_within_the_ttl(
     tmp_path: Path, postgres_server: PostgresServer, fresh_redis_server: RedisServer,
 ) -> None:
