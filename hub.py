@@ -72,6 +72,12 @@ class Background:
         if not task.cancelled() and task.exception() is not None:
             log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
+    async def settle(self, prefix: str, seconds: float) -> None:
+        """Wait up to ``seconds`` for the running tasks whose name starts with ``prefix``."""
+        running = [t for t in self.tasks if t.get_name().startswith(prefix)]
+        if running:
+            await asyncio.wait(running, timeout=seconds)
+
     async def wait(self, seconds: float) -> None:
         """Let running tasks finish for up to ``seconds``, then cancel the rest."""
         if self.tasks:
@@ -490,6 +496,23 @@ class Hub:
         if self.shared:
             return list(user.contacts)
         return self.online_contacts(user)
+
+    async def settle_presence(self, seconds: float) -> None:
+        """Shutdown with other daemons: let the departures of this daemon's users run their
+        usual course for up to ``seconds``, so that a user who does not come back on another
+        daemon within the grace period is announced offline there (nobody would be: this
+        daemon's claim of itself ends its users silently), and one who does is not."""
+        if not self.shared:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        await self.background.settle("leave-", seconds)
+        timers = [u.offline_timer for u in self.users.values() if u.offline_timer is not None]
+        if timers:
+            last = max(t.when() for t in timers)
+            # Just past the last one, so that its callback has run (and spawned its settle).
+            await asyncio.sleep(max(0.0, min(last + 0.01, deadline) - loop.time()))
+        await self.background.settle("settle-", max(0.0, deadline - loop.time()))
 
     def flush_presence(self) -> None:
         """Shutdown: report lastSeen of users still inside the grace period, drop timers."""

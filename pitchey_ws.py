@@ -275,6 +275,7 @@ class App:
         self.sessions.flush_logs()  # the counts of lines held back in the last second
         self.typing.cancel_all()
         self.service.pitch_typing.cancel_all()
+        await self.hub.settle_presence(self.config.presence.offline_grace_seconds + 1)
         self.hub.flush_presence()
         await self.background.wait(1)
         await self.backplane.stop()

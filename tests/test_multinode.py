@@ -624,3 +624,44 @@ async def test_killed_node_users_offline_within_the_ttl(
         await client.aclose()
         await cluster.close_clients()
         cluster.stop()
+
+
+@pytest.mark.parametrize("grace", [0, 1.0])
+async def test_sigterm_of_a_node_announces_its_users_offline(
+    tmp_path: Path, postgres_server: PostgresServer, fresh_redis_server: RedisServer,
+    grace: float,
+) -> None:
+    """SIGTERM of a daemon (a rolling restart): its users who come back on another daemon
+    within the grace period stay online for their contacts there; the others are announced
+    user_offline (they were never announced at all: the stopping daemon dropped them)."""
+    for i in range(2):
+        (tmp_path / f"node{i}").mkdir()
+    cluster = Cluster(tmp_path, postgres_server.create_database(), fresh_redis_server.url, 2,
+                      {"presence.offline_grace_seconds": grace})
+    cluster.start()
+    try:
+        n1, n2 = cluster.connectors
+        leaver, mover, watcher = new_user(), new_user(), new_user()
+        gone = await n1(leaver)
+        moving = await n1(mover)
+        w = await n2(watcher)
+        await conversation(gone, watcher)
+        await conversation(moving, watcher)
+        await w.expect("new_message", senderId=leaver)
+        await w.expect("new_message", senderId=mover)
+        stopping = asyncio.create_task(asyncio.to_thread(cluster.nodes[0].stop))
+        if grace:
+            # The mover's client reconnects to the other daemon, as after a 1012.
+            assert await moving.closed() == 1012
+            await n2(mover)
+        assert await stopping == 0
+        offline = await w.expect("user_offline", userId=leaver, timeout=grace + TIMEOUT)
+        assert offline["lastSeen"]
+        await ping(w)
+        if grace:
+            assert count(w, "user_offline", userId=mover) == 0
+            online = await w.request({"type": "get_online_users"}, "online_users")
+            assert mover in [u["userId"] for u in online["users"]], online
+    finally:
+        await cluster.close_clients()
+        cluster.stop()
