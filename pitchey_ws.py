@@ -26,7 +26,7 @@ import config as cfg
 import demo
 import protocol as p
 from auth import AuthError, Verifier
-from backplane import TypingState, open_backplane
+from backplane import TypingState, TypingTopic, open_backplane
 from connection import Sessions
 from conversations import SHARED_ROWS_SECONDS, Conversations
 from delivery import DeliveryLog
@@ -158,6 +158,17 @@ class App:
             return
         if "pitch" in change:
             self.service.pitch_frame_elsewhere(change)
+            return
+        pitch_changed = change.get("pitch_changed")
+        if isinstance(pitch_changed, int):
+            recheck = self.service.pitch_changed_elsewhere(pitch_changed)
+            if recheck is not None:
+                self.background.spawn(recheck, name="pitch-changed")
+            return
+        if "typing" in change:
+            tracker = (self.typing if change["typing"] == TypingTopic.CONVERSATION.value
+                       else self.service.pitch_typing)
+            tracker.changed_elsewhere(change)
             return
         self.background.spawn(self.service.conversation_changed(change),
                               name="conversation-changed")

@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -61,6 +62,9 @@ INBOX_MAX = 200
 INBOX_DEFAULT = 50
 READ_ALL_MAX = 1000
 READ_ALL_ROUNDS = 100
+# Frames from other daemons for one pitch held while this daemon reads the pitch again after
+# a change (a read of one row: a handful at most arrive meanwhile; past this they are dropped).
+MAX_HELD_PITCH_FRAMES = 1000
 CREATED_BY_BACKEND = "Conversations on this server are created by the backend, not by clients"
 NO_PITCH = "No such pitch, or you may not see it"
 NO_DIRECT = ("No conversation with this user yet; conversations on this server are created by"
@@ -142,6 +146,9 @@ class Service:
             SHARED_ROWS_SECONDS if store.shared_with_app else None,
         )
         self.watching: dict[int, set[Client]] = {}
+        # Pitches another daemon changed, being read again: their frames from other daemons
+        # wait here until the watchers who may no longer see them are gone.
+        self._rechecking: dict[int, list[dict[str, Any]]] = {}
         self.subscriptions: dict[Client, set[int]] = {}
         self.pitch_typing = TypingTracker(hub, store, config.typing.ttl_seconds,
                                           announce=self._announce_pitch_typing,
@@ -682,22 +689,53 @@ class Service:
             # status) and its NDA signers are allowed too.
             row = await self.store.pitch(row.id) or row
             self.pitches.put(row.id, row)
+        self._drop_unseeing_watchers(row)
+        if self.hub.shared:
+            # Other daemons' watchers who may no longer see it go too (pitch_changed_elsewhere).
+            self.hub.backplane.invalidate({"pitch_changed": row.id})
+
+    def _drop_unseeing_watchers(self, row: PitchRow) -> None:
         for client in list(self.watching.get(row.id, ())):
             if not row.visible_to(client.user_id):
                 self._unsubscribe(client, row.id)
                 self.pitch_typing.stop(row.id, client.user_id)
 
-    def _watchers(self, pitch: PitchRow, exclude_user: int | None = None) -> list[Client]:
+    def pitch_changed_elsewhere(self, pitch_id: int) -> Coroutine[Any, Any, None] | None:
+        """Another daemon registered or changed the pitch: it is read again, and the
+        connections here of users who may no longer see it are unsubscribed, by the returned
+        coroutine (None: nobody here watches it). Until that is done, the pitch's frames
+        from other daemons wait (they were written after the change)."""
+        self.pitches.pop(pitch_id)
+        if not self.watching.get(pitch_id) or pitch_id in self._rechecking:
+            return None
+        self._rechecking[pitch_id] = []
+        return self._recheck_watchers(pitch_id)
+
+    async def _recheck_watchers(self, pitch_id: int) -> None:
+        try:
+            row = await self._load_pitch(pitch_id)
+            if row is None:
+                for client in list(self.watching.get(pitch_id, ())):
+                    self._unsubscribe(client, pitch_id)
+            else:
+                self._drop_unseeing_watchers(row)
+        finally:
+            for change in self._rechecking.pop(pitch_id, []):
+                self.pitch_frame_elsewhere(change)
+
+    def _watchers(self, pitch_id: int, owner_id: int,
+                  exclude_user: int | None = None) -> list[Client]:
         """The subscribed connections and every connection of the owner, each once."""
-        out = dict.fromkeys(self.watching.get(pitch.id, ()))
-        owner = self.hub.users.get(pitch.owner_id)
+        out = dict.fromkeys(self.watching.get(pitch_id, ()))
+        owner = self.hub.users.get(owner_id)
         if owner is not None:
             out.update(dict.fromkeys(owner.clients))
         return [c for c in out if c.user_id != exclude_user]
 
-    def _non_owner_watchers(self, pitch: PitchRow, skip: Client | None) -> list[Client]:
-        return [c for c in self.watching.get(pitch.id, ())
-                if c.user_id != pitch.owner_id and c is not skip]
+    def _non_owner_watchers(self, pitch_id: int, owner_id: int,
+                            skip: Client | None) -> list[Client]:
+        return [c for c in self.watching.get(pitch_id, ())
+                if c.user_id != owner_id and c is not skip]
 
     def _to_watchers(self, pitch: PitchRow, text: str, *, owner: bool,
                      exclude_user: int | None = None, skip: Client | None = None) -> int:
@@ -706,26 +744,37 @@ class Service:
         (PROTOCOL.md 13: watchers may be connected anywhere). Returns the connections written
         to here."""
         if owner:
-            clients = [c for c in self._watchers(pitch, exclude_user) if c is not skip]
+            clients = [c for c in self._watchers(pitch.id, pitch.owner_id, exclude_user)
+                       if c is not skip]
         else:
-            clients = [c for c in self._non_owner_watchers(pitch, skip)
+            clients = [c for c in self._non_owner_watchers(pitch.id, pitch.owner_id, skip)
                        if c.user_id != exclude_user]
         written = self.hub.send_clients(clients, text)
         if self.hub.shared:
-            self.hub.backplane.invalidate({"pitch": pitch.id, "frame": text, "owner": owner,
+            self.hub.backplane.invalidate({"pitch": pitch.id, "ownerId": pitch.owner_id,
+                                           "frame": text, "owner": owner,
                                            "exclude": exclude_user})
         return written
 
     def pitch_frame_elsewhere(self, change: dict[str, Any]) -> None:
-        """A pitch frame another daemon wrote to its watchers: the same for the ones here."""
-        pitch = self.pitches.known(int(change["pitch"]))
-        if pitch is None:
-            return  # no connection here watches a pitch this daemon never loaded
+        """A pitch frame another daemon wrote to its watchers: the same for the ones here
+        (the owner's connections too, whether or not this daemon ever loaded the pitch)."""
+        pitch_id, owner_id = change.get("pitch"), change.get("ownerId")
+        if not isinstance(pitch_id, int) or not isinstance(owner_id, int):
+            return
+        held = self._rechecking.get(pitch_id)
+        if held is not None:
+            if len(held) < MAX_HELD_PITCH_FRAMES:
+                held.append(change)
+            return
         exclude = change.get("exclude")
+        if not isinstance(exclude, int):
+            exclude = None
         if bool(change.get("owner")):
-            clients = self._watchers(pitch, exclude if isinstance(exclude, int) else None)
+            clients = self._watchers(pitch_id, owner_id, exclude)
         else:
-            clients = [c for c in self._non_owner_watchers(pitch, None) if c.user_id != exclude]
+            clients = [c for c in self._non_owner_watchers(pitch_id, owner_id, None)
+                       if c.user_id != exclude]
         self.hub.send_clients(clients, str(change["frame"]))
 
     def _unsubscribe(self, client: Client, pitch_id: int) -> None:

@@ -7,13 +7,18 @@ closing, and each end announces ``isTyping: false`` exactly once.
 
 With other daemons (PROTOCOL.md 13) each begin and end is also told to the backplane, so that
 when this daemon dies, the daemon that claims it ends the states it held (``end_elsewhere``
-there): their timers die with this process.
+there): their timers die with this process. Each begin and end is also told to the other
+daemons (an invalidation), so that each knows the states held elsewhere: a message sent, or a
+``typing_stop``, through another daemon than the one holding the state asks that one to end it
+(``changed_elsewhere``), as a send through the same daemon does.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import protocol as p
 from backplane import TypingState, TypingTopic
@@ -34,6 +39,10 @@ class _Typing:
 # of something other than conversations (pitches: PROTOCOL.md 9).
 Announce = Callable[[int, int, str | None, frozenset[int], bool], None]
 
+# States held by other daemons that one daemon remembers (the oldest forgotten first): a
+# forgotten one ends by its TTL on its own daemon, as before other daemons were told.
+MAX_ELSEWHERE = 100_000
+
 
 class TypingTracker:
     """Typing state keyed by (topic, user): a conversation by default; with ``announce``,
@@ -52,6 +61,8 @@ class TypingTracker:
         self.topic = topic
         self._state: dict[tuple[int, int], _Typing] = {}
         self._by_user: dict[int, set[int]] = {}
+        # (topic id, user id) typing on another daemon, as that daemon told
+        self._elsewhere: OrderedDict[tuple[int, int], None] = OrderedDict()
 
     def is_noop(self, conversation_id: int, user_id: int, typing: bool) -> bool:
         """True when the frame would change nothing users see (a coalesced repeat)."""
@@ -62,6 +73,7 @@ class TypingTracker:
         """A typing state a dead daemon held (backplane contract 7) ends: one isTyping false,
         and the mirror row with it; nothing when this daemon holds the same state, whose
         own end announces it."""
+        self._elsewhere.pop((conversation_id, user_id), None)
         if (conversation_id, user_id) not in self._state:
             self._announce(conversation_id, user_id, username, members, False)
 
@@ -85,6 +97,10 @@ class TypingTracker:
         key = (conversation_id, user_id)
         entry = self._state.pop(key, None)
         if entry is None:
+            if key in self._elsewhere:
+                # Held by another daemon (the user typed through it): that one ends it.
+                del self._elsewhere[key]
+                self.hub.backplane.invalidate(self._change(conversation_id, user_id, "stop"))
             return
         entry.timer.cancel()
         convs = self._by_user.get(user_id)
@@ -106,6 +122,7 @@ class TypingTracker:
             entry.timer.cancel()
         self._state.clear()
         self._by_user.clear()
+        self._elsewhere.clear()
 
     def _expire(self, key: tuple[int, int]) -> None:
         entry = self._state.get(key)
@@ -125,6 +142,28 @@ class TypingTracker:
         if self.hub.shared:
             self.hub.backplane.typing(TypingState(self.topic, topic_id, user_id, username),
                                       typing)
+            self.hub.backplane.invalidate(
+                self._change(topic_id, user_id, "start" if typing else "end"))
+
+    def _change(self, topic_id: int, user_id: int, what: str) -> dict[str, Any]:
+        return {"typing": self.topic.value, "id": topic_id, "user": user_id, "what": what}
+
+    def changed_elsewhere(self, change: dict[str, Any]) -> None:
+        """Another daemon's word about a typing state (``_change``): it began or ended there,
+        or it is asked to end here (a send or a stop went through that daemon)."""
+        topic_id, user_id, what = change.get("id"), change.get("user"), change.get("what")
+        if not isinstance(topic_id, int) or not isinstance(user_id, int):
+            return
+        key = (topic_id, user_id)
+        if what == "start":
+            self._elsewhere[key] = None
+            self._elsewhere.move_to_end(key)
+            while len(self._elsewhere) > MAX_ELSEWHERE:
+                self._elsewhere.popitem(last=False)
+        elif what == "end":
+            self._elsewhere.pop(key, None)
+        elif what == "stop" and key in self._state:
+            self.stop(topic_id, user_id)
 
     def _announce(
         self, conversation_id: int, user_id: int, username: str | None,

@@ -17,7 +17,16 @@ from typing import Any
 
 import pytest
 from backend import KEY, call, put_pitch
-from conftest import TIMEOUT, Client, Connector, Daemon, eventually, eventually_db, new_user
+from conftest import (
+    TIMEOUT,
+    Client,
+    Connector,
+    Daemon,
+    eventually,
+    eventually_db,
+    make_token,
+    new_user,
+)
 from servers import PostgresServer, RedisServer, SlowLink
 
 TTL = 2.0
@@ -665,3 +674,68 @@ async def test_sigterm_of_a_node_announces_its_users_offline(
     finally:
         await cluster.close_clients()
         cluster.stop()
+
+
+async def test_typing_ends_by_a_send_or_stop_through_another_node(
+    nodes: list[Connector], cluster: Cluster,
+) -> None:
+    """A user types through one daemon; a message sent from their tab on another daemon, a
+    POST /api/messages/send that lands on another daemon, or typing_stop there, ends it at
+    once for the watchers (PROTOCOL.md 4.1, 4.2, 8, 13), not when the TTL (10 s) runs out;
+    also for comment typing on a pitch."""
+    a, b = new_user(), new_user()
+    a1 = await nodes[0](a)
+    a2 = await nodes[1](a)
+    b3 = await nodes[2](b)
+    cid = await conversation(a1, b)
+    await b3.expect("new_message", conversationId=cid)
+    token = make_token(a)
+    ends = (
+        lambda: a2.send({"type": "send_message", "conversationId": cid, "content": "sent"}),
+        lambda: asyncio.to_thread(call, cluster.nodes[1], "POST", "/api/messages/send",
+                                  {"conversationId": cid, "content": "by http"}, token=token),
+        lambda: a2.send({"type": "typing_stop", "conversationId": cid}),
+    )
+    for end in ends:
+        await a1.send({"type": "typing_start", "conversationId": cid})
+        await b3.expect("user_typing", userId=a, isTyping=True, conversationId=cid)
+        await end()
+        await b3.expect("user_typing", userId=a, isTyping=False, conversationId=cid,
+                        timeout=3)
+    owner = new_user()
+    pitch = 3000 + owner % 1000
+    put_pitch(cluster.nodes[0], pitch, owner)
+    boss = await nodes[2](owner)
+    await a1.send({"type": "typing", "pitchId": pitch, "isTyping": True})
+    await boss.expect("user_typing", pitchId=pitch, userId=a, isTyping=True)
+    await a2.request({"type": "pitch_comment", "pitchId": pitch, "comment": "c",
+                      "requestId": "tc"}, "comment_sent")
+    await boss.expect("user_typing", pitchId=pitch, userId=a, isTyping=False, timeout=3)
+
+
+async def test_a_pitch_made_private_stops_reaching_watchers_on_other_nodes(
+    nodes: list[Connector], cluster: Cluster,
+) -> None:
+    """The backend makes a watched public pitch private through one daemon: a watcher on
+    another daemon who may no longer see it gets none of its later frames (PROTOCOL.md 9),
+    while an allowed watcher there and the owner still do."""
+    owner, outsider, insider = new_user(), new_user(), new_user()
+    pitch = 4000 + owner % 1000
+    put_pitch(cluster.nodes[0], pitch, owner)
+    boss = await nodes[0](owner)
+    out = await nodes[1](outsider)
+    ins = await nodes[1](insider)
+    for watcher in (out, ins):
+        await watcher.request({"type": "get_pitch_activity", "pitchId": pitch},
+                              "pitch_activity")
+        await watcher.send({"type": "pitch_view", "pitchId": pitch})
+    await boss.expect("pitch_viewed", pitchId=pitch, userId=insider)
+    await boss.expect("pitch_viewed", pitchId=pitch, userId=outsider)
+    put_pitch(cluster.nodes[0], pitch, owner, private=True, allowed=[insider])
+    await boss.request({"type": "pitch_comment", "pitchId": pitch, "comment": "secret plan",
+                        "requestId": "sp"}, "comment_sent")
+    await ins.expect("new_comment", pitchId=pitch, comment="secret plan")
+    await ping(out)
+    assert count(out, "new_comment", pitchId=pitch) == 0
+    error = await out.request({"type": "get_pitch_activity", "pitchId": pitch}, "error")
+    assert error["code"] == "forbidden"
