@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from rows import ConversationRow
@@ -62,9 +63,13 @@ class RowCache(Generic[V]):
 
 
 class Conversations:
-    def __init__(self, store: Store, capacity: int, ttl: float | None = None) -> None:
-        """``ttl``: seconds an entry is trusted (None: until evicted or changed here)."""
+    def __init__(self, store: Store, capacity: int, ttl: float | None = None,
+                 on_load: Callable[[frozenset[int]], None] | None = None) -> None:
+        """``ttl``: seconds an entry is trusted (None: until evicted or changed here).
+        ``on_load``: told the members of every row read from the database (where the app
+        makes conversations, their members become each other's contacts when one is used)."""
         self.store = store
+        self.on_load = on_load
         self.capacity = capacity
         self._rows: RowCache[ConversationRow] = RowCache(capacity, ttl)
         # (low, high) user pair -> their direct conversation's id
@@ -85,6 +90,8 @@ class Conversations:
         row = await self.store.conversation(conversation_id)
         if row is not None:
             self.put(row)
+            if self.on_load is not None:
+                self.on_load(row.members)
         else:
             self._rows.pop(conversation_id)
         return row

@@ -86,9 +86,12 @@ class App:
             self.store.set_last_seen_later,
             self.backplane,
         )
+        shared = self.store.shared_with_app
         self.conversations = Conversations(
             self.store, config.database.cache_conversations,
-            SHARED_ROWS_SECONDS if self.store.shared_with_app else None,
+            SHARED_ROWS_SECONDS if shared else None,
+            # The app's conversations made after a user connected: contacts from first use.
+            self.hub.add_contacts if shared else None,
         )
         self.typing = TypingTracker(self.hub, self.store, config.typing.ttl_seconds)
         self.hub.on_last_close.append(self.typing.stop_user)

@@ -625,3 +625,26 @@ async def test_the_app_inserts_users_and_pitches_beside_the_daemon(
     finally:
         await connector.close_all()
         daemon.stop()
+
+
+async def test_users_of_a_conversation_the_app_made_while_they_were_online_see_presence(
+    existing: Connector,
+) -> None:
+    """The app creates a conversation of two connected users: once it is used, they are each
+    other's contacts (PROTOCOL.md 4.5): get_online_users lists the other, and a departure is
+    announced."""
+    alex = await existing(1, username="alex")
+    stellar = await existing(3, username="stellar")
+    _script(existing.daemon.database_url or "", """
+        INSERT INTO conversations (id, created_by_id) VALUES (41, 1);
+        SELECT setval('conversations_id_seq', 41);
+        INSERT INTO conversation_participants (conversation_id, user_id) VALUES (41, 1), (41, 3);
+    """)
+    sent = await alex.request({"type": "send_message", "conversationId": 41, "content": "hi",
+                               "requestId": "pr1"}, "message_sent", requestId="pr1")
+    await stellar.expect("new_message", messageId=sent["messageId"])
+    for me, other in ((alex, 3), (stellar, 1)):
+        online = await me.request({"type": "get_online_users"}, "online_users")
+        assert other in [u["userId"] for u in online["users"]], online
+    await stellar.close()
+    await alex.expect("user_offline", userId=3)
