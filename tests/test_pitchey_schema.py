@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -648,3 +649,63 @@ async def test_users_of_a_conversation_the_app_made_while_they_were_online_see_p
         assert other in [u["userId"] for u in online["users"]], online
     await stellar.close()
     await alex.expect("user_offline", userId=3)
+
+
+def _documented_grants(block: str, role: str) -> str:
+    """The SQL of docs/deploy.md's block marked ``<!-- grants:{block} -->``, for ``role``."""
+    text = (Path(__file__).parents[1] / "docs" / "deploy.md").read_text()
+    after = text.split(f"<!-- grants:{block} -->", 1)[1]
+    sql = after.split("```sql", 1)[1].split("```", 1)[0]
+    return sql.replace("pitchey_ws", role)
+
+
+@pytest.mark.parametrize("owner_first", [False, True])
+async def test_the_documented_grants_are_enough(
+    tmp_path: Path, pitchey_db: str, owner_first: bool,
+) -> None:
+    """The daemon runs as a role with exactly docs/deploy.md's grants (creating its ws_*
+    tables itself, or after the owner's first start with the second block): messages, a
+    backend conversation with its own id, likes, notifications and reads all work, and the
+    log has no error."""
+    role = f"pws_{tmp_path.name[-12:].replace('-', '_').lower()}"
+    _script(pitchey_db, f"CREATE ROLE {role} LOGIN PASSWORD 'pw';"
+                        + _documented_grants("app", role))
+    if owner_first:
+        (tmp_path / "owner").mkdir()
+        first = Daemon(tmp_path / "owner", {"database.pitchey_schema": "existing"},
+                       database_url=pitchey_db)
+        first.start()
+        first.stop()
+        _script(pitchey_db, f"REVOKE CREATE ON SCHEMA public FROM {role};"
+                            + _documented_grants("ws", role))
+    narrow = re.sub(r"//[^@/]*@", f"//{role}:pw@", pitchey_db, count=1)
+    daemon = Daemon(tmp_path, {"database.pitchey_schema": "existing", "api.key": KEY},
+                    database_url=narrow)
+    daemon.start()
+    connector = Connector(daemon)
+    try:
+        alex = await connector(1, username="alex")
+        sarah = await connector(2, username="sarah")
+        sent = await alex.request({"type": "send_message", "conversationId": 40,
+                                   "content": "hi", "requestId": "g1"},
+                                  "message_sent", requestId="g1")
+        await sarah.expect("new_message", messageId=sent["messageId"])
+        await sarah.send({"type": "mark_read", "messageId": sent["messageId"]})
+        await alex.expect("message_read", messageId=sent["messageId"])
+        await sarah.send({"type": "pitch_like", "pitchId": 7})
+        await alex.expect("pitch_liked", pitchId=7, userId=2)
+        status, body = call(daemon, "POST", "/api/conversations",
+                            {"id": 500, "participantIds": [1, 2], "createdBy": 1})
+        assert status == 201, body
+        status, body = call(daemon, "POST", "/api/publish",
+                            {"users": [2], "event": {"type": "nda_signed"}})
+        assert status == 200 and body["stored"] == 1, body
+        status, body = call(daemon, "POST", "/api/messages/500/read", {},
+                            token=make_token(2))
+        assert status == 200, body
+    finally:
+        await connector.close_all()
+        daemon.stop()
+    problems = [line for line in daemon.log_text().splitlines()
+                if "ERROR" in line or "ermission denied" in line]
+    assert not problems, problems
