@@ -123,6 +123,10 @@ class Backplane(Protocol):
 
     def invalidate(self, change: Invalidation) -> None: ...
 
+    def profile(self, user_id: int, username: str, user_type: str | None) -> None:
+        """A user held here is shown by another name or type now: other daemons' answers
+        about them (online users, departures) use it too."""
+
     def typing(self, state: TypingState, on: bool) -> None: ...
 
 
@@ -164,6 +168,9 @@ class InProcess:
         return {}
 
     def invalidate(self, change: Invalidation) -> None:
+        return None
+
+    def profile(self, user_id: int, username: str, user_type: str | None) -> None:
         return None
 
     def typing(self, state: TypingState, on: bool) -> None:

@@ -243,6 +243,9 @@ class RedisBackplane:
         # write the whole hash again instead, which subsumes the changes.
         self.typing_held: dict[str, str] = {}
         self.typing_changes: dict[str, str | None] = {}
+        # Users held here whose shown profile changed: their prof hash, rewritten by the
+        # publish loop (other daemons answer get_online_users and departures from it).
+        self.profile_changes: set[int] = set()
         self.typing_rewrite = True
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -428,7 +431,8 @@ class RedisBackplane:
     async def _publish_loop(self) -> None:
         outgoing = self.outgoing
         while True:
-            if not outgoing and not self.typing_changes and not self.typing_rewrite:
+            if (not outgoing and not self.typing_changes and not self.typing_rewrite
+                    and not self.profile_changes):
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
@@ -438,6 +442,11 @@ class RedisBackplane:
             # this node would find. Lost with the session if the pipeline fails; the next
             # session writes the whole hash.
             self._write_typing(pipe)
+            changed, self.profile_changes = self.profile_changes, set()
+            for uid in changed:
+                if uid in self.users:
+                    name, kind = self.users[uid]
+                    pipe.hset(f"{PREFIX}prof:{uid}", mapping={"n": name, "t": kind or ""})
             for channel, payload in batch:
                 pipe.publish(channel, payload)
             try:
@@ -477,6 +486,12 @@ class RedisBackplane:
             self.typing_held.pop(field, None)
         if not self.typing_rewrite:  # else the rewrite to come includes this change
             self.typing_changes[field] = name
+            self.wakeup.set()
+
+    def profile(self, user_id: int, username: str, user_type: str | None) -> None:
+        if user_id in self.users and self.users[user_id] != (username, user_type):
+            self.users[user_id] = (username, user_type)
+            self.profile_changes.add(user_id)
             self.wakeup.set()
 
     def invalidate(self, change: Invalidation) -> None:

@@ -427,6 +427,8 @@ class Hub:
             user.username = username
         if user_type and not user.typed_by_token:
             user.user_type = user_type
+        if self.shared:
+            self.backplane.profile(user_id, user.username, user.user_type)
 
     def detach(self, client: Client) -> None:
         """Unregister a connection; after the last one, start the offline grace period."""

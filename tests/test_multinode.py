@@ -739,3 +739,29 @@ async def test_a_pitch_made_private_stops_reaching_watchers_on_other_nodes(
     assert count(out, "new_comment", pitchId=pitch) == 0
     error = await out.request({"type": "get_pitch_activity", "pitchId": pitch}, "error")
     assert error["code"] == "forbidden"
+
+
+async def test_a_profile_from_the_backend_shows_in_online_users_on_every_node(
+    nodes: list[Connector], cluster: Cluster,
+) -> None:
+    """PUT /api/users through one daemon for a user connected to another (whose token names
+    nobody): a contact on the first daemon sees the new name and type in get_online_users,
+    not the old one (PROTOCOL.md 11: everywhere)."""
+    user, contact = new_user(), new_user()
+    u2 = await nodes[1](user, token=make_token(user))  # no name claim: the profile's name
+    c1 = await nodes[0](contact, username="Contact")
+    await conversation(c1, user)
+    await u2.expect("new_message")
+    status, _ = call(cluster.nodes[0], "PUT", f"/api/users/{user}",
+                     {"username": "Grace Hopper", "userType": "creator"})
+    assert status == 200
+
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while True:
+        online = await c1.request({"type": "get_online_users"}, "online_users")
+        entry = [(u["username"], u.get("userType")) for u in online["users"]
+                 if u["userId"] == user]
+        if entry == [("Grace Hopper", "creator")]:
+            break
+        assert asyncio.get_running_loop().time() < deadline, entry
+        await asyncio.sleep(0.5)  # paces the polling (and the rate limit); the answer is the event
