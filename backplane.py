@@ -92,6 +92,10 @@ class Node(Protocol):
 
     def resync(self, reason: str) -> None: ...
 
+    def back_online(self, user_ids: Iterable[int]) -> None:
+        """These users, held here, were announced offline by another daemon while this one
+        was taken for dead (frozen, cut off): announce them online again."""
+
 
 # A change another daemon made: {"conversation": id, "members": [...], "removed": [...]} or
 # {"profile": user id}.

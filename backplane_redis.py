@@ -509,7 +509,22 @@ class RedisBackplane:
             if not int(had):
                 log.warning("node %s was taken for dead; registering its users again",
                             self.node_id)
-                await self._register_all()
+                await self._register_again()
+
+    async def _register_again(self) -> None:
+        """This node was claimed as dead (frozen, or cut off past the TTL) but lives: its
+        users are registered again, and those connected nowhere else, whom the claimer
+        announced offline (it dropped this node's connections), are announced back."""
+        held = list(self.users)
+        counts: list[Any] = []
+        if held:
+            pipe = self.redis.pipeline(transaction=False)
+            for uid in held:
+                pipe.hlen(f"{PREFIX}conns:{uid}")
+            counts = await pipe.execute()
+        await self._register_all()
+        if self.node is not None:
+            self.node.back_online(uid for uid, n in zip(held, counts, strict=True) if not int(n))
 
     async def _sweep_loop(self) -> None:
         while True:

@@ -417,6 +417,13 @@ class Hub:
                          p.user_online(user.user_id, user.username))
         return user
 
+    def back_online(self, user_ids: Iterable[int]) -> None:
+        for user_id in user_ids:
+            user = self.users.get(user_id)
+            if user is not None and user.clients:
+                self.send_to(self.presence_targets(user),
+                             p.user_online(user.user_id, user.username))
+
     def profile_changed(self, user_id: int, username: str | None, user_type: str | None) -> None:
         """The backend registered a profile: an online user whose token did not name them
         (or give their type) is shown by it from now on, in every frame."""

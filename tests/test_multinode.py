@@ -765,3 +765,34 @@ async def test_a_profile_from_the_backend_shows_in_online_users_on_every_node(
             break
         assert asyncio.get_running_loop().time() < deadline, entry
         await asyncio.sleep(0.5)  # paces the polling (and the rate limit); the answer is the event
+
+
+async def test_a_frozen_node_announces_its_users_back(pair: tuple[Cluster, RedisServer]) -> None:
+    """A daemon frozen past the TTL is taken for dead and its user announced offline; when it
+    runs again and finds itself claimed, the user (still connected there) is announced online
+    again, so contacts do not keep showing them offline (PROTOCOL.md 4.5, 13)."""
+    import os
+    import signal
+
+    cluster, _ = pair
+    n1, n2 = cluster.connectors
+    a, b = new_user(), new_user()
+    try:
+        a1 = await n1(a)
+        b2 = await n2(b)
+        await conversation(a1, b)
+        await b2.expect("new_message")
+        proc = cluster.nodes[0].proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            await b2.expect("user_offline", userId=a, timeout=TTL + TIMEOUT)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        await b2.expect("user_online", userId=a, timeout=TIMEOUT)
+        online = await b2.request({"type": "get_online_users"}, "online_users")
+        assert a in [u["userId"] for u in online["users"]], online
+        await a1.close()
+        await b2.expect("user_offline", userId=a)
+    finally:
+        await cluster.close_clients()
