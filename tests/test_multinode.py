@@ -106,6 +106,14 @@ def count(client: Client, kind: str, **match: Any) -> int:
                if f.get("type") == kind and all(f.get(k) == v for k, v in match.items()))
 
 
+async def watch(pitch: int, *watchers: Client) -> None:
+    """Each of ``watchers`` reads the pitch's activity and subscribes to it (pitch_view)."""
+    for watcher in watchers:
+        await watcher.request({"type": "get_pitch_activity", "pitchId": pitch},
+                              "pitch_activity")
+        await watcher.send({"type": "pitch_view", "pitchId": pitch})
+
+
 async def ping(client: Client) -> None:
     """A barrier: the daemon has written everything queued for this client before the pong
     (the ends of a dead node's typing are written in one turn of the claiming daemon)."""
@@ -403,10 +411,7 @@ async def test_pitch_activity_reaches_watchers_on_every_node(nodes: list[Connect
     boss = await nodes[2](owner)
     w2 = await nodes[1](w2_id)
     w3 = await nodes[2](w3_id)
-    for watcher in (w2, w3):
-        await watcher.request({"type": "get_pitch_activity", "pitchId": pitch},
-                              "pitch_activity")
-        await watcher.send({"type": "pitch_view", "pitchId": pitch})
+    await watch(pitch, w2, w3)
     await w2.expect("pitch_viewed", pitchId=pitch, viewCount=2)  # w3's view, from node 3
     f = await nodes[0](fan, username="Fan")
     await f.send({"type": "pitch_like", "pitchId": pitch})
@@ -725,10 +730,7 @@ async def test_a_pitch_made_private_stops_reaching_watchers_on_other_nodes(
     boss = await nodes[0](owner)
     out = await nodes[1](outsider)
     ins = await nodes[1](insider)
-    for watcher in (out, ins):
-        await watcher.request({"type": "get_pitch_activity", "pitchId": pitch},
-                              "pitch_activity")
-        await watcher.send({"type": "pitch_view", "pitchId": pitch})
+    await watch(pitch, out, ins)
     await boss.expect("pitch_viewed", pitchId=pitch, userId=insider)
     await boss.expect("pitch_viewed", pitchId=pitch, userId=outsider)
     put_pitch(cluster.nodes[0], pitch, owner, private=True, allowed=[insider])
