@@ -13,11 +13,13 @@ connection gets the reply instead of the fan-out frame (``message_sent`` instead
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -403,6 +405,13 @@ class Service:
         self._share_conversation(row)
         return row
 
+    def one_at_a_time(self, *key: int | str) -> AbstractAsyncContextManager[bool]:
+        """``Store.serialized`` where other daemons may race this one (a backplane); with one
+        daemon the in-process holds suffice, and nothing is held."""
+        if self.hub.shared:
+            return self.store.serialized(*key)
+        return contextlib.nullcontext(False)
+
     # -- reads -----------------------------------------------------------------------------
 
     async def mark_read(self, reader: int, reader_name: str, message_id: int) -> Read | None:
@@ -424,7 +433,7 @@ class Service:
                 return None  # nothing changes, nobody is told
             # Another daemon may be marking it (another tab of the reader): one at a time,
             # and the read state read again inside, so the sender is told once.
-            async with self.store.serialized("read", message.conversation_id, reader) as shared:
+            async with self.one_at_a_time("read", message.conversation_id, reader) as shared:
                 if shared:
                     found = await self.store.message_for_read(message_id, reader)
                     if found is None or found[1] is not None:
@@ -591,7 +600,7 @@ class Service:
         for _ in range(READ_ALL_ROUNDS):
             # The key of mark_read's: with other daemons, what is unread is read and marked
             # by one of them at a time, so each sender is told once.
-            async with self.store.serialized("read", conversation_id, reader):
+            async with self.one_at_a_time("read", conversation_id, reader):
                 ids = await self.store.unread_ids(conversation_id, reader, up_to, READ_ALL_MAX)
                 # Claimed before the next await, as mark_read does: a tab marking one of these
                 # right now keeps it (and tells the sender); this call skips it.
@@ -807,8 +816,10 @@ class Service:
             self.subscriptions.setdefault(client, set()).add(pitch_id)
             self.watching.setdefault(pitch_id, set()).add(client)
         user_id = client.user_id
+        if await self.store.has_viewed(pitch_id, user_id):
+            return  # the usual case (a page opened again), without a lock
         async with (self.in_flight.hold(("pitch_view", pitch_id, user_id)),
-                    self.store.serialized("pitch_view", pitch_id, user_id)):
+                    self.one_at_a_time("pitch_view", pitch_id, user_id)):
             if await self.store.has_viewed(pitch_id, user_id):
                 return
             await self.store.add_view(pitch_id, user_id, p.now_iso())
@@ -850,7 +861,7 @@ class Service:
         """Like or unlike (idempotent per user); a change tells the watchers."""
         pitch = await self.visible_pitch(pitch_id, user_id)
         async with (self.in_flight.hold(("pitch_like", pitch_id, user_id)),
-                    self.store.serialized("pitch_like", pitch_id, user_id)):
+                    self.one_at_a_time("pitch_like", pitch_id, user_id)):
             stats = await self.store.pitch_stats(pitch_id, user_id)
             if stats.liked_by_me == liked:
                 return

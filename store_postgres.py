@@ -111,6 +111,9 @@ TRANSIENT_RETRIES = 3
 _ID_LOCK = 0x7069_7463_6865_7901  # held by each transaction that takes message ids
 _MIGRATE_LOCK = 0x7069_7463_6865_7902  # held while the schema is checked and migrated
 _SERIALIZED_LOCKS = 0x7077_7301  # the first int4 of Store.serialized's two-key locks
+# The longest Store.serialized waits for its lock (or a connection to hold it) before the
+# block runs without it.
+SERIALIZED_WAIT_SECONDS = 2.0
 
 PROBE_AFTER = 5.0  # the health check writes when nothing committed for this long (seconds)
 INT4_MAX = 2**31 - 1  # the app's ids are integer (serial)
@@ -804,26 +807,38 @@ class PostgresStore(WriteQueue[_Write]):
         # daemon that dies holding it loses its connection, and with it the lock). Two int4
         # keys: a namespace and a stable hash of the key (never Python's hash(), which
         # differs between processes); that key space is apart from the one-bigint locks.
+        #
+        # The lock only keeps a notice from being sent twice, so it never stalls anyone: when
+        # it cannot be had within SERIALIZED_WAIT_SECONDS (another daemon frozen holding it,
+        # every lock connection busy, the server slow), the block runs without it, with a
+        # warning; a failure to take or give it back ends its connection, which releases it.
         pool = self._lock_pool
         if pool is None:
             raise StoreClosed("store is not open")
         digest = hashlib.blake2b(repr(key).encode(), digest_size=4).digest()
         lock = (_SERIALIZED_LOCKS, int.from_bytes(digest, "big", signed=True))
+        conn: asyncpg.Connection | None = None
         try:
-            conn = await pool.acquire()
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            raise self._noted(_store_error(exc)) from exc
+            conn = await pool.acquire(timeout=SERIALIZED_WAIT_SECONDS)
+            await conn.execute("SELECT pg_advisory_lock($1, $2)", *lock,
+                               timeout=SERIALIZED_WAIT_SECONDS)
+        except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            log.warning("serialized %r: lock not taken (%s); going on without it", key,
+                        _describe(exc))
+            if conn is not None:
+                conn.terminate()
+                await pool.release(conn)
+                conn = None
         try:
-            await conn.execute("SELECT pg_advisory_lock($1, $2)", *lock)
-            try:
-                yield True
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1, $2)", *lock)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            # Lost with the connection (released by the server), or never taken.
-            raise self._noted(_store_error(exc)) from exc
+            yield True
         finally:
-            await pool.release(conn)
+            if conn is not None:
+                try:
+                    await conn.execute("SELECT pg_advisory_unlock($1, $2)", *lock,
+                                       timeout=SERIALIZED_WAIT_SECONDS)
+                except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                    conn.terminate()  # the server releases a closed session's locks
+                await pool.release(conn)
 
     # -- reads -----------------------------------------------------------------------------
 
