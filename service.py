@@ -1002,12 +1002,15 @@ class Service:
                                        None)
         async with self.in_flight.hold(("publish", key)):
             known = await self.store.publish_answer(key)
+            claimed: str | None = None
             if known is None and not (users is not None and durable):
                 # A publish that stores nothing else claims its key before anything is sent:
                 # the same key reaching another daemon at the same moment sends nothing and
                 # answers the claim (delivered 0 until the first one's fan-out is counted).
                 placeholder = p.dumps({"delivered": 0, "stored": 0, "notificationIds": []})
-                if not await self.store.claim_publish(key, placeholder, p.now_iso()):
+                if await self.store.claim_publish(key, placeholder, p.now_iso()):
+                    claimed = placeholder
+                else:
                     known = await self.store.publish_answer(key)
             if known is None:
                 try:
@@ -1018,6 +1021,12 @@ class Service:
                     known = await self.store.publish_answer(key)
                     if known is None:
                         raise
+                except Exception:
+                    if claimed is not None:
+                        # Refused or failed before anything was sent: a retry with the key
+                        # must do it, not answer this claim.
+                        await self.store.release_publish(key, claimed)
+                    raise
             answer: dict[str, Any] = p.loads(known)
             return answer
 

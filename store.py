@@ -353,6 +353,10 @@ class Store(Protocol):
     async def put_publish_answer(self, key: str, answer: str, now: str) -> None:
         """Replace a stored answer (its ``delivered`` count, known after the fan-out)."""
 
+    async def release_publish(self, key: str, answer: str) -> None:
+        """Forget ``key`` if its stored answer is still ``answer`` (a claim whose publish
+        failed before it sent anything)."""
+
     async def claim_publish(self, key: str, answer: str, now: str) -> bool:
         """Store ``answer`` under ``key`` unless the key is stored already; True when this
         call stored it. Committed before it returns: the claim of a publish that stores

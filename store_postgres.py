@@ -1580,6 +1580,11 @@ class PostgresStore(WriteQueue[_Write]):
             (key, answer, now),
         ))
 
+    async def release_publish(self, key: str, answer: str) -> None:
+        await self._write(_Write().add(
+            "DELETE FROM ws_publish_requests WHERE key = $1 AND answer::text = $2",
+            (key, answer)))
+
     async def claim_publish(self, key: str, answer: str, now: str) -> bool:
         # Outside the write loop: one autocommitted statement on a pooled connection, whose
         # answer says whether this daemon or another one claimed the key (the table takes

@@ -1193,6 +1193,10 @@ class SqliteStore(WriteQueue[_Write]):
             (key, answer, now),
         ))
 
+    async def release_publish(self, key: str, answer: str) -> None:
+        await self._write(_Write().add(
+            "DELETE FROM publish_requests WHERE key = ? AND answer = ?", (key, answer)))
+
     async def claim_publish(self, key: str, answer: str, now: str) -> bool:
         # One daemon per SQLite database, and the service claims a key under its in-flight
         # lock: nothing can store the key between this read and the write.

@@ -274,3 +274,24 @@ async def test_text_with_nul_is_refused_everywhere(daemon: Daemon, connect_to: C
     activity = await client.request({"type": "get_pitch_activity", "pitchId": pitch},
                                     "pitch_activity")
     assert activity["comments"] == [] and activity["title"] == "A pitch"
+
+
+async def test_a_refused_publish_does_not_keep_its_idempotency_key(
+    daemon: Daemon, connect_to: Connector,
+) -> None:
+    """A live-only publish with an idempotencyKey that is refused (its pitch is not known
+    yet) leaves no answer under the key: the backend's retry once the pitch exists is sent
+    (PROTOCOL.md 11), not answered with the refused attempt's claim."""
+    owner_id = new_user()
+    pitch = next(_pitch_ids)
+    body = {"pitchId": pitch, "event": {"type": "casting_call"}, "idempotencyKey": f"k{pitch}"}
+    status, answer = call(daemon, "POST", "/api/publish", body)
+    assert status == 400 and answer["error"] == "invalid_message", answer
+    put_pitch(daemon, pitch, owner_id)
+    owner = await connect_to(owner_id)
+    status, answer = call(daemon, "POST", "/api/publish", body)
+    assert status == 200 and answer["delivered"] == 1, answer
+    await owner.expect("casting_call", pitchId=pitch)
+    status, again = call(daemon, "POST", "/api/publish", body)
+    assert status == 200 and again == answer
+    await owner.absent("casting_call")
