@@ -151,6 +151,7 @@ class Service:
         # Pitches another daemon changed, being read again: their frames from other daemons
         # wait here until the watchers who may no longer see them are gone.
         self._rechecking: dict[int, list[dict[str, Any]]] = {}
+        self._recheck_again: set[int] = set()  # changed again while being read
         self.subscriptions: dict[Client, set[int]] = {}
         self.pitch_typing = TypingTracker(hub, store, config.typing.ttl_seconds,
                                           announce=self._announce_pitch_typing,
@@ -710,25 +711,37 @@ class Service:
                 self.pitch_typing.stop(row.id, client.user_id)
 
     def pitch_changed_elsewhere(self, pitch_id: int) -> Coroutine[Any, Any, None] | None:
-        """Another daemon registered or changed the pitch: it is read again, and the
-        connections here of users who may no longer see it are unsubscribed, by the returned
-        coroutine (None: nobody here watches it). Until that is done, the pitch's frames
-        from other daemons wait (they were written after the change)."""
-        self.pitches.pop(pitch_id)
-        if not self.watching.get(pitch_id) or pitch_id in self._rechecking:
+        """Another daemon registered or changed the pitch: the returned coroutine reads it
+        again (None: a read is under way, and will be made again) and unsubscribes the
+        connections here of users who may no longer see it. Until that is done, the pitch's
+        frames from other daemons wait (they were written after the change)."""
+        if pitch_id in self._rechecking:
+            self._recheck_again.add(pitch_id)  # the read under way may predate this change
             return None
         self._rechecking[pitch_id] = []
         return self._recheck_watchers(pitch_id)
 
     async def _recheck_watchers(self, pitch_id: int) -> None:
         try:
-            row = await self._load_pitch(pitch_id)
-            if row is None:
-                for client in list(self.watching.get(pitch_id, ())):
-                    self._unsubscribe(client, pitch_id)
-            else:
-                self._drop_unseeing_watchers(row)
+            while True:
+                self._recheck_again.discard(pitch_id)
+                try:
+                    row = await self._load_pitch(pitch_id)
+                except StoreError:
+                    log.warning("pitch %d changed elsewhere and cannot be read: its watchers"
+                                " here are unsubscribed", pitch_id, exc_info=True)
+                    row = None
+                if row is None:
+                    # Gone, or unknown now: fail closed (a watcher may subscribe again).
+                    self.pitches.pop(pitch_id)
+                    for client in list(self.watching.get(pitch_id, ())):
+                        self._unsubscribe(client, pitch_id)
+                else:
+                    self._drop_unseeing_watchers(row)
+                if pitch_id not in self._recheck_again:
+                    break
         finally:
+            self._recheck_again.discard(pitch_id)
             for change in self._rechecking.pop(pitch_id, []):
                 self.pitch_frame_elsewhere(change)
 
@@ -769,8 +782,14 @@ class Service:
         """A pitch frame another daemon wrote to its watchers: the same for the ones here
         (the owner's connections too, whether or not this daemon ever loaded the pitch)."""
         pitch_id, owner_id = change.get("pitch"), change.get("ownerId")
-        if not isinstance(pitch_id, int) or not isinstance(owner_id, int):
+        if not isinstance(pitch_id, int):
             return
+        if not isinstance(owner_id, int):
+            # From a daemon of an earlier release (during a rolling upgrade): as it did.
+            known = self.pitches.known(pitch_id)
+            if known is None:
+                return
+            owner_id = known.owner_id
         held = self._rechecking.get(pitch_id)
         if held is not None:
             if len(held) < MAX_HELD_PITCH_FRAMES:

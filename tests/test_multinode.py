@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -46,6 +47,7 @@ class Cluster:
     def __init__(self, tmp: Path, database_url: str, redis_url: str, nodes: int,
                  overrides: dict[str, Any] | None = None) -> None:
         settings = {**OVERRIDES, "backplane.url": redis_url, **(overrides or {})}
+        self.redis_url = redis_url
         self.nodes = [Daemon(tmp / f"node{i}", settings, database_url=database_url)
                       for i in range(nodes)]
         self.connectors = [Connector(node) for node in self.nodes]
@@ -633,7 +635,7 @@ async def test_killed_node_users_offline_within_the_ttl(
         cluster.nodes[1].kill()
         await b2.expect("user_offline", userId=a, timeout=ttl + TIMEOUT)
         took = asyncio.get_running_loop().time() - killed
-        assert took <= ttl + 0.3, took
+        assert took <= ttl + 0.7, took  # before: node_ttl + up to a heartbeat (4.3 s here)
     finally:
         await client.aclose()
         await cluster.close_clients()
@@ -798,3 +800,75 @@ async def test_a_frozen_node_announces_its_users_back(pair: tuple[Cluster, Redis
         await b2.expect("user_offline", userId=a)
     finally:
         await cluster.close_clients()
+
+
+async def test_pitch_frames_from_a_daemon_of_the_release_before_still_arrive(
+    nodes: list[Connector], cluster: Cluster,
+) -> None:
+    """A rolling upgrade: a pitch frame published the way the previous release did (no
+    ownerId) still reaches the watchers here."""
+    import redis.asyncio as aioredis
+
+    owner, fan = new_user(), new_user()
+    pitch = 5000 + owner % 1000
+    put_pitch(cluster.nodes[0], pitch, owner)
+    watcher = await nodes[0](fan)
+    await watch(pitch, watcher)
+    frame = json.dumps({"type": "pitch_liked", "pitchId": pitch, "likeCount": 1,
+                        "userId": 1, "username": "old", "timestamp": "2026-01-01T00:00:00.000Z"})
+    change = {"pitch": pitch, "frame": frame, "owner": False, "exclude": None}
+    client = aioredis.from_url(cluster.redis_url)
+    try:
+        await client.publish("pws:inv", "oldnode|\n" + json.dumps(change))
+    finally:
+        await client.aclose()
+    got = await watcher.expect("pitch_liked", pitchId=pitch)
+    assert got["username"] == "old"
+
+
+async def test_pitch_typing_ends_after_the_pitch_changed_on_another_node(
+    nodes: list[Connector], cluster: Cluster,
+) -> None:
+    """The owner types on a pitch's comments through one daemon; the backend changes the
+    pitch through another; the owner's connection closes: the watcher still gets
+    isTyping false (the daemon reads the changed pitch again instead of forgetting it)."""
+    owner, fan = new_user(), new_user()
+    pitch = 6000 + owner % 1000
+    put_pitch(cluster.nodes[0], pitch, owner)
+    watcher = await nodes[0](fan)
+    await watch(pitch, watcher)
+    boss = await nodes[1](owner)
+    await boss.send({"type": "typing", "pitchId": pitch, "isTyping": True})
+    await watcher.expect("user_typing", pitchId=pitch, userId=owner, isTyping=True)
+    put_pitch(cluster.nodes[0], pitch, owner, title="Renamed")
+    await ping(boss)
+    await boss.close()
+    await watcher.expect("user_typing", pitchId=pitch, userId=owner, isTyping=False)
+
+
+async def test_a_read_lock_held_elsewhere_delays_but_does_not_stall(
+    nodes: list[Connector], cluster: Cluster,
+) -> None:
+    """Another session holds the advisory lock that serialises a reader's marks (as a frozen
+    daemon would): mark_read goes on without it after a bounded wait, the sender is told, and
+    the database is not reported as failing."""
+    import hashlib
+
+    import asyncpg
+
+    sender, reader = new_user(), new_user()
+    s1 = await nodes[0](sender)
+    r2 = await nodes[1](reader)
+    cid = await conversation(s1, reader)
+    hello = await r2.expect("new_message", conversationId=cid)
+    digest = hashlib.blake2b(repr(("read", cid, reader)).encode(), digest_size=4).digest()
+    holder = await asyncpg.connect(cluster.nodes[0].database_url)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1, $2)", 0x7077_7301,
+                             int.from_bytes(digest, "big", signed=True))
+        await r2.send({"type": "mark_read", "messageId": hello["messageId"]})
+        await s1.expect("message_read", messageId=hello["messageId"])
+        status, body = await asyncio.to_thread(call, cluster.nodes[1], "GET", "/api/health")
+        assert status == 200 and body["status"] == "healthy", body
+    finally:
+        await holder.close()
