@@ -127,6 +127,10 @@ class Backplane(Protocol):
 
     def invalidate(self, change: Invalidation) -> None: ...
 
+    def tell_user(self, user_id: int, change: Invalidation) -> None:
+        """``change`` to the other daemons that hold connections of ``user_id`` only (its
+        ``on_invalidate`` there), in order with the user's frames."""
+
     def profile(self, user_id: int, username: str, user_type: str | None) -> None:
         """A user held here is shown by another name or type now: other daemons' answers
         about them (online users, departures) use it too."""
@@ -172,6 +176,9 @@ class InProcess:
         return {}
 
     def invalidate(self, change: Invalidation) -> None:
+        return None
+
+    def tell_user(self, user_id: int, change: Invalidation) -> None:
         return None
 
     def profile(self, user_id: int, username: str, user_type: str | None) -> None:

@@ -391,6 +391,9 @@ class RedisBackplane:
                     continue
                 header, frame = text.split("\n", 1)
                 _, k, i, w, o = header.split("|")
+                if k == "t":  # a change for the daemons holding this user (tell_user)
+                    self.on_invalidate(loads(frame))
+                    continue
                 event: Template | None = None
                 if k:
                     event = (KINDS[k], int(i), int(w) if w else None)
@@ -492,6 +495,11 @@ class RedisBackplane:
         if user_id in self.users and self.users[user_id] != (username, user_type):
             self.users[user_id] = (username, user_type)
             self.profile_changes.add(user_id)
+            self.wakeup.set()
+
+    def tell_user(self, user_id: int, change: Invalidation) -> None:
+        if self.up and len(self.outgoing) < self.max_outgoing:
+            self.outgoing.append((_channel(user_id), f"{self.node_id}|t|||\n{dumps(change)}"))
             self.wakeup.set()
 
     def invalidate(self, change: Invalidation) -> None:

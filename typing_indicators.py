@@ -7,10 +7,12 @@ closing, and each end announces ``isTyping: false`` exactly once.
 
 With other daemons (PROTOCOL.md 13) each begin and end is also told to the backplane, so that
 when this daemon dies, the daemon that claims it ends the states it held (``end_elsewhere``
-there): their timers die with this process. Each begin and end is also told to the other
-daemons (an invalidation), so that each knows the states held elsewhere: a message sent, or a
-``typing_stop``, through another daemon than the one holding the state asks that one to end it
-(``changed_elsewhere``), as a send through the same daemon does.
+there): their timers die with this process. Each begin and end is also told to the daemons
+holding the typing user's other connections (on the user's own channel, so the traffic grows
+with the user's daemons, not with all of them): a message sent, or a ``typing_stop``, through
+another tab of the user on another daemon asks the one holding the state to end it
+(``changed_elsewhere``), as a send through the same daemon does; so does a send by a user not
+connected to this daemon at all (``POST /api/messages/send`` behind a load balancer).
 """
 
 from __future__ import annotations
@@ -95,12 +97,13 @@ class TypingTracker:
 
     def stop(self, conversation_id: int, user_id: int) -> None:
         key = (conversation_id, user_id)
+        if self.hub.shared and (key in self._elsewhere or user_id not in self.hub.users):
+            # Held by another daemon (the user typed through another tab there, or is not
+            # connected here at all): that one ends it.
+            self._elsewhere.pop(key, None)
+            self.hub.backplane.tell_user(user_id, self._change(conversation_id, user_id, "stop"))
         entry = self._state.pop(key, None)
         if entry is None:
-            if key in self._elsewhere:
-                # Held by another daemon (the user typed through it): that one ends it.
-                del self._elsewhere[key]
-                self.hub.backplane.invalidate(self._change(conversation_id, user_id, "stop"))
             return
         entry.timer.cancel()
         convs = self._by_user.get(user_id)
@@ -142,8 +145,8 @@ class TypingTracker:
         if self.hub.shared:
             self.hub.backplane.typing(TypingState(self.topic, topic_id, user_id, username),
                                       typing)
-            self.hub.backplane.invalidate(
-                self._change(topic_id, user_id, "start" if typing else "end"))
+            self.hub.backplane.tell_user(
+                user_id, self._change(topic_id, user_id, "start" if typing else "end"))
 
     def _change(self, topic_id: int, user_id: int, what: str) -> dict[str, Any]:
         return {"typing": self.topic.value, "id": topic_id, "user": user_id, "what": what}
