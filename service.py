@@ -1042,8 +1042,9 @@ class Service:
                         raise
                 except Exception:
                     if claimed is not None:
-                        # Refused or failed before anything was sent: a retry with the key
-                        # must do it, not answer this claim.
+                        # Refused or failed before anything was sent (_publish raises nothing
+                        # once it has sent): a retry with the key must do it, not answer
+                        # this claim.
                         await self.store.release_publish(key, claimed)
                     raise
             answer: dict[str, Any] = p.loads(known)
@@ -1091,6 +1092,11 @@ class Service:
         self.metrics.frames_out["published"] += delivered
         answer = {"delivered": delivered, "stored": len(ids), "notificationIds": ids}
         if key is not None:
-            await self.store.put_publish_answer(key, p.dumps(answer), now)
+            try:
+                await self.store.put_publish_answer(key, p.dumps(answer), now)
+            except StoreError:
+                # Sent already: a retry must not send again, so the key keeps what it holds
+                # (the notifications' or the claim's answer, delivered 0) and this one stands.
+                log.warning("publish %r: its final answer was not stored", key, exc_info=True)
         return answer
 
