@@ -1833,6 +1833,8 @@ _SEQUENCE_PAST = (
 def _sequence_past(write: _Write, sequence: str | None, row_id: int) -> _Write:
     """``write`` also moves ``sequence`` (if the table has one) past ``row_id``."""
     return write if sequence is None else write.add(_SEQUENCE_PAST, (sequence, row_id))
+
+
 _INSERT_DIRECT = (
     "INSERT INTO ws_direct_conversations (user_low, user_high, conversation_id)"
     " VALUES ($1, $2, $3)"
