@@ -18,6 +18,7 @@ from conftest import (
     eventually_db,
     make_token,
     new_user,
+    pg_query,
     running,
 )
 from websockets.client import ClientProtocol
@@ -279,3 +280,36 @@ async def test_message_to_closing_connection_is_not_lost(connect_to: Connector) 
     b = await connect_to(b_id)
     assert [f["messageId"] for f in await replayed(b)] == [sent["messageId"]], "message lost"
     assert sent["delivered"] is False, "message_sent claims a closing socket got it"
+
+
+async def test_a_message_deleted_in_the_database_is_not_replayed(
+    daemon: Daemon, connect_to: Connector,
+) -> None:
+    """A message soft-deleted in the database (is_deleted set, as the Pitchey app does) while
+    its recipient is offline is not replayed, and marking it read is refused as for an unknown
+    message; the one beside it is replayed (both engines)."""
+    import sqlite3
+
+    sender_id, recipient = new_user(), new_user()
+    sender = await connect_to(sender_id)
+    cid = await conversation(sender, recipient)
+    ids = [(await sender.request({"type": "send_message", "conversationId": cid,
+                                  "content": text, "requestId": f"del-{text}"},
+                                 "message_sent", requestId=f"del-{text}"))["messageId"]
+           for text in ("gone", "kept")]
+    delete = "UPDATE messages SET is_deleted = (1 = 1) WHERE id = ?"
+    if daemon.database_url is not None:
+        pg_query(daemon.database_url, delete, (ids[0],))
+    else:
+        db = sqlite3.connect(daemon.db, timeout=5)
+        try:
+            with db:
+                db.execute(delete, (ids[0],))
+        finally:
+            db.close()
+    client = await connect_to(recipient)
+    replayed = await client.expect("queued_message")
+    assert replayed["messageId"] == ids[1], replayed
+    await client.absent("queued_message")
+    error = await client.request({"type": "mark_read", "messageId": ids[0]}, "error")
+    assert error["code"] == "forbidden"
