@@ -513,8 +513,7 @@ class HttpApi:
             raise ApiError(400, p.INVALID_MESSAGE,
                            f"idempotencyKey must be a string of 1-{MAX_IDEMPOTENCY_KEY_CHARS}"
                            " characters")
-        if key is not None and p.NUL in key:
-            raise ApiError(400, p.INVALID_MESSAGE, f"idempotencyKey {p.NO_NUL}")
+        _refuse_nul("idempotencyKey", key)
         answer = await self.service.publish(users, pitch_id, conversation_id, kind, fields,
                                             durable, key)
         return json_answer(200, answer)
@@ -530,8 +529,7 @@ class HttpApi:
                 raise ApiError(400, p.INVALID_MESSAGE,
                                f"{field} must be a non-empty string of at most"
                                f" {MAX_PROFILE_CHARS} characters")
-            if value is not None and p.NUL in value:
-                raise ApiError(400, p.INVALID_MESSAGE, f"{field} {p.NO_NUL}")
+            _refuse_nul(field, value)
             values.append(value)
         username, name, user_type = values
         return username or name, user_type
@@ -590,8 +588,7 @@ class HttpApi:
             raise ApiError(400, p.INVALID_MESSAGE,
                            f"title must be a string of at most {self.limits.max_title_chars}"
                            " characters")
-        if title is not None and p.NUL in title:
-            raise ApiError(400, p.INVALID_MESSAGE, f"title {p.NO_NUL}")
+        _refuse_nul("title", title)
         pitch_id = _id(body["pitchId"], "pitchId") if body.get("pitchId") is not None else None
         members = frozenset([created_by, *participants])
         if wanted is not None:
@@ -633,8 +630,7 @@ class HttpApi:
             raise ApiError(400, p.INVALID_MESSAGE,
                            f"title must be a non-empty string of at most"
                            f" {self.limits.max_title_chars} characters")
-        if p.NUL in title:
-            raise ApiError(400, p.INVALID_MESSAGE, f"title {p.NO_NUL}")
+        _refuse_nul("title", title)
         visibility = body.get("visibility")
         if visibility not in VISIBILITIES:
             raise ApiError(400, p.INVALID_MESSAGE, "visibility must be public or private")
@@ -704,6 +700,12 @@ def _ids(value: Any, name: str, cap: int, *, required: bool) -> list[int]:
     if len(value) > cap:
         raise ApiError(400, p.INVALID_MESSAGE, f"{name}: at most {cap} ids")
     return list(dict.fromkeys(_id(v, name) for v in value))
+
+
+def _refuse_nul(field: str, value: str | None) -> None:
+    """400 for stored text holding U+0000 (as protocol.NO_NUL refuses it in frames)."""
+    if value is not None and p.NUL in value:
+        raise ApiError(400, p.INVALID_MESSAGE, f"{field} {p.NO_NUL}")
 
 
 def _created(row: ConversationRow, rows: list[MessageRow]) -> dict[str, Any]:

@@ -413,16 +413,17 @@ class Hub:
                 # Back here while leaving (or in grace): registered again, announced by nobody.
                 await self.backplane.join(client.user_id, username, user_type)
         if first and client in user.clients:
-            self.send_to(self.presence_targets(user),
-                         p.user_online(user.user_id, user.username))
+            self._announce_online(user)
         return user
+
+    def _announce_online(self, user: UserState) -> None:
+        self.send_to(self.presence_targets(user), p.user_online(user.user_id, user.username))
 
     def back_online(self, user_ids: Iterable[int]) -> None:
         for user_id in user_ids:
             user = self.users.get(user_id)
             if user is not None and user.clients:
-                self.send_to(self.presence_targets(user),
-                             p.user_online(user.user_id, user.username))
+                self._announce_online(user)
 
     def profile_changed(self, user_id: int, username: str | None, user_type: str | None) -> None:
         """The backend registered a profile: an online user whose token did not name them

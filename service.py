@@ -19,7 +19,6 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -406,12 +405,12 @@ class Service:
         self._share_conversation(row)
         return row
 
-    def one_at_a_time(self, *key: int | str) -> AbstractAsyncContextManager[bool]:
+    def one_at_a_time(self, *key: int | str) -> contextlib.AbstractAsyncContextManager[None]:
         """``Store.serialized`` where other daemons may race this one (a backplane); with one
         daemon the in-process holds suffice, and nothing is held."""
         if self.hub.shared:
             return self.store.serialized(*key)
-        return contextlib.nullcontext(False)
+        return contextlib.nullcontext()
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -434,8 +433,8 @@ class Service:
                 return None  # nothing changes, nobody is told
             # Another daemon may be marking it (another tab of the reader): one at a time,
             # and the read state read again inside, so the sender is told once.
-            async with self.one_at_a_time("read", message.conversation_id, reader) as shared:
-                if shared:
+            async with self.one_at_a_time("read", message.conversation_id, reader):
+                if self.hub.shared:
                     found = await self.store.message_for_read(message_id, reader)
                     if found is None or found[1] is not None:
                         return None

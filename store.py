@@ -143,14 +143,13 @@ class Store(Protocol):
         """Return once every write queued before this call is committed and its caller told
         (writes resolve in the order they were queued)."""
 
-    def serialized(self, *key: int | str) -> AbstractAsyncContextManager[bool]:
+    def serialized(self, *key: int | str) -> AbstractAsyncContextManager[None]:
         """Hold ``key`` against every daemon on this database for the block: a check and the
         write that depends on it (is it liked yet? then like it) run in one daemon at a time,
-        and the block's writes are committed when it ends, if awaited. Yields True when other
-        daemons may share the database, so what was read before the block must be read again
-        inside it; False on an engine of one daemon (SQLite), where it holds nothing. Never
-        waits long: past a bound the block runs without the lock (at worst a notice twice).
-        Only worth it with other daemons (a backplane): Service.one_at_a_time."""
+        and the block's writes are committed when it ends, if awaited; what was read before
+        the block must be read again inside it. Holds nothing on an engine of one daemon
+        (SQLite). Never waits long: past a bound the block runs without the lock (at worst a
+        notice twice). Only worth it with other daemons (a backplane): Service.one_at_a_time."""
 
     # -- settings and users ----------------------------------------------------------------
 

@@ -802,7 +802,7 @@ class PostgresStore(WriteQueue[_Write]):
         return errors
 
     @contextlib.asynccontextmanager
-    async def serialized(self, *key: int | str) -> AsyncIterator[bool]:
+    async def serialized(self, *key: int | str) -> AsyncIterator[None]:
         # A session advisory lock on a pooled connection of its own, held for the block (a
         # daemon that dies holding it loses its connection, and with it the lock). Two int4
         # keys: a namespace and a stable hash of the key (never Python's hash(), which
@@ -830,7 +830,7 @@ class PostgresStore(WriteQueue[_Write]):
                 await pool.release(conn)
                 conn = None
         try:
-            yield True
+            yield
         finally:
             if conn is not None:
                 try:

@@ -500,9 +500,9 @@ class SqliteStore(WriteQueue[_Write]):
         return bool(grouped)
 
     @contextlib.asynccontextmanager
-    async def serialized(self, *key: int | str) -> AsyncIterator[bool]:
+    async def serialized(self, *key: int | str) -> AsyncIterator[None]:
         # One daemon per SQLite database: the service's own in-flight holds suffice.
-        yield False
+        yield
 
     # -- reads -----------------------------------------------------------------------------
 
