@@ -979,11 +979,7 @@ class PostgresStore(WriteQueue[_Write]):
                 (created_by, request_id, cid),
             )
         if conversation_id is not None:
-            write.add(
-                "SELECT setval($1::regclass, GREATEST($2::bigint,"
-                " COALESCE(pg_sequence_last_value($1::regclass), 0)))",
-                (self._conversation_seq, conversation_id),
-            )
+            _sequence_past(write, self._conversation_seq, conversation_id)
         return write
 
     async def create_conversation(
